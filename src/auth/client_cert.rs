@@ -1,0 +1,170 @@
+//! Client certificate validation, per label.
+//!
+//! The TLS layer only checks that the client holds the key of the certificate it presents
+//! (see `transport::tls`); the chain is validated here, against the trust sets of the label
+//! the request is for. That gives each label its own anchors and gives clients an HTTP answer
+//! that says what was wrong instead of a bare TLS alert.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ::time::OffsetDateTime;
+use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
+use x509_parser::prelude::*;
+
+use crate::est::{SanEntry, Subject};
+
+/// A named set of trust anchors for client certificates.
+pub struct TrustSet {
+    pub name: String,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl TrustSet {
+    pub fn new(name: &str, certificates: &[CertificateDer<'static>]) -> Result<TrustSet, String> {
+        let anchors = certificates
+            .iter()
+            .map(|c| {
+                webpki::anchor_from_trusted_cert(c)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| format!("trust set {name}: unusable CA certificate: {e:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if anchors.is_empty() {
+            return Err(format!("trust set {name} holds no certificate"));
+        }
+        Ok(TrustSet {
+            name: name.to_owned(),
+            anchors,
+        })
+    }
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Clone, Debug)]
+pub struct CertIdentity {
+    pub subject: Subject,
+    pub sans: Vec<SanEntry>,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    pub not_after: OffsetDateTime,
+    /// The trust set that vouched for it.
+    pub trust: String,
+}
+
+impl fmt::Display for CertIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "certificate \"{}\" ({})", self.subject, self.trust)
+    }
+}
+
+/// Validates a presented chain (leaf first) for client authentication against the label's
+/// trust sets, with `known_intermediates` standing in for a chain the client did not send
+/// (IoT Edge often presents the leaf alone).
+pub fn verify(
+    chain: &[CertificateDer<'static>],
+    trust: &[Arc<TrustSet>],
+    known_intermediates: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<CertIdentity, String> {
+    let (leaf, presented_intermediates) = chain.split_first().ok_or("no certificate presented")?;
+    let end_entity =
+        EndEntityCert::try_from(leaf).map_err(|e| format!("unparseable certificate: {e:?}"))?;
+    let intermediates: Vec<CertificateDer<'static>> = presented_intermediates
+        .iter()
+        .chain(known_intermediates)
+        .cloned()
+        .collect();
+    let time = UnixTime::since_unix_epoch(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    let algorithms = rustls::crypto::aws_lc_rs::default_provider()
+        .signature_verification_algorithms
+        .all;
+
+    let mut best_error: Option<webpki::Error> = None;
+    for set in trust {
+        match end_entity.verify_for_usage(
+            algorithms,
+            &set.anchors,
+            &intermediates,
+            time,
+            KeyUsage::client_auth(),
+            None,
+            None,
+        ) {
+            Ok(_) => return describe(leaf, &set.name),
+            // An unknown issuer from one set says less than, e.g., "expired" from the set
+            // that knows the issuer: keep the most telling error.
+            Err(e) => {
+                if best_error.is_none() || !matches!(e, webpki::Error::UnknownIssuer) {
+                    best_error = Some(e);
+                }
+            }
+        }
+    }
+    Err(match best_error {
+        None => "this label trusts no client certificates".to_owned(),
+        Some(e) => explain(e),
+    })
+}
+
+fn explain(error: webpki::Error) -> String {
+    use webpki::Error as E;
+    match error {
+        E::UnknownIssuer => "not issued by a CA this label trusts".to_owned(),
+        E::CertExpired { not_after, .. } => {
+            format!("expired at {}", format_unix(not_after.as_secs()))
+        }
+        E::CertNotValidYet { not_before, .. } => {
+            format!("not valid before {}", format_unix(not_before.as_secs()))
+        }
+        E::RequiredEkuNotFoundContext(_) => {
+            "its extended key usage does not allow client authentication".to_owned()
+        }
+        E::InvalidSignatureForPublicKey => "a signature in its chain does not verify".to_owned(),
+        other => format!("invalid chain ({other:?})"),
+    }
+}
+
+fn format_unix(secs: u64) -> String {
+    OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&::time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+fn describe(leaf: &CertificateDer<'_>, trust: &str) -> Result<CertIdentity, String> {
+    let (_, cert) =
+        X509Certificate::from_der(leaf).map_err(|e| format!("unparseable certificate: {e}"))?;
+    let subject =
+        Subject::from_x509_name(cert.subject()).map_err(|e| format!("unusable subject: {e}"))?;
+    let sans = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => crate::est::name::sans_from_general_names(&ext.value.general_names),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(format!("malformed subjectAltName: {e}")),
+    };
+    Ok(CertIdentity {
+        subject,
+        sans,
+        serial: hex(cert.raw_serial()),
+        not_after: cert.validity().not_after.to_datetime(),
+        trust: trust.to_owned(),
+    })
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

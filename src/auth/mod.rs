@@ -1,0 +1,117 @@
+//! Who is asking: TLS client certificates and HTTP Basic credentials turned into an
+//! [`Identity`]. What that identity may obtain is the policy's business, not ours.
+
+pub mod basic;
+pub mod client_cert;
+
+use std::fmt;
+
+pub use basic::UserDb;
+pub use client_cert::{CertIdentity, TrustSet};
+
+use rustls::pki_types::CertificateDer;
+
+/// An authenticated client. At least one of the two is present.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub certificate: Option<CertIdentity>,
+    pub user: Option<String>,
+}
+
+impl Identity {
+    /// The client certificate's common name, if a certificate authenticated.
+    pub fn cn(&self) -> Option<&str> {
+        self.certificate
+            .as_ref()
+            .and_then(|c| c.subject.common_name())
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.certificate, &self.user) {
+            (Some(c), Some(u)) => write!(f, "{c} + user {u}"),
+            (Some(c), None) => write!(f, "{c}"),
+            (None, Some(u)) => write!(f, "user {u}"),
+            (None, None) => f.write_str("anonymous"),
+        }
+    }
+}
+
+/// Which credentials a label accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthMethods {
+    pub certificate: bool,
+    pub basic: bool,
+    pub require_both: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("authentication required: present a client certificate or HTTP Basic credentials")]
+    Missing,
+    #[error("authentication required: this label needs both a client certificate and HTTP Basic credentials")]
+    NeedBoth,
+    #[error("authentication required: this label accepts only {0}")]
+    MethodNotAccepted(&'static str),
+    #[error("malformed HTTP Basic credentials")]
+    MalformedBasic,
+    #[error("wrong user name or password")]
+    BadPassword,
+    #[error("client certificate rejected: {0}")]
+    Certificate(String),
+}
+
+/// The credentials a request carried: the TLS peer chain (leaf first) and the
+/// `Authorization` header.
+pub struct Credentials<'a> {
+    pub peer_chain: Option<&'a [CertificateDer<'static>]>,
+    pub authorization: Option<&'a [u8]>,
+}
+
+/// Authenticates a request for a label. A presented credential that fails is an error even
+/// if another one would succeed: a client that shows a bad certificate learns so.
+pub async fn authenticate(
+    methods: AuthMethods,
+    trust: &[std::sync::Arc<TrustSet>],
+    known_intermediates: &[CertificateDer<'static>],
+    users: &UserDb,
+    creds: Credentials<'_>,
+) -> Result<Identity, AuthError> {
+    let presented_cert = creds.peer_chain.filter(|c| !c.is_empty());
+    let certificate = match presented_cert {
+        Some(chain) if methods.certificate => Some(
+            client_cert::verify(
+                chain,
+                trust,
+                known_intermediates,
+                std::time::SystemTime::now(),
+            )
+            .map_err(AuthError::Certificate)?,
+        ),
+        _ => None,
+    };
+    let user = match creds.authorization {
+        Some(header) if methods.basic => {
+            let (user, password) = basic::parse_authorization(header)?;
+            if !users.verify(&user, &password).await {
+                return Err(AuthError::BadPassword);
+            }
+            Some(user)
+        }
+        _ => None,
+    };
+    if methods.require_both && (certificate.is_none() || user.is_none()) {
+        return Err(AuthError::NeedBoth);
+    }
+    if certificate.is_none() && user.is_none() {
+        return Err(match (methods.certificate, methods.basic) {
+            (true, false) if creds.authorization.is_some() => {
+                AuthError::MethodNotAccepted("client certificates")
+            }
+            (false, true) if presented_cert.is_some() => AuthError::MethodNotAccepted("HTTP Basic"),
+            _ => AuthError::Missing,
+        });
+    }
+    Ok(Identity { certificate, user })
+}

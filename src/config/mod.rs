@@ -1,0 +1,326 @@
+//! Configuration as data: one serde `Config` (from a TOML or JSON file, later from the module
+//! twin), validated as a whole and turned into a [`crate::runtime::Runtime`] that is swapped in
+//! atomically. Secrets never sit in a `Config`: private keys are file paths, passwords are
+//! argon2 PHC hashes.
+
+pub mod dev;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one edge-est instance.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the EST listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Audit journal of issued certificates (JSON lines).
+    pub journal: PathBuf,
+    /// The TLS server certificate children see.
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Named sets of client trust anchors (bootstrap / factory CAs). The name `issuer` is
+    /// reserved: it means "the CA this label issues from".
+    #[serde(default)]
+    pub trust: BTreeMap<String, TrustConfig>,
+    /// HTTP Basic users: user name → argon2 PHC hash (`edge-est hash-password` makes one).
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// Issuing CAs this instance holds (delegated intermediates), by name.
+    #[serde(default)]
+    pub issuers: BTreeMap<String, IssuerConfig>,
+    /// Issuance profiles, by name; they add to or override the built-in `identity`, `server`
+    /// and `edge-ca` profiles.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileConfig>,
+    /// The EST labels served. A label without `name` serves the unlabeled path.
+    pub labels: Vec<LabelConfig>,
+}
+
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8085))
+}
+
+/// A certificate (chain) given either as inline PEM or as the path of a PEM file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(transparent)]
+pub struct PemSource(pub String);
+
+impl PemSource {
+    pub fn is_inline(&self) -> bool {
+        self.0.trim_start().starts_with("-----BEGIN")
+    }
+
+    /// Reads the PEM text, relative paths resolved against `base`.
+    pub fn read(&self, base: &Path) -> Result<String, ConfigError> {
+        if self.is_inline() {
+            return Ok(self.0.clone());
+        }
+        let path = base.join(&self.0);
+        std::fs::read_to_string(&path).map_err(|e| ConfigError::Io(path, e.to_string()))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate followed by its chain (PEM).
+    pub certificate: PemSource,
+    /// Path of the server's private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Connections served at once; further ones are closed right after accept.
+    pub max_connections: usize,
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Time a client has to send a request's headers; also how long an idle keep-alive
+    /// connection is kept.
+    pub header_timeout_secs: u64,
+    /// Time a client has to send a request's body.
+    pub body_timeout_secs: u64,
+    /// argon2 verifications running at once (each costs tens of ms of CPU and ~19 MiB).
+    pub password_checks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 * 1024,
+            max_connections: 1024,
+            handshake_timeout_secs: 10,
+            header_timeout_secs: 15,
+            body_timeout_secs: 20,
+            password_checks: 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// CA certificates whose issued certificates authenticate clients (PEM, inline or files).
+    pub certificates: Vec<PemSource>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The issuing CA certificate first, then its chain up to and including the root.
+    pub certificate: PemSource,
+    /// Path of the issuing CA's private key.
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    EndEntity,
+    Ca,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    pub kind: ProfileKind,
+    /// Lifetime of issued certificates; always capped at the issuer's notAfter.
+    pub validity_days: u32,
+    /// For CA profiles: the path length constraint (IoT Edge's Edge CA needs 0).
+    #[serde(default)]
+    pub path_len: Option<u8>,
+    /// Extended key usages of end-entity certificates: `clientAuth`, `serverAuth`,
+    /// `codeSigning`, `emailProtection`, `timeStamping`, `ocspSigning`, `cmcRA`.
+    #[serde(default)]
+    pub extended_key_usage: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Sign locally with the label's issuer.
+    #[default]
+    Sign,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LabelConfig {
+    /// The label's path segment; absent for the unlabeled `/.well-known/est/<operation>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Name of the issuer (in `issuers`) that signs for this label.
+    pub issuer: String,
+    #[serde(default)]
+    pub authentication: AuthConfig,
+    /// Names of trust sets (in `trust`, or `issuer`) whose certificates authenticate clients.
+    #[serde(default = "default_client_trust")]
+    pub client_trust: Vec<String>,
+    /// Profile for end-entity requests.
+    #[serde(default = "default_profile")]
+    pub profile: String,
+    /// Profile for requests that ask for a CA certificate (basicConstraints CA:TRUE).
+    #[serde(default = "default_ca_profile")]
+    pub ca_profile: String,
+    /// Who may obtain what. A request is granted when one rule that matches the identity
+    /// allows every name in it.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// Identities refused whatever the rules say: `user:NAME`, `cn:NAME` or `serial:HEX`.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// What `/csrattrs` asks for: OIDs or attributes (see `est::csrattrs`); empty → 204.
+    #[serde(default)]
+    pub csr_attributes: Vec<String>,
+    /// Whether `/serverkeygen` is offered, and which key it makes.
+    #[serde(default)]
+    pub serverkeygen: ServerKeygen,
+}
+
+pub fn default_client_trust() -> Vec<String> {
+    vec!["issuer".to_owned()]
+}
+fn default_profile() -> String {
+    "identity".to_owned()
+}
+fn default_ca_profile() -> String {
+    "edge-ca".to_owned()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// TLS client certificates authenticate.
+    pub certificate: bool,
+    /// HTTP Basic authenticates.
+    pub basic: bool,
+    /// Both a certificate and a password are required.
+    pub require_both: bool,
+    /// `/cacerts` and `/csrattrs` are answered without authentication (RFC 7030 4.1.1).
+    pub anonymous_cacerts: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            certificate: true,
+            basic: true,
+            require_both: false,
+            anonymous_cacerts: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerKeygen {
+    #[default]
+    Off,
+    EcP256,
+    EcP384,
+    Rsa2048,
+}
+
+/// One grant: which identities (`match`) may obtain which names.
+///
+/// Patterns: `*` matches any run of characters; `{cn}` is the client certificate's common
+/// name and `{user}` the Basic user name (a pattern naming one the identity lacks never matches).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// `user:NAME`, `user:*`, `certificate:TRUSTSET`, `certificate:*`; optionally narrowed by
+    /// `client_cn`.
+    #[serde(rename = "match")]
+    pub matches: Vec<String>,
+    /// Patterns the client certificate's CN must match for the rule to apply.
+    #[serde(default)]
+    pub client_cn: Vec<String>,
+    /// Common names an end-entity certificate may carry.
+    #[serde(default)]
+    pub common_names: Vec<String>,
+    /// Common names a CA certificate may carry; empty → no CA certificates.
+    #[serde(default)]
+    pub ca_common_names: Vec<String>,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub ip_addresses: Vec<String>,
+    #[serde(default)]
+    pub uris: Vec<String>,
+    #[serde(default)]
+    pub emails: Vec<String>,
+    /// Other subject attributes allowed, by short name (`O`, `OU`, `C`, `L`, `ST`, `DC`, ...),
+    /// each with its value patterns. Any attribute not listed here (or CN) is refused.
+    #[serde(default)]
+    pub subject_attributes: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Io(PathBuf, String),
+    #[error("cannot parse {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML (`.toml`) or JSON (anything else) configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Io(path.to_owned(), e.to_string()))?;
+        let is_toml = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        if is_toml {
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))
+        } else {
+            serde_json::from_str(&text)
+                .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))
+        }
+    }
+
+    /// Checks for secrets that must never travel in a configuration document (the module
+    /// twin is readable by anyone with IoT Hub read access): private keys and plaintext
+    /// passwords. Runs before anything is loaded.
+    pub fn check_no_secrets(&self) -> Result<(), ConfigError> {
+        for (user, hash) in &self.users {
+            if !hash.starts_with("$argon2") {
+                return Err(ConfigError::invalid(
+                    format!("users.{user}"),
+                    "must be an argon2 PHC hash (make one with `edge-est hash-password`), \
+                     never a plaintext password",
+                ));
+            }
+        }
+        let text = serde_json::to_string(self).unwrap_or_default();
+        if text.contains("PRIVATE KEY-----") {
+            return Err(ConfigError::invalid(
+                "configuration",
+                "contains a private key; private keys are given as file paths only",
+            ));
+        }
+        Ok(())
+    }
+}

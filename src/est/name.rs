@@ -1,0 +1,520 @@
+//! Subjects and subject alternative names, as read from CSRs and client certificates.
+//!
+//! Values are kept as decoded text, not as their ASN.1 encodings: a renewal CSR made by OpenSSL
+//! may encode a name as UTF8String where we issued a PrintableString, and the two must compare
+//! equal. The order of attributes and their grouping into RDNs are kept exactly as encoded,
+//! because an issued subject must be written back faithfully (repeated types such as
+//! `DC=contoso,DC=com` included).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use x509_parser::asn1_rs::{Any, Class, Tag};
+use x509_parser::extensions::GeneralName;
+use x509_parser::x509::X509Name;
+
+/// The type of one attribute of a distinguished name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttributeType {
+    CommonName,
+    Organization,
+    OrganizationalUnit,
+    Country,
+    State,
+    Locality,
+    DomainComponent,
+    SerialNumber,
+    EmailAddress,
+    /// Any other attribute type, as a dotted OID.
+    Other(String),
+}
+
+impl AttributeType {
+    /// The attribute type for a dotted OID.
+    pub fn from_oid(oid: &str) -> AttributeType {
+        match oid {
+            "2.5.4.3" => AttributeType::CommonName,
+            "2.5.4.10" => AttributeType::Organization,
+            "2.5.4.11" => AttributeType::OrganizationalUnit,
+            "2.5.4.6" => AttributeType::Country,
+            "2.5.4.8" => AttributeType::State,
+            "2.5.4.7" => AttributeType::Locality,
+            "0.9.2342.19200300.100.1.25" => AttributeType::DomainComponent,
+            "2.5.4.5" => AttributeType::SerialNumber,
+            "1.2.840.113549.1.9.1" => AttributeType::EmailAddress,
+            other => AttributeType::Other(other.to_owned()),
+        }
+    }
+
+    /// The dotted OID of this attribute type.
+    pub fn oid(&self) -> &str {
+        match self {
+            AttributeType::CommonName => "2.5.4.3",
+            AttributeType::Organization => "2.5.4.10",
+            AttributeType::OrganizationalUnit => "2.5.4.11",
+            AttributeType::Country => "2.5.4.6",
+            AttributeType::State => "2.5.4.8",
+            AttributeType::Locality => "2.5.4.7",
+            AttributeType::DomainComponent => "0.9.2342.19200300.100.1.25",
+            AttributeType::SerialNumber => "2.5.4.5",
+            AttributeType::EmailAddress => "1.2.840.113549.1.9.1",
+            AttributeType::Other(oid) => oid,
+        }
+    }
+
+    /// The short name used in string forms (`CN`, `O`, ...), or the dotted OID.
+    pub fn short_name(&self) -> &str {
+        match self {
+            AttributeType::CommonName => "CN",
+            AttributeType::Organization => "O",
+            AttributeType::OrganizationalUnit => "OU",
+            AttributeType::Country => "C",
+            AttributeType::State => "ST",
+            AttributeType::Locality => "L",
+            AttributeType::DomainComponent => "DC",
+            AttributeType::SerialNumber => "serialNumber",
+            AttributeType::EmailAddress => "emailAddress",
+            AttributeType::Other(oid) => oid,
+        }
+    }
+}
+
+impl fmt::Display for AttributeType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short_name())
+    }
+}
+
+/// A distinguished name: attributes in encoded (RDN) order with their values as text.
+///
+/// Equality compares attribute types, values and RDN grouping, never the string encodings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Subject {
+    attributes: Vec<(AttributeType, String)>,
+    multi_valued: bool,
+    /// Number of attributes in each RDN, in order; sums to `attributes.len()`. Kept so that a
+    /// multi-valued RDN (`CN=a+OU=b`) can be shown and re-encoded as it was received.
+    rdn_sizes: Vec<usize>,
+}
+
+impl Subject {
+    /// Reads a name. Fails, saying which attribute, when a value is not a text string.
+    pub fn from_x509_name(name: &X509Name<'_>) -> Result<Subject, String> {
+        let mut attributes = Vec::new();
+        let mut rdn_sizes = Vec::new();
+        for rdn in name.iter_rdn() {
+            let mut size = 0usize;
+            for atv in rdn.iter() {
+                let attr_type = AttributeType::from_oid(&atv.attr_type().to_id_string());
+                let value = decode_directory_string(atv.attr_value())
+                    .map_err(|why| format!("the value of subject attribute {attr_type} {why}"))?;
+                attributes.push((attr_type, value));
+                size += 1;
+            }
+            // x509-parser refuses empty RDN sets; guard anyway so rdn_sizes stays meaningful.
+            if size > 0 {
+                rdn_sizes.push(size);
+            }
+        }
+        let multi_valued = rdn_sizes.iter().any(|&n| n > 1);
+        Ok(Subject {
+            attributes,
+            multi_valued,
+            rdn_sizes,
+        })
+    }
+
+    /// A subject with one attribute per RDN, in the given order.
+    pub fn from_attributes(attributes: Vec<(AttributeType, String)>) -> Subject {
+        let rdn_sizes = vec![1; attributes.len()];
+        Subject {
+            attributes,
+            multi_valued: false,
+            rdn_sizes,
+        }
+    }
+
+    /// All attributes in encoded order (RDN by RDN).
+    pub fn attributes(&self) -> &[(AttributeType, String)] {
+        &self.attributes
+    }
+
+    /// The RDNs in encoded order, each a slice of its attributes (more than one only in a
+    /// multi-valued RDN).
+    pub fn rdns(&self) -> impl Iterator<Item = &[(AttributeType, String)]> + '_ {
+        let mut rest: &[(AttributeType, String)] = &self.attributes;
+        self.rdn_sizes.iter().map(move |&n| {
+            let (rdn, tail) = rest.split_at(n.min(rest.len()));
+            rest = tail;
+            rdn
+        })
+    }
+
+    /// Every common name, in encoded order.
+    pub fn common_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.attributes
+            .iter()
+            .filter(|(t, _)| *t == AttributeType::CommonName)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The common name when there is exactly one; `None` when there is none or several
+    /// (several CNs are ambiguous for authorization).
+    pub fn common_name(&self) -> Option<&str> {
+        let mut names = self.common_names();
+        match (names.next(), names.next()) {
+            (Some(cn), None) => Some(cn),
+            _ => None,
+        }
+    }
+
+    /// Whether some attribute type occurs more than once (e.g. `DC=contoso,DC=com`).
+    pub fn has_repeated_types(&self) -> bool {
+        self.attributes
+            .iter()
+            .enumerate()
+            .any(|(i, (t, _))| self.attributes.iter().skip(i + 1).any(|(u, _)| u == t))
+    }
+
+    /// Whether some RDN holds more than one attribute (`CN=a+OU=b`).
+    pub fn is_multi_valued(&self) -> bool {
+        self.multi_valued
+    }
+
+    /// Whether the name has no attribute at all.
+    pub fn is_empty(&self) -> bool {
+        self.attributes.is_empty()
+    }
+}
+
+/// RFC 4514-style text such as `CN=child1,O=Contoso`, but in encoded order (RFC 4514 itself
+/// reverses it), with `+` joining the attributes of a multi-valued RDN.
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, rdn) in self.rdns().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            for (j, (attr_type, value)) in rdn.iter().enumerate() {
+                if j > 0 {
+                    f.write_str("+")?;
+                }
+                write!(f, "{}=", attr_type.short_name())?;
+                write_rfc4514_value(f, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_rfc4514_value(f: &mut fmt::Formatter<'_>, value: &str) -> fmt::Result {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            write!(f, "\\{c}")?;
+        } else if c.is_control() {
+            // Hex-escape control characters so a name can never forge log lines.
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                write!(f, "\\{b:02X}")?;
+            }
+        } else {
+            write!(f, "{c}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a DirectoryString (or IA5String etc.) to text. The error completes a sentence
+/// starting with "the value of ...".
+fn decode_directory_string(value: &Any<'_>) -> Result<String, String> {
+    if value.class() != Class::Universal {
+        return Err(format!("has a non-universal ASN.1 tag [{}]", value.tag().0));
+    }
+    let data = value.data;
+    let text = match value.tag() {
+        // PrintableString, IA5String, NumericString and VisibleString are ASCII subsets of
+        // UTF-8; like x509-parser, accept any UTF-8 in them because some tools ignore the charset.
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::NumericString
+        | Tag::VisibleString => std::str::from_utf8(data)
+            .map(str::to_owned)
+            .map_err(|_| "is not valid UTF-8".to_owned())?,
+        // TeletexString is read as Latin-1, as OpenSSL and most tools do in practice.
+        Tag::TeletexString => data.iter().map(|&b| char::from(b)).collect(),
+        Tag::BmpString => {
+            if data.len() % 2 != 0 {
+                return Err("is a BMPString of odd length".to_owned());
+            }
+            let units = data.chunks_exact(2).map(be_u16);
+            char::decode_utf16(units)
+                .collect::<Result<String, _>>()
+                .map_err(|_| "is a BMPString with invalid UTF-16".to_owned())?
+        }
+        Tag::UniversalString => {
+            if data.len() % 4 != 0 {
+                return Err("is a UniversalString whose length is not a multiple of 4".to_owned());
+            }
+            data.chunks_exact(4)
+                .map(|quad| char::from_u32(be_u32(quad)))
+                .collect::<Option<String>>()
+                .ok_or_else(|| "is a UniversalString with an invalid character".to_owned())?
+        }
+        other => return Err(format!("is not a text string (ASN.1 tag {})", other.0)),
+    };
+    // A NUL inside a name is the classic way to make "a\0.evil.example" look like "a".
+    if text.contains('\0') {
+        return Err("contains a NUL character".to_owned());
+    }
+    Ok(text)
+}
+
+fn be_u16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0, |acc, &b| (acc << 8) | u16::from(b))
+}
+
+fn be_u32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0, |acc, &b| (acc << 8) | u32::from(b))
+}
+
+/// One subject alternative name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SanEntry {
+    Dns(String),
+    Ip(IpAddr),
+    Uri(String),
+    Email(String),
+    /// Any other or undecodable name, described, e.g. `otherName 1.3.6.1.4.1.311.20.2.3`.
+    Other(String),
+}
+
+impl fmt::Display for SanEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (prefix, value) = match self {
+            SanEntry::Dns(v) => ("DNS:", v.as_str()),
+            SanEntry::Ip(ip) => return write!(f, "IP:{ip}"),
+            SanEntry::Uri(v) => ("URI:", v.as_str()),
+            SanEntry::Email(v) => ("email:", v.as_str()),
+            SanEntry::Other(v) => ("other:", v.as_str()),
+        };
+        f.write_str(prefix)?;
+        // Names come from clients: escape control characters so they cannot forge log lines.
+        for c in value.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Converts parsed GeneralNames, keeping their order. Names we do not model, and names that
+/// are malformed (an IP address of the wrong length, a non-UTF-8 DNS name), become
+/// [`SanEntry::Other`] so a policy can see and refuse them.
+pub fn sans_from_general_names(names: &[GeneralName<'_>]) -> Vec<SanEntry> {
+    names.iter().map(san_from_general_name).collect()
+}
+
+fn san_from_general_name(name: &GeneralName<'_>) -> SanEntry {
+    match name {
+        GeneralName::DNSName(s) => SanEntry::Dns((*s).to_owned()),
+        GeneralName::URI(s) => SanEntry::Uri((*s).to_owned()),
+        GeneralName::RFC822Name(s) => SanEntry::Email((*s).to_owned()),
+        GeneralName::IPAddress(bytes) => {
+            if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
+                SanEntry::Ip(IpAddr::V4(Ipv4Addr::from(v4)))
+            } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                SanEntry::Ip(IpAddr::V6(Ipv6Addr::from(v6)))
+            } else {
+                SanEntry::Other(format!("invalid IP address of {} bytes", bytes.len()))
+            }
+        }
+        GeneralName::OtherName(oid, _) => SanEntry::Other(format!("otherName {oid}")),
+        GeneralName::DirectoryName(dn) => match Subject::from_x509_name(dn) {
+            Ok(subject) => SanEntry::Other(format!("dirName {subject}")),
+            Err(_) => SanEntry::Other("dirName (undecodable)".to_owned()),
+        },
+        GeneralName::RegisteredID(oid) => SanEntry::Other(format!("registeredID {oid}")),
+        GeneralName::X400Address(_) => SanEntry::Other("x400Address".to_owned()),
+        GeneralName::EDIPartyName(_) => SanEntry::Other("ediPartyName".to_owned()),
+        GeneralName::Invalid(tag, _) => {
+            SanEntry::Other(format!("invalid name with tag [{}]", tag.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::FromDer;
+
+    /// DER of a Name from (oid content bytes, string tag, value) RDNs, one attribute each.
+    fn name_der(rdns: &[&[(&[u8], u8, &[u8])]]) -> Vec<u8> {
+        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+            assert!(content.len() < 128);
+            let mut v = vec![tag, content.len() as u8];
+            v.extend_from_slice(content);
+            v
+        }
+        let mut name = Vec::new();
+        for rdn in rdns {
+            let mut set = Vec::new();
+            for (oid, tag, value) in rdn.iter() {
+                let mut atv = tlv(0x06, oid);
+                atv.extend(tlv(*tag, value));
+                set.extend(tlv(0x30, &atv));
+            }
+            name.extend(tlv(0x31, &set));
+        }
+        tlv(0x30, &name)
+    }
+
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    const O: &[u8] = &[0x55, 0x04, 0x0a];
+    const OU: &[u8] = &[0x55, 0x04, 0x0b];
+
+    fn parse(der: &[u8]) -> Result<Subject, String> {
+        let (rest, name) = X509Name::from_der(der).map_err(|e| e.to_string())?;
+        assert!(rest.is_empty());
+        Subject::from_x509_name(&name)
+    }
+
+    #[test]
+    fn printable_and_utf8_encodings_compare_equal() {
+        let printable = parse(&name_der(&[
+            &[(CN, 0x13, b"child1")],
+            &[(O, 0x13, b"Contoso")],
+        ]))
+        .unwrap();
+        let utf8 = parse(&name_der(&[
+            &[(CN, 0x0c, b"child1")],
+            &[(O, 0x0c, b"Contoso")],
+        ]))
+        .unwrap();
+        assert_eq!(printable, utf8);
+        assert_eq!(printable.to_string(), "CN=child1,O=Contoso");
+        assert_eq!(printable.common_name(), Some("child1"));
+        let reordered = parse(&name_der(&[
+            &[(O, 0x0c, b"Contoso")],
+            &[(CN, 0x0c, b"child1")],
+        ]))
+        .unwrap();
+        assert_ne!(printable, reordered);
+    }
+
+    #[test]
+    fn decodes_teletex_bmp_and_universal_strings() {
+        let s = parse(&name_der(&[
+            &[(CN, 0x14, b"caf\xe9")],
+            &[(O, 0x1e, &[0x00, b'a', 0x00, 0xe9])],
+            &[(OU, 0x1c, &[0, 0, 0, b'x', 0, 1, 0xf6, 0x00])],
+        ]))
+        .unwrap();
+        let values: Vec<&str> = s.attributes().iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(values, ["café", "aé", "x\u{1f600}"]);
+    }
+
+    #[test]
+    fn refuses_values_that_are_not_text() {
+        let err = parse(&name_der(&[&[(CN, 0x04, b"\x01\x02")]])).unwrap_err();
+        assert!(
+            err.contains("CN") && err.contains("not a text string"),
+            "{err}"
+        );
+        let err = parse(&name_der(&[&[(CN, 0x1e, b"\x00a\x00")]])).unwrap_err();
+        assert!(err.contains("odd length"), "{err}");
+        let err = parse(&name_der(&[&[(CN, 0x0c, b"a\x00b")]])).unwrap_err();
+        assert!(err.contains("NUL"), "{err}");
+    }
+
+    #[test]
+    fn repeated_types_multi_valued_and_escaping() {
+        let s = parse(&name_der(&[
+            &[(CN, 0x0c, b"x")],
+            &[(OU, 0x0c, b"a")],
+            &[(OU, 0x0c, b"b")],
+        ]))
+        .unwrap();
+        assert!(s.has_repeated_types());
+        assert!(!s.is_multi_valued());
+        assert_eq!(s.to_string(), "CN=x,OU=a,OU=b");
+
+        let two_cns = parse(&name_der(&[&[(CN, 0x0c, b"a")], &[(CN, 0x0c, b"b")]])).unwrap();
+        assert_eq!(two_cns.common_name(), None);
+        assert_eq!(two_cns.common_names().collect::<Vec<_>>(), ["a", "b"]);
+
+        let odd = Subject::from_attributes(vec![
+            (
+                AttributeType::CommonName,
+                " #a,b+c=\"d\"\\<e>;f ".to_owned(),
+            ),
+            (
+                AttributeType::Other("1.2.3.4".to_owned()),
+                "#x\ny".to_owned(),
+            ),
+        ]);
+        assert_eq!(
+            odd.to_string(),
+            r#"CN=\ #a\,b\+c\=\"d\"\\\<e\>\;f\ ,1.2.3.4=\#x\0Ay"#
+        );
+        assert!(Subject::default().is_empty());
+        assert_eq!(Subject::default().to_string(), "");
+    }
+
+    #[test]
+    fn attribute_type_names_round_trip() {
+        for t in [
+            AttributeType::CommonName,
+            AttributeType::Organization,
+            AttributeType::OrganizationalUnit,
+            AttributeType::Country,
+            AttributeType::State,
+            AttributeType::Locality,
+            AttributeType::DomainComponent,
+            AttributeType::SerialNumber,
+            AttributeType::EmailAddress,
+            AttributeType::Other("1.2.3".to_owned()),
+        ] {
+            assert_eq!(AttributeType::from_oid(t.oid()), t);
+        }
+        assert_eq!(AttributeType::DomainComponent.short_name(), "DC");
+        assert_eq!(AttributeType::EmailAddress.short_name(), "emailAddress");
+    }
+
+    #[test]
+    fn san_entries_from_general_names() {
+        let oid = x509_parser::oid_registry::OID_PKCS9_EMAIL_ADDRESS;
+        let names = [
+            GeneralName::DNSName("edge.example"),
+            GeneralName::IPAddress(&[10, 0, 0, 1]),
+            GeneralName::IPAddress(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            GeneralName::IPAddress(&[1, 2, 3]),
+            GeneralName::URI("spiffe://x/y"),
+            GeneralName::RFC822Name("a@b.example"),
+            GeneralName::OtherName(oid, &[]),
+            GeneralName::DNSName("evil\nline"),
+        ];
+        let sans = sans_from_general_names(&names);
+        let shown: Vec<String> = sans.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "DNS:edge.example",
+                "IP:10.0.0.1",
+                "IP:::1",
+                "other:invalid IP address of 3 bytes",
+                "URI:spiffe://x/y",
+                "email:a@b.example",
+                "other:otherName 1.2.840.113549.1.9.1",
+                "DNS:evil\\nline",
+            ]
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! Issuance profiles: what kind of certificate a grant becomes (validity, key usage,
+//! extended key usage, basic constraints). The CSR's requested extensions never reach here.
+
+use std::collections::BTreeMap;
+
+use rcgen::ExtendedKeyUsagePurpose;
+
+use crate::config::{ProfileConfig, ProfileKind};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProfileClass {
+    /// An end-entity certificate with these extended key usages.
+    EndEntity {
+        extended_key_usage: Vec<ExtendedKeyUsagePurpose>,
+    },
+    /// A CA certificate (IoT Edge's Edge CA: path length 0).
+    Ca { path_len: u8 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    pub name: String,
+    pub class: ProfileClass,
+    pub validity: time::Duration,
+}
+
+impl Profile {
+    pub fn is_ca(&self) -> bool {
+        matches!(self.class, ProfileClass::Ca { .. })
+    }
+}
+
+/// The built-in profiles, which configuration may override by name.
+pub fn builtin() -> BTreeMap<String, ProfileConfig> {
+    let mut profiles = BTreeMap::new();
+    profiles.insert(
+        "identity".to_owned(),
+        ProfileConfig {
+            kind: ProfileKind::EndEntity,
+            validity_days: 365,
+            path_len: None,
+            extended_key_usage: vec!["clientAuth".to_owned()],
+        },
+    );
+    profiles.insert(
+        "server".to_owned(),
+        ProfileConfig {
+            kind: ProfileKind::EndEntity,
+            validity_days: 365,
+            path_len: None,
+            extended_key_usage: vec!["serverAuth".to_owned(), "clientAuth".to_owned()],
+        },
+    );
+    profiles.insert(
+        "edge-ca".to_owned(),
+        ProfileConfig {
+            kind: ProfileKind::Ca,
+            validity_days: 90,
+            path_len: Some(0),
+            extended_key_usage: Vec::new(),
+        },
+    );
+    profiles
+}
+
+impl TryFrom<(&str, &ProfileConfig)> for Profile {
+    type Error = String;
+
+    fn try_from((name, config): (&str, &ProfileConfig)) -> Result<Profile, String> {
+        if config.validity_days == 0 {
+            return Err(format!("profiles.{name}.validity_days must be at least 1"));
+        }
+        let class = match config.kind {
+            ProfileKind::Ca => {
+                if !config.extended_key_usage.is_empty() {
+                    return Err(format!(
+                        "profiles.{name}: a CA profile takes no extended_key_usage"
+                    ));
+                }
+                ProfileClass::Ca {
+                    path_len: config.path_len.unwrap_or(0),
+                }
+            }
+            ProfileKind::EndEntity => {
+                if config.path_len.is_some() {
+                    return Err(format!("profiles.{name}: path_len is for CA profiles"));
+                }
+                let extended_key_usage = config
+                    .extended_key_usage
+                    .iter()
+                    .map(|e| {
+                        eku(e).ok_or_else(|| {
+                            format!("profiles.{name}.extended_key_usage: unknown {e:?}")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                ProfileClass::EndEntity { extended_key_usage }
+            }
+        };
+        Ok(Profile {
+            name: name.to_owned(),
+            class,
+            validity: time::Duration::days(i64::from(config.validity_days)),
+        })
+    }
+}
+
+fn eku(name: &str) -> Option<ExtendedKeyUsagePurpose> {
+    Some(match name {
+        "clientAuth" => ExtendedKeyUsagePurpose::ClientAuth,
+        "serverAuth" => ExtendedKeyUsagePurpose::ServerAuth,
+        "codeSigning" => ExtendedKeyUsagePurpose::CodeSigning,
+        "emailProtection" => ExtendedKeyUsagePurpose::EmailProtection,
+        "timeStamping" => ExtendedKeyUsagePurpose::TimeStamping,
+        "ocspSigning" => ExtendedKeyUsagePurpose::OcspSigning,
+        // id-kp-cmcRA (RFC 6402): marks a registration authority's certificate.
+        "cmcRA" => ExtendedKeyUsagePurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 28]),
+        _ => return None,
+    })
+}

@@ -1,0 +1,209 @@
+//! The audit journal: one JSON line per issued certificate, on disk before the answer leaves.
+//!
+//! Writes go to one writer thread that commits in groups: it takes every entry waiting, writes
+//! them, calls `fdatasync` once, and only then releases the requests. Many concurrent
+//! enrollments thus share one disk flush, and nothing blocks the async runtime.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// What the journal keeps of one issued certificate.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JournalEntry {
+    /// When it was issued (RFC 3339).
+    pub time: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    pub subject: String,
+    pub sans: Vec<String>,
+    /// The EST label, `null` for the unlabeled path.
+    pub label: Option<String>,
+    pub operation: String,
+    /// Who asked (the authenticated identity).
+    pub identity: String,
+    pub profile: String,
+    pub not_before: String,
+    pub not_after: String,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub sha256: String,
+    /// The certificate, base64 DER.
+    pub certificate: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot open the journal {0}: {1}")]
+    Open(PathBuf, String),
+    #[error("the journal could not be written: {0}")]
+    Write(String),
+}
+
+type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+
+/// Handle to the journal; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    path: PathBuf,
+    queue: mpsc::Sender<Pending>,
+}
+
+/// Entries committed per flush at most, to bound the latency of the first in a burst.
+const MAX_GROUP: usize = 256;
+
+impl Journal {
+    /// Opens (creating if needed) the journal and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let fail = |e: std::io::Error| JournalError::Open(path.to_owned(), e.to_string());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)
+            .map_err(fail)?;
+        terminate_torn_line(&mut file).map_err(fail)?;
+        let (queue, receiver) = mpsc::channel::<Pending>();
+        std::thread::Builder::new()
+            .name("edge-est-journal".into())
+            .spawn(move || writer(file, receiver))
+            .map_err(fail)?;
+        Ok(Journal {
+            path: path.to_owned(),
+            queue,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends an entry and returns once it is on disk.
+    pub async fn record(&self, entry: &JournalEntry) -> Result<(), JournalError> {
+        let mut line = serde_json::to_vec(entry).map_err(|e| JournalError::Write(e.to_string()))?;
+        line.push(b'\n');
+        let (done, wait) = oneshot::channel();
+        self.queue
+            .send((line, done))
+            .map_err(|_| JournalError::Write("the journal writer has stopped".into()))?;
+        wait.await
+            .map_err(|_| JournalError::Write("the journal writer has stopped".into()))?
+            .map_err(JournalError::Write)
+    }
+
+    /// Reads every entry of a journal file (for tests and tools). Torn lines are skipped.
+    pub fn read_all(path: &Path) -> std::io::Result<Vec<JournalEntry>> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
+
+/// A crash in the middle of a write can leave a last line without its newline; end it so
+/// the next entry starts on a line of its own.
+fn terminate_torn_line(file: &mut File) -> std::io::Result<()> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+        file.sync_data()?;
+    }
+    Ok(())
+}
+
+fn writer(mut file: File, receiver: mpsc::Receiver<Pending>) {
+    while let Ok(first) = receiver.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut buffer = Vec::with_capacity(group.iter().map(|(l, _)| l.len()).sum());
+        for (line, _) in &group {
+            buffer.extend_from_slice(line);
+        }
+        let result = file
+            .write_all(&buffer)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| e.to_string());
+        for (_, done) in group {
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(serial: &str) -> JournalEntry {
+        JournalEntry {
+            time: "2026-01-01T00:00:00Z".into(),
+            serial: serial.into(),
+            subject: "CN=x".into(),
+            sans: vec![],
+            label: None,
+            operation: "simpleenroll".into(),
+            identity: "user u".into(),
+            profile: "identity".into(),
+            not_before: "a".into(),
+            not_after: "b".into(),
+            sha256: "00".into(),
+            certificate: "MA==".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_records_all_land_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/journal.jsonl");
+        let journal = Journal::open(&path).unwrap();
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let j = journal.clone();
+                tokio::spawn(async move { j.record(&entry(&format!("{i:02x}"))).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        drop(journal);
+        let mut serials: Vec<_> = Journal::read_all(&path)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.serial)
+            .collect();
+        serials.sort();
+        assert_eq!(
+            serials,
+            (0..50).map(|i| format!("{i:02x}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_terminated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        std::fs::write(&path, b"{\"torn\":").unwrap();
+        let journal = Journal::open(&path).unwrap();
+        journal.record(&entry("01")).await.unwrap();
+        let entries = Journal::read_all(&path).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].serial, "01");
+    }
+}

@@ -1,0 +1,356 @@
+//! What an authenticated identity may obtain on a label: rules turn an [`Identity`] and a
+//! [`Csr`] into a [`Grant`] (the exact subject, names and kind of certificate to issue) or a
+//! [`Refusal`] that says which part of the request was not allowed.
+
+pub mod pattern;
+
+use std::net::IpAddr;
+
+use crate::auth::Identity;
+use crate::config::RuleConfig;
+use crate::est::name::AttributeType;
+use crate::est::{Csr, SanEntry, Subject};
+
+pub use pattern::{Pattern, Vars};
+
+/// What the issuer is told to issue. Every field comes from the policy's checks; the CSR
+/// contributes only what a rule allowed.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub ca: bool,
+    pub subject: Subject,
+    pub sans: Vec<SanEntry>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("{0} is denied on this label")]
+    Denied(String),
+    #[error("no rule on this label grants anything to {0}")]
+    NoRule(String),
+    #[error("subject {attribute}={value:?} is not allowed for {identity}")]
+    SubjectNotAllowed {
+        attribute: String,
+        value: String,
+        identity: String,
+    },
+    #[error("subjectAltName {san} is not allowed for {identity}")]
+    SanNotAllowed { san: String, identity: String },
+    #[error("{identity} may not obtain a CA certificate on this label")]
+    CaNotAllowed { identity: String },
+    #[error("the CSR's subject has no common name (CN)")]
+    NoCommonName,
+    #[error("the CSR's subject {0}; edge-est issues subjects with one value per RDN and each attribute type once")]
+    UnsupportedSubject(String),
+    #[error("simplereenroll needs the certificate being renewed as the TLS client certificate")]
+    ReenrollWithoutCertificate,
+    #[error("simplereenroll must keep the subject: the CSR asks for \"{requested}\", the certificate has \"{current}\"")]
+    ReenrollSubjectChanged { requested: String, current: String },
+    #[error("simplereenroll must keep the subjectAltNames: the CSR asks for [{requested}], the certificate has [{current}]")]
+    ReenrollSansChanged { requested: String, current: String },
+}
+
+#[derive(Clone, Debug)]
+enum Who {
+    AnyUser,
+    User(String),
+    AnyCertificate,
+    CertificateFrom(String),
+}
+
+#[derive(Clone, Debug)]
+struct Rule {
+    who: Vec<Who>,
+    client_cn: Vec<Pattern>,
+    common_names: Vec<Pattern>,
+    ca_common_names: Vec<Pattern>,
+    dns_names: Vec<Pattern>,
+    ip_addresses: Vec<Pattern>,
+    uris: Vec<Pattern>,
+    emails: Vec<Pattern>,
+    attributes: Vec<(String, Vec<Pattern>)>,
+}
+
+#[derive(Clone, Debug)]
+enum Deny {
+    User(String),
+    Cn(String),
+    Serial(String),
+}
+
+/// The issuing policy of one label.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    deny: Vec<Deny>,
+}
+
+fn patterns(field: &str, sources: &[String]) -> Result<Vec<Pattern>, String> {
+    sources
+        .iter()
+        .map(|s| Pattern::parse(s).map_err(|e| format!("{field}: {e}")))
+        .collect()
+}
+
+impl Policy {
+    /// Builds the policy from configuration; `trust_sets` are the names a `certificate:`
+    /// match may refer to.
+    pub fn new(
+        rules: &[RuleConfig],
+        deny: &[String],
+        trust_sets: &[String],
+    ) -> Result<Policy, String> {
+        let mut built = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let field = |name: &str| format!("rules[{i}].{name}");
+            let mut who = Vec::new();
+            for m in &rule.matches {
+                who.push(match m.split_once(':') {
+                    Some(("user", "*")) => Who::AnyUser,
+                    Some(("user", name)) if !name.is_empty() => Who::User(name.to_owned()),
+                    Some(("certificate", "*")) => Who::AnyCertificate,
+                    Some(("certificate", set)) if trust_sets.iter().any(|t| t == set) => {
+                        Who::CertificateFrom(set.to_owned())
+                    }
+                    Some(("certificate", set)) => {
+                        return Err(format!(
+                            "{}: {set:?} is not one of this label's client_trust sets",
+                            field("match")
+                        ))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{}: {m:?} must be user:NAME, user:*, certificate:TRUSTSET or certificate:*",
+                            field("match")
+                        ))
+                    }
+                });
+            }
+            if who.is_empty() {
+                return Err(format!("{}: names no identity", field("match")));
+            }
+            let mut attributes = Vec::new();
+            for (name, values) in &rule.subject_attributes {
+                if name.eq_ignore_ascii_case("CN") {
+                    return Err(format!(
+                        "{}: CN is governed by common_names",
+                        field("subject_attributes")
+                    ));
+                }
+                attributes.push((
+                    name.clone(),
+                    patterns(&field("subject_attributes"), values)?,
+                ));
+            }
+            built.push(Rule {
+                who,
+                client_cn: patterns(&field("client_cn"), &rule.client_cn)?,
+                common_names: patterns(&field("common_names"), &rule.common_names)?,
+                ca_common_names: patterns(&field("ca_common_names"), &rule.ca_common_names)?,
+                dns_names: patterns(&field("dns_names"), &rule.dns_names)?,
+                ip_addresses: patterns(&field("ip_addresses"), &rule.ip_addresses)?,
+                uris: patterns(&field("uris"), &rule.uris)?,
+                emails: patterns(&field("emails"), &rule.emails)?,
+                attributes,
+            });
+        }
+        let deny = deny
+            .iter()
+            .map(|d| match d.split_once(':') {
+                Some(("user", u)) => Ok(Deny::User(u.to_owned())),
+                Some(("cn", cn)) => Ok(Deny::Cn(cn.to_owned())),
+                Some(("serial", s)) => Ok(Deny::Serial(
+                    s.trim_start_matches("0x")
+                        .to_ascii_lowercase()
+                        .replace(':', ""),
+                )),
+                _ => Err(format!(
+                    "deny: {d:?} must be user:NAME, cn:NAME or serial:HEX"
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Policy { rules: built, deny })
+    }
+
+    /// Decides a request. `reenroll` applies RFC 7030 4.2.2: the subject and subjectAltNames
+    /// must equal those of the certificate that authenticated.
+    pub fn authorize(
+        &self,
+        identity: &Identity,
+        csr: &Csr,
+        reenroll: bool,
+    ) -> Result<Grant, Refusal> {
+        let who = identity.to_string();
+        if self.is_denied(identity) {
+            return Err(Refusal::Denied(who));
+        }
+        let subject = csr.subject();
+        let mut sans: Vec<SanEntry> = csr.sans().to_vec();
+        sans.sort();
+        sans.dedup();
+        if reenroll {
+            let cert = identity
+                .certificate
+                .as_ref()
+                .ok_or(Refusal::ReenrollWithoutCertificate)?;
+            if subject != &cert.subject {
+                return Err(Refusal::ReenrollSubjectChanged {
+                    requested: subject.to_string(),
+                    current: cert.subject.to_string(),
+                });
+            }
+            let mut current = cert.sans.clone();
+            current.sort();
+            current.dedup();
+            if sans != current {
+                return Err(Refusal::ReenrollSansChanged {
+                    requested: join(&sans),
+                    current: join(&current),
+                });
+            }
+        }
+        if subject.is_multi_valued() {
+            return Err(Refusal::UnsupportedSubject(
+                "has a multi-valued RDN".to_owned(),
+            ));
+        }
+        if subject.has_repeated_types() {
+            return Err(Refusal::UnsupportedSubject(
+                "repeats an attribute type".to_owned(),
+            ));
+        }
+        let cn = subject.common_name().ok_or(Refusal::NoCommonName)?;
+        let ca = csr.requested_ca().is_some_and(|bc| bc.ca);
+
+        let vars = Vars {
+            cn: identity.cn(),
+            user: identity.user.as_deref(),
+        };
+        let applicable: Vec<&Rule> = self
+            .rules
+            .iter()
+            .filter(|r| r.applies_to(identity, vars))
+            .collect();
+        let mut first_refusal = None;
+        for rule in &applicable {
+            match rule.check(cn, subject, &sans, ca, vars, &who) {
+                Ok(()) => {
+                    return Ok(Grant {
+                        ca,
+                        subject: subject.clone(),
+                        sans,
+                    })
+                }
+                Err(refusal) => {
+                    first_refusal.get_or_insert(refusal);
+                }
+            }
+        }
+        Err(first_refusal.unwrap_or(Refusal::NoRule(who)))
+    }
+
+    fn is_denied(&self, identity: &Identity) -> bool {
+        self.deny.iter().any(|d| match d {
+            Deny::User(u) => identity.user.as_deref() == Some(u.as_str()),
+            Deny::Cn(cn) => identity.cn() == Some(cn.as_str()),
+            Deny::Serial(s) => identity
+                .certificate
+                .as_ref()
+                .is_some_and(|c| c.serial.trim_start_matches('0') == s.trim_start_matches('0')),
+        })
+    }
+}
+
+fn join(sans: &[SanEntry]) -> String {
+    sans.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Rule {
+    fn applies_to(&self, identity: &Identity, vars: Vars<'_>) -> bool {
+        let who_matches = self.who.iter().any(|w| match w {
+            Who::AnyUser => identity.user.is_some(),
+            Who::User(u) => identity.user.as_deref() == Some(u.as_str()),
+            Who::AnyCertificate => identity.certificate.is_some(),
+            Who::CertificateFrom(set) => identity
+                .certificate
+                .as_ref()
+                .is_some_and(|c| &c.trust == set),
+        });
+        let cn_matches = self.client_cn.is_empty()
+            || identity
+                .cn()
+                .is_some_and(|cn| self.client_cn.iter().any(|p| p.matches(cn, vars, false)));
+        who_matches && cn_matches
+    }
+
+    fn check(
+        &self,
+        cn: &str,
+        subject: &Subject,
+        sans: &[SanEntry],
+        ca: bool,
+        vars: Vars<'_>,
+        who: &str,
+    ) -> Result<(), Refusal> {
+        let any = |ps: &[Pattern], v: &str, fold: bool| ps.iter().any(|p| p.matches(v, vars, fold));
+        if ca && self.ca_common_names.is_empty() {
+            return Err(Refusal::CaNotAllowed {
+                identity: who.to_owned(),
+            });
+        }
+        let cn_patterns = if ca {
+            &self.ca_common_names
+        } else {
+            &self.common_names
+        };
+        if !any(cn_patterns, cn, false) {
+            return Err(Refusal::SubjectNotAllowed {
+                attribute: "CN".to_owned(),
+                value: cn.to_owned(),
+                identity: who.to_owned(),
+            });
+        }
+        for (kind, value) in subject.attributes() {
+            if matches!(kind, AttributeType::CommonName) {
+                continue;
+            }
+            let allowed = self
+                .attributes
+                .iter()
+                .find(|(name, _)| {
+                    name.eq_ignore_ascii_case(kind.short_name()) || name == &kind.oid()
+                })
+                .is_some_and(|(_, ps)| any(ps, value, false));
+            if !allowed {
+                return Err(Refusal::SubjectNotAllowed {
+                    attribute: kind.short_name().to_owned(),
+                    value: value.clone(),
+                    identity: who.to_owned(),
+                });
+            }
+        }
+        for san in sans {
+            let allowed = match san {
+                SanEntry::Dns(name) => any(&self.dns_names, name, true),
+                SanEntry::Ip(ip) => any(&self.ip_addresses, &ip_text(ip), false),
+                SanEntry::Uri(uri) => any(&self.uris, uri, false),
+                SanEntry::Email(email) => any(&self.emails, email, true),
+                SanEntry::Other(_) => false,
+            };
+            if !allowed {
+                return Err(Refusal::SanNotAllowed {
+                    san: san.to_string(),
+                    identity: who.to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ip_text(ip: &IpAddr) -> String {
+    ip.to_string()
+}

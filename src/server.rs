@@ -1,0 +1,366 @@
+//! The EST request handler: route → authenticate → read and check the CSR → authorize →
+//! issue → journal → answer. Errors of every step go through `error::RequestError`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::auth::{self, Credentials, Identity};
+use crate::config::ServerKeygen;
+use crate::error::RequestError;
+use crate::est::{self, media, Csr, KeyKind, Operation};
+use crate::journal::{Journal, JournalEntry};
+use crate::runtime::{LabelRuntime, Runtime};
+use crate::transport::{Connection, ConnectionLimits, Service};
+
+/// The realm named in Basic challenges.
+const REALM: &str = "edge-est";
+/// How much of an oversized body is read and thrown away before answering 413, so the client
+/// sees the answer instead of a reset.
+const DRAIN_CAP: usize = 1024 * 1024;
+
+/// The running server: the current runtime (swapped whole on reconfiguration) and the
+/// journal, which outlives every runtime.
+pub struct App {
+    runtime: ArcSwap<Runtime>,
+    journal: Journal,
+}
+
+impl App {
+    pub fn new(runtime: Runtime, journal: Journal) -> App {
+        App {
+            runtime: ArcSwap::from_pointee(runtime),
+            journal,
+        }
+    }
+
+    /// Replaces the running configuration; requests in flight keep the old one.
+    pub fn swap(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+}
+
+impl Service for App {
+    fn tls_config(&self) -> Arc<rustls::ServerConfig> {
+        self.runtime.load().tls.clone()
+    }
+
+    fn connection_limits(&self) -> ConnectionLimits {
+        let rt = self.runtime.load();
+        ConnectionLimits {
+            handshake_timeout: Duration::from_secs(rt.limits.handshake_timeout_secs),
+            header_timeout: Duration::from_secs(rt.limits.header_timeout_secs),
+        }
+    }
+
+    async fn call(
+        &self,
+        request: Request<Incoming>,
+        connection: Arc<Connection>,
+    ) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let runtime = self.runtime.load_full();
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let mut trace = Trace::default();
+        let result = self
+            .dispatch(&runtime, request, &connection, &mut trace)
+            .await;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let label = trace.label.as_deref().unwrap_or("-");
+        let identity = trace.identity.as_deref().unwrap_or("-");
+        match result {
+            Ok(response) => {
+                tracing::info!(
+                    remote = %connection.remote, %method, %path, status = response.status().as_u16(),
+                    label, identity, serial = trace.serial.as_deref().unwrap_or("-"),
+                    elapsed_ms, "request served"
+                );
+                response
+            }
+            Err(error) => {
+                let status = error.status();
+                let text = error.to_string();
+                if status.is_server_error() {
+                    tracing::error!(remote = %connection.remote, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request failed");
+                } else {
+                    tracing::info!(remote = %connection.remote, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request refused");
+                }
+                error.into_response(trace.basic_realm.then_some(REALM))
+            }
+        }
+    }
+}
+
+/// What the request log line says about a request, filled in as it goes.
+#[derive(Default)]
+struct Trace {
+    label: Option<String>,
+    identity: Option<String>,
+    serial: Option<String>,
+    basic_realm: bool,
+}
+
+impl App {
+    async fn dispatch(
+        &self,
+        runtime: &Runtime,
+        request: Request<Incoming>,
+        connection: &Connection,
+        trace: &mut Trace,
+    ) -> Result<Response<Full<Bytes>>, RequestError> {
+        let (label, operation) = est::route::route(request.uri().path())
+            .map_err(|e| RequestError::NotFound(e.to_string()))?;
+        let label_rt = runtime.label(&label).ok_or_else(|| {
+            RequestError::NotFound(match &label {
+                Some(l) => format!("no EST label {l:?} here"),
+                None => "this server serves EST only under a label: /.well-known/est/<label>/<operation>".to_owned(),
+            })
+        })?;
+        trace.label = Some(label_rt.display_name().to_owned());
+        trace.basic_realm = label_rt.auth.basic;
+        if request.method() != operation.method() {
+            return Err(RequestError::MethodNotAllowed {
+                operation: operation.as_str(),
+                allowed: operation.method(),
+            });
+        }
+        match operation {
+            Operation::CaCerts => {
+                if !label_rt.anonymous_cacerts {
+                    self.authenticate(runtime, label_rt, &request, connection, trace)
+                        .await?;
+                }
+                Ok(est_answer(media::PKCS7_MIME, label_rt.cacerts_body.clone()))
+            }
+            Operation::CsrAttrs => {
+                if !label_rt.anonymous_cacerts {
+                    self.authenticate(runtime, label_rt, &request, connection, trace)
+                        .await?;
+                }
+                Ok(match &label_rt.csrattrs_body {
+                    Some(body) => est_answer(media::CSRATTRS, body.clone()),
+                    None => {
+                        let mut response = Response::new(Full::new(Bytes::new()));
+                        *response.status_mut() = StatusCode::NO_CONTENT;
+                        response
+                    }
+                })
+            }
+            Operation::SimpleEnroll | Operation::SimpleReenroll | Operation::ServerKeygen => {
+                self.enroll(runtime, label_rt, operation, request, connection, trace)
+                    .await
+            }
+        }
+    }
+
+    async fn authenticate(
+        &self,
+        runtime: &Runtime,
+        label_rt: &LabelRuntime,
+        request: &Request<Incoming>,
+        connection: &Connection,
+        trace: &mut Trace,
+    ) -> Result<Identity, RequestError> {
+        let credentials = Credentials {
+            peer_chain: connection.peer_chain.as_deref(),
+            authorization: request
+                .headers()
+                .get(AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+        };
+        let identity = auth::authenticate(
+            label_rt.auth,
+            &label_rt.trust,
+            &label_rt.known_intermediates,
+            &runtime.users,
+            credentials,
+        )
+        .await?;
+        trace.identity = Some(identity.to_string());
+        Ok(identity)
+    }
+
+    async fn enroll(
+        &self,
+        runtime: &Runtime,
+        label_rt: &LabelRuntime,
+        operation: Operation,
+        request: Request<Incoming>,
+        connection: &Connection,
+        trace: &mut Trace,
+    ) -> Result<Response<Full<Bytes>>, RequestError> {
+        if operation == Operation::ServerKeygen && label_rt.serverkeygen == ServerKeygen::Off {
+            return Err(RequestError::NotFound(format!(
+                "serverkeygen is not offered on label {}",
+                label_rt.display_name()
+            )));
+        }
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        if !media::is_pkcs10(content_type.as_deref()) {
+            return Err(RequestError::UnsupportedMediaType(
+                content_type.unwrap_or_default(),
+            ));
+        }
+        let limit = runtime.limits.max_body_bytes;
+        let declared = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(RequestError::BodyTooLarge(limit));
+        }
+        let identity = self
+            .authenticate(runtime, label_rt, &request, connection, trace)
+            .await?;
+        let body = read_body(
+            request.into_body(),
+            limit,
+            Duration::from_secs(runtime.limits.body_timeout_secs),
+        )
+        .await?;
+        let der = est::body::decode_request_body(&body)?;
+        let csr = Csr::from_der(&der)?;
+        let grant =
+            label_rt
+                .policy
+                .authorize(&identity, &csr, operation == Operation::SimpleReenroll)?;
+        let profile = if grant.ca {
+            &label_rt.ca_profile
+        } else {
+            &label_rt.profile
+        };
+
+        let generated = match (operation, label_rt.serverkeygen) {
+            (Operation::ServerKeygen, kind) => Some(generate_key(kind).await?),
+            _ => None,
+        };
+        let (spki, key_kind) = match &generated {
+            Some((key, kind)) => (rcgen::PublicKeyData::subject_public_key_info(key), *kind),
+            None => (csr.spki_der().to_vec(), csr.key()),
+        };
+        let issued =
+            label_rt
+                .issuer
+                .issue(&grant.subject, &grant.sans, &spki, key_kind, profile)?;
+        trace.serial = Some(issued.serial.clone());
+
+        let entry = JournalEntry {
+            time: rfc3339(OffsetDateTime::now_utc()),
+            serial: issued.serial.clone(),
+            subject: grant.subject.to_string(),
+            sans: grant.sans.iter().map(ToString::to_string).collect(),
+            label: label_rt.name.as_ref().map(|l| l.as_str().to_owned()),
+            operation: operation.as_str().to_owned(),
+            identity: identity.to_string(),
+            profile: profile.name.clone(),
+            not_before: rfc3339(issued.not_before),
+            not_after: rfc3339(issued.not_after),
+            sha256: issued.sha256.clone(),
+            certificate: base64::engine::general_purpose::STANDARD.encode(&issued.der),
+        };
+        self.journal.record(&entry).await?;
+
+        let pkcs7 = est::pkcs7::encode_certs_only(&[issued.der.as_slice()])
+            .map_err(|e| RequestError::Issue(crate::issue::IssueError::Sign(e.to_string())))?;
+        Ok(match generated {
+            Some((key, _)) => {
+                let multipart = est::multipart::serverkeygen_answer(&key.serialize_der(), &pkcs7);
+                let mut response = Response::new(Full::new(Bytes::from(multipart.body)));
+                if let Ok(v) = HeaderValue::from_str(&multipart.content_type) {
+                    response.headers_mut().insert(CONTENT_TYPE, v);
+                }
+                response
+            }
+            None => est_answer(
+                media::PKCS7_CERTS_ONLY,
+                Bytes::from(est::body::encode_base64_lines(&pkcs7)),
+            ),
+        })
+    }
+}
+
+/// A 200 answer with a base64 body, `Content-Transfer-Encoding` included for old clients.
+fn est_answer(content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        "content-transfer-encoding",
+        HeaderValue::from_static("base64"),
+    );
+    response
+}
+
+/// Reads a body of at most `limit` bytes within `timeout`. Past the limit the rest is read
+/// and dropped up to [`DRAIN_CAP`] so that the client gets to read our 413.
+async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, RequestError> {
+    let read = async move {
+        let mut body = body;
+        let mut buffer = BytesMut::new();
+        let mut dropped = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| RequestError::BodyRead(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if dropped == 0 && buffer.len() + data.len() <= limit {
+                buffer.extend_from_slice(&data);
+            } else {
+                dropped += data.len();
+                if dropped > DRAIN_CAP {
+                    break;
+                }
+            }
+        }
+        if dropped > 0 {
+            return Err(RequestError::BodyTooLarge(limit));
+        }
+        Ok(buffer.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| RequestError::BodyTimeout)?
+}
+
+async fn generate_key(kind: ServerKeygen) -> Result<(rcgen::KeyPair, KeyKind), RequestError> {
+    let (algorithm, key_kind) = match kind {
+        ServerKeygen::EcP256 | ServerKeygen::Off => {
+            (&rcgen::PKCS_ECDSA_P256_SHA256, KeyKind::EcP256)
+        }
+        ServerKeygen::EcP384 => (&rcgen::PKCS_ECDSA_P384_SHA384, KeyKind::EcP384),
+        ServerKeygen::Rsa2048 => (&rcgen::PKCS_RSA_SHA256, KeyKind::Rsa { bits: 2048 }),
+    };
+    // RSA generation takes tens of milliseconds: keep it off the async workers.
+    let key = tokio::task::spawn_blocking(move || rcgen::KeyPair::generate_for(algorithm))
+        .await
+        .map_err(|e| RequestError::KeyGeneration(e.to_string()))?
+        .map_err(|e| RequestError::KeyGeneration(e.to_string()))?;
+    Ok((key, key_kind))
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}

@@ -1,0 +1,147 @@
+//! The listener: accept loop with a connection cap, TLS handshake with a deadline, HTTP/1.1
+//! with header and idle timeouts, graceful drain on shutdown. Knows nothing of EST.
+
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+/// What the handler learns of the connection a request came on.
+#[derive(Debug)]
+pub struct Connection {
+    pub remote: SocketAddr,
+    /// The client's certificate chain, leaf first, if it presented one.
+    pub peer_chain: Option<Vec<CertificateDer<'static>>>,
+}
+
+/// Per-connection settings, read at accept time from the running configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+}
+
+/// The application behind the listener.
+pub trait Service: Send + Sync + 'static {
+    fn tls_config(&self) -> Arc<ServerConfig>;
+    fn connection_limits(&self) -> ConnectionLimits;
+    fn call(
+        &self,
+        request: Request<Incoming>,
+        connection: Arc<Connection>,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+}
+
+/// How long in-flight requests get to finish after shutdown is asked for.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `listener` until `shutdown` completes, then stops accepting and gives open
+/// connections [`DRAIN_TIMEOUT`] to finish their requests.
+pub async fn serve<S: Service>(
+    listener: TcpListener,
+    service: Arc<S>,
+    max_connections: usize,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, max_connections, "connection refused: too many connections");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = service.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let limits = service.connection_limits();
+            let acceptor = tokio_rustls::TlsAcceptor::from(service.tls_config());
+            let tls =
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let peer_chain = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect());
+            let connection = Arc::new(Connection { remote, peer_chain });
+            let handler = service_fn(move |request| {
+                let service = service.clone();
+                let connection = connection.clone();
+                async move { Ok::<_, std::convert::Infallible>(service.call(request, connection).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(16 * 1024)
+                .max_headers(64)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(tls), handler);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%remote, error = %e, "connection ended with an error");
+                    }
+                }
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection holds a slot: when all slots are back, all connections are closed.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown: connections still open after the drain timeout");
+    }
+}
