@@ -1,0 +1,179 @@
+//! Shared harness of the integration tests: a PKI generated at run time, an edge-est server
+//! on a loopback port, external clients (curl, openssl) and a small Rust EST client.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod pki;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use edge_est::config::{Config, LabelConfig};
+use edge_est::server::App;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use pki::Pki;
+
+/// A running server on 127.0.0.1 with its files in a temporary directory.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub app: Arc<App>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with `config` (paths relative to `dir`) on a fresh port.
+    pub async fn start(dir: &Path, config: &Config) -> TestServer {
+        Self::start_on(dir, config, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(dir: &Path, config: &Config, addr: SocketAddr) -> TestServer {
+        let app = edge_est::app::build(config, dir).expect("configuration must load");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(edge_est::app::run(listener, app.clone(), async {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, dir: dir.to_owned(), app, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Stops the server and waits until its connections are drained.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}/.well-known/est/{path}", self.addr.port())
+    }
+
+    pub fn journal(&self) -> Vec<edge_est::journal::JournalEntry> {
+        edge_est::journal::Journal::read_all(self.app.journal().path()).unwrap_or_default()
+    }
+}
+
+/// The configuration most tests use: the PKI's issuing CA signs on the unlabeled path and on
+/// label `strict`; Basic user `estuser` (password `estpass`) and bootstrap certificates may
+/// enroll, certificates from the issuer may renew and get their Edge CA.
+pub fn standard_config(pki: &Pki) -> Config {
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+journal = "journal.jsonl"
+
+[tls]
+certificate = "server.pem"
+key = "server.key"
+
+[trust.bootstrap]
+certificates = ["bootstrap-ca.pem"]
+
+[users]
+estuser = "{hash}"
+other = "{hash}"
+
+[issuers.plant]
+certificate = "issuing-ca.pem"
+key = "issuing-ca.key"
+
+[[labels]]
+issuer = "plant"
+client_trust = ["bootstrap", "issuer"]
+csr_attributes = ["ecdsa-with-SHA256", "ecPublicKey=secp256r1"]
+serverkeygen = "ec-p256"
+deny = ["user:other", "cn:revoked-device"]
+
+[[labels.rules]]
+match = ["user:estuser"]
+common_names = ["*"]
+ca_common_names = ["aziot-edge CA *"]
+dns_names = ["*.plant.local"]
+ip_addresses = ["*"]
+
+[[labels.rules]]
+match = ["certificate:bootstrap"]
+common_names = ["{{cn}}"]
+
+[[labels.rules]]
+match = ["certificate:issuer"]
+common_names = ["{{cn}}"]
+ca_common_names = ["aziot-edge CA {{cn}}"]
+dns_names = ["{{cn}}.plant.local"]
+
+[[labels]]
+name = "strict"
+issuer = "plant"
+client_trust = ["issuer"]
+
+[labels.authentication]
+basic = false
+
+[[labels.rules]]
+match = ["certificate:issuer"]
+common_names = ["{{cn}}"]
+"#,
+        hash = pki.password_hash,
+    );
+    toml::from_str(&text).expect("standard config parses")
+}
+
+pub fn label<'a>(config: &'a mut Config, name: Option<&str>) -> &'a mut LabelConfig {
+    config.labels.iter_mut().find(|l| l.name.as_deref() == name).expect("label exists")
+}
+
+pub const USER: &str = "estuser";
+pub const PASSWORD: &str = "estpass";
+
+/// Runs a command, panicking with its output if it cannot start.
+pub fn run(program: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Runs a shell pipeline in `dir`.
+pub fn sh(script: &str, dir: &Path) -> Output {
+    run("bash", &["-o", "pipefail", "-c", script], dir)
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `openssl verify` of `leaf` against `root` with `untrusted` intermediates; true if OK.
+pub fn openssl_verify(dir: &Path, root: &str, untrusted: &str, leaf: &str) -> bool {
+    let out = run("openssl", &["verify", "-CAfile", root, "-untrusted", untrusted, leaf], dir);
+    let ok = out.status.success() && stdout(&out).contains(": OK");
+    if !ok {
+        eprintln!("openssl verify failed: {}{}", stdout(&out), stderr(&out));
+    }
+    ok
+}
+
+/// curl against the server, with the test root as trust anchor. Returns (status, body).
+pub fn curl(server: &TestServer, args: &[&str]) -> (u16, String) {
+    let port = server.addr.port().to_string();
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let mut all = vec!["-s", "--cacert", "root.pem", "--resolve", &resolve, "-o", "-", "-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let out = run("curl", &all, &server.dir);
+    let text = stdout(&out);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
