@@ -181,7 +181,7 @@ impl Runtime {
             let mut trust = Vec::new();
             for set in &label.client_trust {
                 if set == "issuer" {
-                    let own = TrustSet::new("issuer", &issuer.chain()[..1])
+                    let own = TrustSet::direct("issuer", &issuer.chain()[..1])
                         .map_err(|e| ConfigError::invalid(field("client_trust"), e))?;
                     trust.push(Arc::new(own));
                 } else {

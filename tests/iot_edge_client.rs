@@ -6,7 +6,10 @@ mod common;
 
 use common::client::{basic, certs_from_answer, iot_edge_body, to_pem, Answer, EstClient};
 use common::{openssl_verify, run, standard_config, stdout, Pki, TestServer, PASSWORD, USER};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 use x509_parser::prelude::*;
 
 fn csr(cn: &str, key: &KeyPair, shape: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
@@ -25,7 +28,12 @@ async fn issue(client: &EstClient, auth: &[(&str, String)], csr_der: &[u8]) -> (
         ("content-transfer-encoding", "base64".to_owned()),
     ];
     enroll_headers.extend(auth.iter().cloned());
-    let enroll = client.request("POST", "simpleenroll", &enroll_headers, iot_edge_body(csr_der));
+    let enroll = client.request(
+        "POST",
+        "simpleenroll",
+        &enroll_headers,
+        iot_edge_body(csr_der),
+    );
     let cacerts = client.request("GET", "cacerts", auth, Vec::new());
     tokio::join!(enroll, cacerts)
 }
@@ -38,7 +46,8 @@ fn stored_chain(enroll: &Answer, cacerts: &Answer, expected_cn: &str) -> (Vec<u8
     for answer in [enroll, cacerts] {
         let content_type = answer.header("content-type").unwrap();
         assert!(
-            content_type == "application/pkcs7-mime" || content_type.starts_with("application/pkcs7-mime;"),
+            content_type == "application/pkcs7-mime"
+                || content_type.starts_with("application/pkcs7-mime;"),
             "aziot-certd refuses content-type {content_type}"
         );
         assert_eq!(answer.header("content-transfer-encoding"), Some("base64"));
@@ -46,7 +55,15 @@ fn stored_chain(enroll: &Answer, cacerts: &Answer, expected_cn: &str) -> (Vec<u8
     let issued = certs_from_answer(&enroll.body);
     assert_eq!(issued.len(), 1);
     let (_, leaf) = X509Certificate::from_der(&issued[0]).unwrap();
-    assert_eq!(leaf.subject().iter_common_name().next().unwrap().as_str().unwrap(), expected_cn);
+    assert_eq!(
+        leaf.subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap(),
+        expected_cn
+    );
     let ca_chain = certs_from_answer(&cacerts.body);
     assert_eq!(ca_chain.len(), 2, "cacerts is the issuing CA and the root");
     let mut pem = to_pem(&issued[0]);
@@ -60,7 +77,10 @@ fn verify_chain(dir: &std::path::Path, name: &str, chain_pem: &str) {
     let path = dir.join(name);
     std::fs::write(&path, chain_pem).unwrap();
     // Leaf is the first PEM in the file; the rest serve as untrusted intermediates.
-    assert!(openssl_verify(dir, "root.pem", name, name), "{name} must verify against the root");
+    assert!(
+        openssl_verify(dir, "root.pem", name, name),
+        "{name} must verify against the root"
+    );
 }
 
 #[tokio::test]
@@ -84,7 +104,11 @@ async fn basic_then_certificate_renewal_then_edge_ca() {
     // 2. Renewal: a simpleenroll with a new key, authenticated by the issued certificate
     // alone (leaf only, no chain, no password), as aziot-certd renews.
     let renewal_key = KeyPair::generate().unwrap();
-    let as_device = EstClient::new(server.addr, &pki.root.cert_pem, Some((&to_pem(&leaf), &key.serialize_pem())));
+    let as_device = EstClient::new(
+        server.addr,
+        &pki.root.cert_pem,
+        Some((&to_pem(&leaf), &key.serialize_pem())),
+    );
     let (enroll, cacerts) = issue(&as_device, &[], &csr("dev1", &renewal_key, |_| {})).await;
     let (renewed, chain) = stored_chain(&enroll, &cacerts, "dev1");
     verify_chain(dir.path(), "dev1-renewed.pem", &chain);
@@ -92,12 +116,18 @@ async fn basic_then_certificate_renewal_then_edge_ca() {
 
     // 3. Edge CA certificate, authenticated by the renewed certificate: RSA-2048 with the
     // extensions IoT Edge requests; the answer must really be a CA with pathlen 0.
-    let as_renewed =
-        EstClient::new(server.addr, &pki.root.cert_pem, Some((&to_pem(&renewed), &renewal_key.serialize_pem())));
+    let as_renewed = EstClient::new(
+        server.addr,
+        &pki.root.cert_pem,
+        Some((&to_pem(&renewed), &renewal_key.serialize_pem())),
+    );
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
     let edge_ca_csr = csr("aziot-edge CA dev1", &ca_key, |p| {
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
     });
     let (enroll, cacerts) = issue(&as_renewed, &[], &edge_ca_csr).await;
     let (edge_ca, chain) = stored_chain(&enroll, &cacerts, "aziot-edge CA dev1");
@@ -108,8 +138,41 @@ async fn basic_then_certificate_renewal_then_edge_ca() {
     assert!(constraints.value.ca);
     assert_eq!(constraints.value.path_len_constraint, Some(0));
     assert!(parsed.key_usage().unwrap().unwrap().value.key_cert_sign());
-    let text = stdout(&run("openssl", &["x509", "-in", "edge-ca.pem", "-noout", "-text"], dir.path()));
+    let text = stdout(&run(
+        "openssl",
+        &["x509", "-in", "edge-ca.pem", "-noout", "-text"],
+        dir.path(),
+    ));
     assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+
+    // A certificate issued by that Edge CA (as IoT Edge issues module certificates) must not
+    // pass for a device identity: only certificates issued directly by our CA authenticate.
+    let edge_ca_issuer = rcgen::Issuer::from_ca_cert_der(&edge_ca.clone().into(), ca_key).unwrap();
+    let module_key = KeyPair::generate().unwrap();
+    let mut module = CertificateParams::new(Vec::<String>::new()).unwrap();
+    module.distinguished_name.push(DnType::CommonName, "dev1");
+    module.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let module_cert = module.signed_by(&module_key, &edge_ca_issuer).unwrap();
+    let module_chain = format!("{}{}", module_cert.pem(), to_pem(&edge_ca));
+    let as_module = EstClient::new(
+        server.addr,
+        &pki.root.cert_pem,
+        Some((&module_chain, &module_key.serialize_pem())),
+    );
+    let (refused, _) = issue(
+        &as_module,
+        &[],
+        &csr("dev1", &KeyPair::generate().unwrap(), |_| {}),
+    )
+    .await;
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert!(
+        refused
+            .text()
+            .contains("not issued by a CA this label trusts"),
+        "{}",
+        refused.text()
+    );
 
     // The journal holds exactly these three certificates, each naming who asked.
     let journal = server.journal();
@@ -126,12 +189,17 @@ async fn bootstrap_certificate_then_est_identity_then_device_and_edge_ca() {
     let pki = Pki::generate_p256(dir.path());
     let server = TestServer::start(dir.path(), &standard_config(&pki)).await;
     let bootstrap = pki.bootstrap.valid_client("dev2");
-    let as_bootstrap =
-        EstClient::new(server.addr, &pki.root.cert_pem, Some((&bootstrap.cert_pem, &bootstrap.key_pem)));
+    let as_bootstrap = EstClient::new(
+        server.addr,
+        &pki.root.cert_pem,
+        Some((&bootstrap.cert_pem, &bootstrap.key_pem)),
+    );
 
     // EST identity certificate: EC P-256, subject of the target certificate, EKU clientAuth.
     let est_id_key = KeyPair::generate().unwrap();
-    let est_id_csr = csr("dev2", &est_id_key, |p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]);
+    let est_id_csr = csr("dev2", &est_id_key, |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]
+    });
     let (enroll, cacerts) = issue(&as_bootstrap, &[], &est_id_csr).await;
     let (est_id, chain) = stored_chain(&enroll, &cacerts, "dev2");
     verify_chain(dir.path(), "est-id.pem", &chain);
@@ -140,15 +208,26 @@ async fn bootstrap_certificate_then_est_identity_then_device_and_edge_ca() {
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
     let edge_ca_csr = csr("aziot-edge CA dev2", &ca_key, |p| {
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
     });
     let (refused, _) = issue(&as_bootstrap, &[], &edge_ca_csr).await;
     assert_eq!(refused.status, 403, "{}", refused.text());
-    assert!(refused.text().contains("CA certificate"), "{}", refused.text());
+    assert!(
+        refused.text().contains("CA certificate"),
+        "{}",
+        refused.text()
+    );
 
     // With the EST identity certificate: the device identity certificate (RSA-2048, no
     // extensions) and the Edge CA.
-    let as_est_id = EstClient::new(server.addr, &pki.root.cert_pem, Some((&to_pem(&est_id), &est_id_key.serialize_pem())));
+    let as_est_id = EstClient::new(
+        server.addr,
+        &pki.root.cert_pem,
+        Some((&to_pem(&est_id), &est_id_key.serialize_pem())),
+    );
     let device_key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
     let (enroll, cacerts) = issue(&as_est_id, &[], &csr("dev2", &device_key, |_| {})).await;
     let (_, chain) = stored_chain(&enroll, &cacerts, "dev2");
@@ -157,6 +236,10 @@ async fn bootstrap_certificate_then_est_identity_then_device_and_edge_ca() {
     let (_, chain) = stored_chain(&enroll, &cacerts, "aziot-edge CA dev2");
     verify_chain(dir.path(), "edge-ca-2.pem", &chain);
 
-    assert_eq!(server.journal().len(), 3, "the refused request issued nothing");
+    assert_eq!(
+        server.journal().len(),
+        3,
+        "the refused request issued nothing"
+    );
     server.stop().await;
 }

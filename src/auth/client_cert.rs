@@ -20,6 +20,10 @@ use crate::est::{SanEntry, Subject};
 pub struct TrustSet {
     pub name: String,
     anchors: Vec<TrustAnchor<'static>>,
+    /// Only certificates issued directly by an anchor count. For the CA this server issues
+    /// from: below it sit the Edge CAs of devices, and their module certificates must not
+    /// pass for device identities.
+    direct_only: bool,
 }
 
 impl TrustSet {
@@ -38,9 +42,23 @@ impl TrustSet {
         Ok(TrustSet {
             name: name.to_owned(),
             anchors,
+            direct_only: false,
         })
     }
+
+    /// A set that accepts only certificates issued directly by its anchors.
+    pub fn direct(
+        name: &str,
+        certificates: &[CertificateDer<'static>],
+    ) -> Result<TrustSet, String> {
+        let mut set = Self::new(name, certificates)?;
+        set.direct_only = true;
+        Ok(set)
+    }
 }
+
+/// An extra check on a verified path (see `TrustSet::direct_only`).
+type PathCheck<'a> = dyn Fn(&webpki::VerifiedPath<'_>) -> Result<(), webpki::Error> + 'a;
 
 /// What a verified client certificate says about its holder.
 #[derive(Clone, Debug)]
@@ -86,7 +104,14 @@ pub fn verify(
         .all;
 
     let mut best_error: Option<webpki::Error> = None;
+    let direct = |path: &webpki::VerifiedPath<'_>| match path.intermediate_certificates().next() {
+        None => Ok(()),
+        // Reported as an unknown issuer: for this set, a deeper chain is not vouched for.
+        Some(_) => Err(webpki::Error::UnknownIssuer),
+    };
     for set in trust {
+        let only_direct: Option<&PathCheck<'_>> =
+            if set.direct_only { Some(&direct) } else { None };
         match end_entity.verify_for_usage(
             algorithms,
             &set.anchors,
@@ -94,7 +119,7 @@ pub fn verify(
             time,
             KeyUsage::client_auth(),
             None,
-            None,
+            only_direct,
         ) {
             Ok(_) => return describe(leaf, &set.name),
             // An unknown issuer from one set says less than, e.g., "expired" from the set

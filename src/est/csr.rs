@@ -7,7 +7,7 @@
 use std::fmt;
 
 use aws_lc_rs::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
-use der::asn1::{ObjectIdentifier, UintRef};
+use der::asn1::UintRef;
 use der::Decode;
 use x509_parser::asn1_rs::{Any, Class, Oid, Tag};
 use x509_parser::certification_request::X509CertificationRequest;
@@ -18,7 +18,7 @@ use x509_parser::objects::{oid2sn, oid_registry};
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::{AlgorithmIdentifier, SubjectPublicKeyInfo};
 
-use super::name::{sans_from_general_names, SanEntry, Subject};
+use super::name::{dotted_oid, sans_from_general_names, SanEntry, Subject};
 use super::ProtocolError;
 
 const ACCEPTED_KEYS: &str = "accepted: RSA 2048–4096, ECDSA P-256/P-384, Ed25519";
@@ -110,7 +110,7 @@ impl Csr {
         };
         if !rest.is_empty() {
             return Err(malformed(format!(
-                "{} bytes follow the request",
+                "trailing data after the request ({} bytes)",
                 rest.len()
             )));
         }
@@ -132,6 +132,7 @@ impl Csr {
         if req.signature_value.unused_bits != 0 {
             return Err(malformed("its signature BIT STRING has unused bits"));
         }
+        check_envelope(der).map_err(malformed)?;
         UnparsedPublicKey::new(verifier, key_bytes)
             .verify(info.raw, &req.signature_value.data)
             .map_err(|_| ProtocolError::BadCsrSignature)?;
@@ -158,7 +159,8 @@ impl Csr {
         // x509-parser reads only the first value of an attribute; both of these are
         // single-valued (PKCS#9), so a second value is refused rather than silently dropped.
         for raw in raw_attributes(req.as_raw()).map_err(malformed)? {
-            let oid = raw.oid.to_id_string();
+            let oid = dotted_oid(&raw.oid)
+                .ok_or_else(|| malformed("one of its attributes has a malformed OID"))?;
             if (oid == OID_EXTENSION_REQUEST || oid == OID_CHALLENGE_PASSWORD)
                 && raw.values.len() != 1
             {
@@ -200,7 +202,8 @@ impl Csr {
         request: &ExtensionRequest<'_>,
     ) -> Result<(), ProtocolError> {
         for ext in &request.extensions {
-            let oid = ext.oid.to_id_string();
+            let oid = dotted_oid(&ext.oid)
+                .ok_or_else(|| malformed("a requested extension has a malformed OID"))?;
             if self.extension_oids.contains(&oid) {
                 return Err(malformed(format!(
                     "its extensionRequest asks for {} twice",
@@ -226,12 +229,10 @@ impl Csr {
                 }
                 ParsedExtension::KeyUsage(ku) => self.key_cert_sign = ku.key_cert_sign(),
                 ParsedExtension::ExtendedKeyUsage(_) => {
-                    // Read again with `der`: x509-parser folds known EKUs into flags and
-                    // loses their order.
-                    let oids = Vec::<ObjectIdentifier>::from_der(ext.value).map_err(|_| {
+                    // Read again: x509-parser folds known EKUs into flags and loses their order.
+                    self.eku = eku_oids(ext.value).ok_or_else(|| {
                         malformed("the requested extKeyUsage extension is malformed")
                     })?;
-                    self.eku = oids.iter().map(ToString::to_string).collect();
                 }
                 _ => {}
             }
@@ -296,6 +297,22 @@ impl Csr {
     }
 }
 
+/// The OIDs of an ExtKeyUsageSyntax (SEQUENCE OF KeyPurposeId), in order.
+fn eku_oids(value: &[u8]) -> Option<Vec<String>> {
+    let (rest, sequence) = Any::from_der(value).ok()?;
+    if !rest.is_empty() || sequence.class() != Class::Universal || sequence.tag() != Tag::Sequence {
+        return None;
+    }
+    let mut oids = Vec::new();
+    let mut content = sequence.data;
+    while !content.is_empty() {
+        let (next, oid) = Oid::from_der(content).ok()?;
+        oids.push(dotted_oid(&oid)?);
+        content = next;
+    }
+    Some(oids)
+}
+
 fn malformed(why: impl Into<String>) -> ProtocolError {
     ProtocolError::MalformedCsr(why.into())
 }
@@ -319,7 +336,8 @@ fn signature_algorithm(
     alg: &AlgorithmIdentifier<'_>,
 ) -> Result<(SignatureAlgorithm, &'static str), ProtocolError> {
     use SignatureAlgorithm::{Ecdsa, Ed25519, RsaPkcs1};
-    let oid = alg.algorithm.to_id_string();
+    let oid = dotted_oid(&alg.algorithm)
+        .ok_or_else(|| malformed("its signature algorithm OID is malformed"))?;
     let (accepted, name) = match oid.as_str() {
         "1.2.840.113549.1.1.11" => (RsaPkcs1(Hash::Sha256), "sha256WithRSAEncryption"),
         "1.2.840.113549.1.1.12" => (RsaPkcs1(Hash::Sha384), "sha384WithRSAEncryption"),
@@ -401,7 +419,8 @@ fn check_key<'a>(spki: &'a SubjectPublicKeyInfo<'_>) -> Result<(KeyKind, &'a [u8
     }
     let key: &[u8] = &spki.subject_public_key.data;
     let params = spki.algorithm.parameters.as_ref();
-    let oid = spki.algorithm.algorithm.to_id_string();
+    let oid = dotted_oid(&spki.algorithm.algorithm)
+        .ok_or_else(|| malformed("its public key algorithm OID is malformed"))?;
     let kind = match oid.as_str() {
         OID_RSA_ENCRYPTION => {
             if !params_absent_or_null(params) {
@@ -518,7 +537,9 @@ fn bit_length(be: &[u8]) -> u64 {
 
 /// "name (dotted)" from x509-parser's OID registry, or the dotted OID alone.
 fn oid_name(oid: &Oid<'_>) -> String {
-    let dotted = oid.to_id_string();
+    let Some(dotted) = dotted_oid(oid) else {
+        return "(malformed OID)".to_owned();
+    };
     match oid2sn(oid, oid_registry()) {
         Ok(name) => format!("{name} ({dotted})"),
         Err(_) => dotted,
@@ -526,7 +547,7 @@ fn oid_name(oid: &Oid<'_>) -> String {
 }
 
 fn extension_name(oid: &Oid<'_>) -> String {
-    match oid.to_id_string().as_str() {
+    match dotted_oid(oid).unwrap_or_default().as_str() {
         "2.5.29.17" => "subjectAltName".to_owned(),
         "2.5.29.19" => "basicConstraints".to_owned(),
         "2.5.29.15" => "keyUsage".to_owned(),
@@ -537,10 +558,34 @@ fn extension_name(oid: &Oid<'_>) -> String {
 }
 
 fn attribute_name(oid: &Oid<'_>) -> String {
-    match oid.to_id_string().as_str() {
+    match dotted_oid(oid).unwrap_or_default().as_str() {
         OID_EXTENSION_REQUEST => "extensionRequest".to_owned(),
         OID_CHALLENGE_PASSWORD => "challengePassword".to_owned(),
         _ => oid_name(oid),
+    }
+}
+
+/// Checks the tags x509-parser lets through outside the signed part: the outer SEQUENCE, the
+/// signature AlgorithmIdentifier and its OID, and the signature BIT STRING must carry their
+/// universal tags, so that one CSR has one accepted encoding.
+fn check_envelope(csr: &[u8]) -> Result<(), String> {
+    let bad = || "its outer structure is not DER of a CertificationRequest".to_owned();
+    let universal = |any: &Any<'_>, tag: Tag| any.class() == Class::Universal && any.tag() == tag;
+    let (_, outer) = Any::from_der(csr).map_err(|_| bad())?;
+    let (rest, info) = Any::from_der(outer.data).map_err(|_| bad())?;
+    let (rest, algorithm) = Any::from_der(rest).map_err(|_| bad())?;
+    let (rest, signature) = Any::from_der(rest).map_err(|_| bad())?;
+    let (_, algorithm_oid) = Any::from_der(algorithm.data).map_err(|_| bad())?;
+    let sound = universal(&outer, Tag::Sequence)
+        && universal(&info, Tag::Sequence)
+        && universal(&algorithm, Tag::Sequence)
+        && universal(&algorithm_oid, Tag::Oid)
+        && universal(&signature, Tag::BitString)
+        && rest.is_empty();
+    if sound {
+        Ok(())
+    } else {
+        Err(bad())
     }
 }
 
@@ -555,13 +600,8 @@ struct RawAttribute<'a> {
 /// finds out which attribute is at fault and how many values each has.
 fn raw_attributes(csr: &[u8]) -> Result<Vec<RawAttribute<'_>>, String> {
     let structure = || "its structure is not a PKCS#10 CertificationRequest".to_owned();
-    let is_sequence = |any: &Any<'_>| any.class() == Class::Universal && any.tag() == Tag::Sequence;
-    // x509-parser does not check the class of these two tags; a DER SEQUENCE is required.
     let (_, outer) = Any::from_der(csr).map_err(|_| structure())?;
     let (_, info) = Any::from_der(outer.data).map_err(|_| structure())?;
-    if !is_sequence(&outer) || !is_sequence(&info) {
-        return Err(structure());
-    }
     let mut fields = info.data;
     // version, subject and subjectPKInfo come before the [0] attributes.
     for _ in 0..3 {
@@ -641,7 +681,7 @@ fn describe_parse_error(der: &[u8], err: x509_parser::nom::Err<X509Error>) -> St
 /// when the attribute looks sound.
 fn explain_bad_attribute(attribute: &RawAttribute<'_>) -> Option<String> {
     let value = attribute.values.first();
-    match attribute.oid.to_id_string().as_str() {
+    match dotted_oid(&attribute.oid).unwrap_or_default().as_str() {
         OID_EXTENSION_REQUEST => {
             let Some(value) = value.filter(|v| v.tag() == Tag::Sequence) else {
                 return Some(
@@ -859,7 +899,7 @@ mod tests {
             SanType::URI("spiffe://contoso/edge1".try_into().unwrap()),
         ];
         let csr = Csr::from_der(&rcgen_csr(&rcgen::PKCS_ECDSA_P256_SHA256, &params)).unwrap();
-        let expected = vec![
+        let expected = [
             SanEntry::Dns("edge1.contoso.example".to_owned()),
             SanEntry::Ip("10.1.2.3".parse::<IpAddr>().unwrap()),
             SanEntry::Ip("fd00::1".parse::<IpAddr>().unwrap()),
@@ -1049,7 +1089,7 @@ mod tests {
         trailing.push(0);
         assert_eq!(
             Csr::from_der(&trailing).unwrap_err(),
-            ProtocolError::MalformedCsr("1 bytes follow the request".to_owned())
+            ProtocolError::MalformedCsr("trailing data after the request (1 bytes)".to_owned())
         );
         // Deterministic pseudo-random garbage, and every single-byte corruption of a real CSR.
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -1222,5 +1262,35 @@ mod tests {
         assert_eq!(bit_length(&[0, 0, 1]), 1);
         assert_eq!(bit_length(&[0x80, 0]), 16);
         assert_eq!(bit_length(&[]), 0);
+    }
+
+    #[test]
+    fn ec_point_and_algorithm_pairing_checks() {
+        let p256 = Any::from_tag_and_data(Tag::Oid, CURVE_P256);
+        let mut point = vec![4u8; 65];
+        assert_eq!(check_ec_key(Some(&p256), &point).unwrap(), KeyKind::EcP256);
+        point.truncate(33);
+        point[0] = 2;
+        assert!(matches!(
+            check_ec_key(Some(&p256), &point),
+            Err(ProtocolError::UnsupportedKey(msg)) if msg.contains("compressed")
+        ));
+        point[0] = 4;
+        assert!(matches!(
+            check_ec_key(Some(&p256), &point),
+            Err(ProtocolError::MalformedCsr(_))
+        ));
+        assert!(matches!(
+            check_ec_key(None, &point),
+            Err(ProtocolError::UnsupportedKey(msg)) if msg.contains("named curve")
+        ));
+        let rsa = KeyKind::Rsa { bits: 2048 };
+        assert!(verification_algorithm(SignatureAlgorithm::Ecdsa(Hash::Sha256), rsa).is_none());
+        assert!(verification_algorithm(
+            SignatureAlgorithm::RsaPkcs1(Hash::Sha256),
+            KeyKind::EcP256
+        )
+        .is_none());
+        assert!(verification_algorithm(SignatureAlgorithm::Ed25519, KeyKind::EcP384).is_none());
     }
 }

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use x509_parser::asn1_rs::{Any, Class, Tag};
+use x509_parser::asn1_rs::{Any, Class, Oid, Tag};
 use x509_parser::extensions::GeneralName;
 use x509_parser::x509::X509Name;
 
@@ -105,7 +105,9 @@ impl Subject {
         for rdn in name.iter_rdn() {
             let mut size = 0usize;
             for atv in rdn.iter() {
-                let attr_type = AttributeType::from_oid(&atv.attr_type().to_id_string());
+                let oid = dotted_oid(atv.attr_type())
+                    .ok_or_else(|| "a subject attribute type is not a valid OID".to_owned())?;
+                let attr_type = AttributeType::from_oid(&oid);
                 let value = decode_directory_string(atv.attr_value())
                     .map_err(|why| format!("the value of subject attribute {attr_type} {why}"))?;
                 attributes.push((attr_type, value));
@@ -274,6 +276,47 @@ fn decode_directory_string(value: &Any<'_>) -> Result<String, String> {
     Ok(text)
 }
 
+/// The dotted form of an OID, or `None` when its encoding is invalid (empty, a truncated or
+/// non-minimal arc, an arc over 128 bits). asn1-rs's `to_id_string` skips such defects, which
+/// would let a malformed OID pass for a well-known one.
+pub(crate) fn dotted_oid(oid: &Oid<'_>) -> Option<String> {
+    let bytes = oid.as_bytes();
+    if bytes.last().is_none_or(|&b| b & 0x80 != 0) {
+        return None;
+    }
+    let mut arcs: Vec<u128> = Vec::new();
+    let mut value: u128 = 0;
+    let mut at_arc_start = true;
+    for &b in bytes {
+        if at_arc_start && b == 0x80 {
+            return None;
+        }
+        value = value.checked_mul(128)? | u128::from(b & 0x7f);
+        at_arc_start = b & 0x80 == 0;
+        if at_arc_start {
+            arcs.push(value);
+            value = 0;
+        }
+    }
+    let (&first, rest) = arcs.split_first()?;
+    // The first subidentifier packs the first two arcs (X.690 8.19.4).
+    let (a, b) = match first {
+        0..=39 => (0, first),
+        40..=79 => (1, first - 40),
+        _ => (2, first - 80),
+    };
+    let mut dotted = format!("{a}.{b}");
+    for arc in rest {
+        dotted.push('.');
+        dotted.push_str(&arc.to_string());
+    }
+    Some(dotted)
+}
+
+fn shown_oid(oid: &Oid<'_>) -> String {
+    dotted_oid(oid).unwrap_or_else(|| "(malformed OID)".to_owned())
+}
+
 fn be_u16(bytes: &[u8]) -> u16 {
     bytes.iter().fold(0, |acc, &b| (acc << 8) | u16::from(b))
 }
@@ -336,12 +379,14 @@ fn san_from_general_name(name: &GeneralName<'_>) -> SanEntry {
                 SanEntry::Other(format!("invalid IP address of {} bytes", bytes.len()))
             }
         }
-        GeneralName::OtherName(oid, _) => SanEntry::Other(format!("otherName {oid}")),
+        GeneralName::OtherName(oid, _) => SanEntry::Other(format!("otherName {}", shown_oid(oid))),
         GeneralName::DirectoryName(dn) => match Subject::from_x509_name(dn) {
             Ok(subject) => SanEntry::Other(format!("dirName {subject}")),
             Err(_) => SanEntry::Other("dirName (undecodable)".to_owned()),
         },
-        GeneralName::RegisteredID(oid) => SanEntry::Other(format!("registeredID {oid}")),
+        GeneralName::RegisteredID(oid) => {
+            SanEntry::Other(format!("registeredID {}", shown_oid(oid)))
+        }
         GeneralName::X400Address(_) => SanEntry::Other("x400Address".to_owned()),
         GeneralName::EDIPartyName(_) => SanEntry::Other("ediPartyName".to_owned()),
         GeneralName::Invalid(tag, _) => {
@@ -355,8 +400,11 @@ mod tests {
     use super::*;
     use x509_parser::prelude::FromDer;
 
-    /// DER of a Name from (oid content bytes, string tag, value) RDNs, one attribute each.
-    fn name_der(rdns: &[&[(&[u8], u8, &[u8])]]) -> Vec<u8> {
+    /// (OID content bytes, string tag, value bytes) of one attribute.
+    type Atv<'a> = (&'a [u8], u8, &'a [u8]);
+
+    /// DER of a Name from RDNs of attributes.
+    fn name_der(rdns: &[&[Atv<'_>]]) -> Vec<u8> {
         fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
             assert!(content.len() < 128);
             let mut v = vec![tag, content.len() as u8];
@@ -466,6 +514,28 @@ mod tests {
         );
         assert!(Subject::default().is_empty());
         assert_eq!(Subject::default().to_string(), "");
+    }
+
+    #[test]
+    fn dotted_oids_are_strict() {
+        let oid = |bytes: &[u8]| dotted_oid(&Oid::new(bytes.to_vec().into()));
+        assert_eq!(oid(&[0x55, 0x04, 0x03]).as_deref(), Some("2.5.4.3"));
+        assert_eq!(
+            oid(&[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]).as_deref(),
+            Some("1.2.840.10045.4.3.2")
+        );
+        assert_eq!(
+            oid(&[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19]).as_deref(),
+            Some("0.9.2342.19200300.100.1.25")
+        );
+        assert_eq!(
+            oid(&[0x69, 0x83, 0x49, 0x64]).as_deref(),
+            Some("2.25.457.100")
+        );
+        assert_eq!(oid(&[]), None);
+        assert_eq!(oid(&[0x2a, 0x86]), None);
+        assert_eq!(oid(&[0x2a, 0x80, 0x01]), None);
+        assert_eq!(oid(&[0xff; 30]), None);
     }
 
     #[test]

@@ -321,7 +321,7 @@ impl Rule {
                 .attributes
                 .iter()
                 .find(|(name, _)| {
-                    name.eq_ignore_ascii_case(kind.short_name()) || name == &kind.oid()
+                    name.eq_ignore_ascii_case(kind.short_name()) || *name == kind.oid()
                 })
                 .is_some_and(|(_, ps)| any(ps, value, false));
             if !allowed {

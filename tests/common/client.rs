@@ -37,7 +37,12 @@ pub struct EstClient {
 impl EstClient {
     /// A client trusting `root_pem`, presenting `identity` (certificate chain PEM, key PEM).
     pub fn new(addr: SocketAddr, root_pem: &str, identity: Option<(&str, &str)>) -> EstClient {
-        Self::with_versions(addr, root_pem, identity, &[&rustls::version::TLS13, &rustls::version::TLS12])
+        Self::with_versions(
+            addr,
+            root_pem,
+            identity,
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+        )
     }
 
     pub fn with_versions(
@@ -57,30 +62,45 @@ impl EstClient {
             .with_root_certificates(roots);
         let config = match identity {
             Some((chain, key)) => {
-                let chain: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes()).map(Result::unwrap).collect();
+                let chain: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .map(Result::unwrap)
+                    .collect();
                 let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
                 builder.with_client_auth_cert(chain, key).unwrap()
             }
             None => builder.with_no_client_auth(),
         };
-        EstClient { addr, tls: Arc::new(config) }
+        EstClient {
+            addr,
+            tls: Arc::new(config),
+        }
     }
 
     /// One request on a fresh TLS connection.
-    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> Answer {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Answer {
         let mut sender = self.connect().await;
         Self::send(&mut sender, self.addr, method, path, headers, body).await
     }
 
     /// Opens a connection for several requests.
     pub async fn connect(&self) -> http1::SendRequest<Full<Bytes>> {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let tls = connector
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .expect("TLS handshake");
-        let (sender, connection) = http1::handshake(TokioIo::new(tls)).await.expect("HTTP handshake");
+        let (sender, connection) = http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("HTTP handshake");
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -110,15 +130,31 @@ impl EstClient {
         let response = sender.send_request(request).await.expect("response");
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
-        Answer { status, headers, body }
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec();
+        Answer {
+            status,
+            headers,
+            body,
+        }
     }
 }
 
 /// `Authorization: Basic ...` for user and password.
 pub fn basic(user: &str, password: &str) -> (&'static str, String) {
     use base64::Engine;
-    ("authorization", format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))))
+    (
+        "authorization",
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        ),
+    )
 }
 
 /// A CSR body as IoT Edge sends it: base64 of the DER in 64-column lines, each ending in LF.

@@ -34,13 +34,21 @@ impl TestServer {
 
     pub async fn start_on(dir: &Path, config: &Config, addr: SocketAddr) -> TestServer {
         let app = edge_est::app::build(config, dir).expect("configuration must load");
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(edge_est::app::run(listener, app.clone(), async {
             let _ = stopped.await;
         }));
-        TestServer { addr, dir: dir.to_owned(), app, stop: Some(stop), task: Some(task) }
+        TestServer {
+            addr,
+            dir: dir.to_owned(),
+            app,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Stops the server and waits until its connections are drained.
@@ -54,7 +62,10 @@ impl TestServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("https://localhost:{}/.well-known/est/{path}", self.addr.port())
+        format!(
+            "https://localhost:{}/.well-known/est/{path}",
+            self.addr.port()
+        )
     }
 
     pub fn journal(&self) -> Vec<edge_est::journal::JournalEntry> {
@@ -128,7 +139,11 @@ common_names = ["{{cn}}"]
 }
 
 pub fn label<'a>(config: &'a mut Config, name: Option<&str>) -> &'a mut LabelConfig {
-    config.labels.iter_mut().find(|l| l.name.as_deref() == name).expect("label exists")
+    config
+        .labels
+        .iter_mut()
+        .find(|l| l.name.as_deref() == name)
+        .expect("label exists")
 }
 
 pub const USER: &str = "estuser";
@@ -158,7 +173,11 @@ pub fn stderr(output: &Output) -> String {
 
 /// `openssl verify` of `leaf` against `root` with `untrusted` intermediates; true if OK.
 pub fn openssl_verify(dir: &Path, root: &str, untrusted: &str, leaf: &str) -> bool {
-    let out = run("openssl", &["verify", "-CAfile", root, "-untrusted", untrusted, leaf], dir);
+    let out = run(
+        "openssl",
+        &["verify", "-CAfile", root, "-untrusted", untrusted, leaf],
+        dir,
+    );
     let ok = out.status.success() && stdout(&out).contains(": OK");
     if !ok {
         eprintln!("openssl verify failed: {}{}", stdout(&out), stderr(&out));
@@ -170,7 +189,17 @@ pub fn openssl_verify(dir: &Path, root: &str, untrusted: &str, leaf: &str) -> bo
 pub fn curl(server: &TestServer, args: &[&str]) -> (u16, String) {
     let port = server.addr.port().to_string();
     let resolve = format!("localhost:{port}:127.0.0.1");
-    let mut all = vec!["-s", "--cacert", "root.pem", "--resolve", &resolve, "-o", "-", "-w", "\n%{http_code}"];
+    let mut all = vec![
+        "-s",
+        "--cacert",
+        "root.pem",
+        "--resolve",
+        &resolve,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ];
     all.extend_from_slice(args);
     let out = run("curl", &all, &server.dir);
     let text = stdout(&out);

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
-    KeyUsagePurpose, SanType, SignatureAlgorithm,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType, SignatureAlgorithm,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -39,7 +39,11 @@ fn ca_params(cn: &str, path_len: Option<u8>) -> CertificateParams {
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
     });
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.key_identifier_method = KeyIdMethod::Sha256;
     params.use_authority_key_identifier_extension = true;
     let now = OffsetDateTime::now_utc();
@@ -52,27 +56,47 @@ fn self_signed_ca(cn: &str) -> TestCa {
     let key = KeyPair::generate().unwrap();
     let params = ca_params(cn, None);
     let cert = params.self_signed(&key).unwrap();
-    TestCa { cert_pem: cert.pem(), issuer: Issuer::new(params, key) }
+    TestCa {
+        cert_pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
 }
 
 /// The argon2 hash of the harness password, computed once per test binary.
 pub fn password_hash() -> String {
     static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| edge_est::auth::basic::hash_password(super::PASSWORD).unwrap()).clone()
+    HASH.get_or_init(|| edge_est::auth::basic::hash_password(super::PASSWORD).unwrap())
+        .clone()
 }
 
 impl TestCa {
     /// A subordinate CA with its own key of `alg`.
-    pub fn sub_ca(&self, cn: &str, path_len: Option<u8>, alg: &'static SignatureAlgorithm) -> (TestCa, String) {
+    pub fn sub_ca(
+        &self,
+        cn: &str,
+        path_len: Option<u8>,
+        alg: &'static SignatureAlgorithm,
+    ) -> (TestCa, String) {
         let key = KeyPair::generate_for(alg).unwrap();
         let key_pem = key.serialize_pem();
         let params = ca_params(cn, path_len);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (TestCa { cert_pem: cert.pem(), issuer: Issuer::new(params, key) }, key_pem)
+        (
+            TestCa {
+                cert_pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            },
+            key_pem,
+        )
     }
 
     /// A client certificate (EKU clientAuth) valid from `not_before` to `not_after`.
-    pub fn client_cert(&self, cn: &str, not_before: OffsetDateTime, not_after: OffsetDateTime) -> Credential {
+    pub fn client_cert(
+        &self,
+        cn: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Credential {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, cn);
@@ -82,7 +106,10 @@ impl TestCa {
         params.not_before = not_before;
         params.not_after = not_after;
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Credential { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+        Credential {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
     }
 
     /// A client certificate valid now for a year.
@@ -104,7 +131,9 @@ impl Pki {
 
         let server_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, "localhost");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
         params.subject_alt_names = vec![
             SanType::DnsName("localhost".try_into().unwrap()),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
@@ -119,13 +148,23 @@ impl Pki {
 
         let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
         write("root.pem", &root.cert_pem);
-        write("issuing-ca.pem", &format!("{}{}", issuing.cert_pem, root.cert_pem));
+        write(
+            "issuing-ca.pem",
+            &format!("{}{}", issuing.cert_pem, root.cert_pem),
+        );
         write("issuing-ca.key", &issuing_key);
         write("server.pem", &server.cert_pem);
         write("server.key", &server.key_pem);
         write("bootstrap-ca.pem", &bootstrap.cert_pem);
         write("foreign-ca.pem", &foreign.cert_pem);
-        Pki { root, issuing, bootstrap, foreign, server, password_hash: password_hash() }
+        Pki {
+            root,
+            issuing,
+            bootstrap,
+            foreign,
+            server,
+            password_hash: password_hash(),
+        }
     }
 
     pub fn generate_p256(dir: &Path) -> Pki {

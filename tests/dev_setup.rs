@@ -1,0 +1,180 @@
+//! `edge-est serve` without a configuration: the embedded development setup is generated on
+//! first start, reused on the next, and the curl + openssl commands it prints really enroll.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{sh, stderr, stdout};
+
+struct Running {
+    child: Child,
+    printed: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the binary in `dir` and reads its standard output up to the enrollment commands.
+fn start(dir: &Path, port: u16, env_password: Option<&str>) -> Running {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edge-est"));
+    command
+        .args([
+            "serve",
+            "--data-dir",
+            "data",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .current_dir(dir)
+        .env_remove("EDGE_EST_DEV_PASSWORD")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(p) = env_password {
+        command.env("EDGE_EST_DEV_PASSWORD", p);
+    }
+    let mut child = command.spawn().expect("start edge-est");
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut printed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !printed.contains("openssl verify") {
+        assert!(
+            Instant::now() < deadline,
+            "no enrollment instructions printed: {printed}"
+        );
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("edge-est exited early; it printed: {printed}");
+        }
+        printed.push_str(&line);
+    }
+    Running { child, printed }
+}
+
+/// The shell commands the server printed (indented lines, with their continuations).
+fn commands(printed: &str) -> String {
+    printed
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("\\\n", " ")
+}
+
+#[test]
+fn first_start_generates_pki_and_printed_commands_enroll() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start(dir.path(), port, None);
+    assert!(
+        server
+            .printed
+            .contains("Development password for user estuser (shown once"),
+        "{}",
+        server.printed
+    );
+    for file in [
+        "root.pem",
+        "issuing-ca.pem",
+        "issuing-ca.key",
+        "server.pem",
+        "server.key",
+        "dev-password",
+    ] {
+        assert!(
+            dir.path().join("data").join(file).exists(),
+            "{file} generated"
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for secret in ["dev-password", "issuing-ca.key", "server.key"] {
+            let mode = std::fs::metadata(dir.path().join("data").join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{secret} is private to its owner");
+        }
+    }
+
+    // Run exactly what was printed.
+    let script = commands(&server.printed);
+    let out = sh(&script, dir.path());
+    assert!(
+        out.status.success(),
+        "printed commands failed:\n{script}\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("device.pem: OK"), "{}", stdout(&out));
+    let subject = sh("openssl x509 -in device.pem -noout -subject", dir.path());
+    assert!(stdout(&subject).contains("CN = device1"));
+    drop(server);
+
+    // Second start: same root, no password shown again, the journal kept.
+    let root_before = std::fs::read(dir.path().join("data/root.pem")).unwrap();
+    let server = start(dir.path(), port, None);
+    assert!(
+        !server.printed.contains("shown once"),
+        "the password is shown only on first start"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("data/root.pem")).unwrap(),
+        root_before
+    );
+    let out = sh(&commands(&server.printed), dir.path());
+    assert!(
+        stdout(&out).contains("device.pem: OK"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let journal = std::fs::read_to_string(dir.path().join("data/journal.jsonl")).unwrap();
+    assert_eq!(
+        journal.lines().count(),
+        2,
+        "both enrollments journaled across the restart"
+    );
+}
+
+#[test]
+fn password_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = start(dir.path(), port, Some("env-secret-1"));
+    assert!(!server.printed.contains("shown once"));
+    assert!(
+        !dir.path().join("data/dev-password").exists(),
+        "no password file when the environment gives one"
+    );
+    let enroll = |password: &str| {
+        sh(
+            &format!(
+                "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout k.pem -subj /CN=envdev -out r.csr 2>/dev/null && \
+                 curl -s -o /dev/null -w '%{{http_code}}' --cacert data/root.pem -u estuser:{password} \
+                 -H 'Content-Type: application/pkcs10' --data-binary @r.csr https://localhost:{port}/.well-known/est/simpleenroll"
+            ),
+            dir.path(),
+        )
+    };
+    assert_eq!(stdout(&enroll("env-secret-1")), "200");
+    assert_eq!(stdout(&enroll("wrong")), "401");
+}
