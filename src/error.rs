@@ -3,14 +3,14 @@
 //! for our own failures. Bodies are `text/plain` and say what was wrong.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Method, StatusCode};
 use http_body_util::Full;
 use hyper::Response;
 
 use crate::auth::AuthError;
 use crate::est::{media, ProtocolError};
-use crate::issue::IssueError;
+use crate::issue::{IssueError, UpstreamError};
 use crate::journal::JournalError;
 use crate::policy::Refusal;
 
@@ -43,6 +43,8 @@ pub enum RequestError {
     Journal(#[from] JournalError),
     #[error("server-side key generation failed: {0}")]
     KeyGeneration(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
 }
 
 impl RequestError {
@@ -59,6 +61,15 @@ impl RequestError {
             RequestError::Issue(_) | RequestError::Journal(_) | RequestError::KeyGeneration(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            RequestError::Upstream(e) => match e {
+                UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                UpstreamError::Refused { status, .. } => *status,
+                UpstreamError::Pending { .. } => StatusCode::ACCEPTED,
+                UpstreamError::Unavailable { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                UpstreamError::Unavailable { .. } | UpstreamError::Malformed(_) => StatusCode::BAD_GATEWAY,
+            },
         }
     }
 
@@ -83,6 +94,20 @@ impl RequestError {
                     if let Ok(v) = HeaderValue::from_str(&challenge) {
                         headers.insert(WWW_AUTHENTICATE, v);
                     }
+                }
+            }
+            RequestError::Upstream(e) => {
+                let retry_after = match e {
+                    UpstreamError::Unreachable { retry_after, .. } | UpstreamError::Timeout { retry_after, .. } => {
+                        HeaderValue::from_str(&retry_after.to_string()).ok()
+                    }
+                    UpstreamError::Pending { retry_after } | UpstreamError::Unavailable { retry_after, .. } => {
+                        retry_after.clone()
+                    }
+                    _ => None,
+                };
+                if let Some(v) = retry_after {
+                    headers.insert(RETRY_AFTER, v);
                 }
             }
             // The rest of an oversized or stalled body is not read: close the connection.

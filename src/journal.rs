@@ -33,6 +33,9 @@ pub struct JournalEntry {
     pub sha256: String,
     /// The certificate, base64 DER.
     pub certificate: String,
+    /// Who signed: `local` (this instance's issuer), or `upstream NAME` when forwarded.
+    #[serde(default)]
+    pub issued_by: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +168,7 @@ mod tests {
             not_after: "b".into(),
             sha256: "00".into(),
             certificate: "MA==".into(),
+            issued_by: "local".into(),
         }
     }
 

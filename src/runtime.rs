@@ -12,10 +12,10 @@ use rustls::pki_types::CertificateDer;
 use rustls::ServerConfig;
 
 use crate::auth::{AuthMethods, TrustSet, UserDb};
-use crate::config::{Config, ConfigError, Limits, ServerKeygen};
+use crate::config::{Config, ConfigError, Limits, Mode, ServerKeygen};
 use crate::est::{self, Label};
 use crate::issue::profile::{self, ProfileClass};
-use crate::issue::{LocalIssuer, Profile};
+use crate::issue::{LocalIssuer, Profile, Upstream};
 use crate::policy::Policy;
 
 pub struct Runtime {
@@ -36,9 +36,17 @@ pub struct LabelRuntime {
     pub policy: Policy,
     pub profile: Profile,
     pub ca_profile: Profile,
-    pub issuer: Arc<LocalIssuer>,
-    /// The `/cacerts` answer, encoded once.
-    pub cacerts_body: Bytes,
+    pub mode: Mode,
+    /// This instance's issuer for the label (modes `sign` and `auto`).
+    pub local: Option<Arc<LocalIssuer>>,
+    /// The layer above (modes `forward` and `auto`), and the label to ask it under.
+    pub upstream: Option<Arc<Upstream>>,
+    pub upstream_label: Option<String>,
+    /// Whether `client_trust` names `issuer` and the issuer is upstream's: then the upstream's
+    /// issuing CA (from its cached `/cacerts`) authenticates clients too.
+    pub trust_upstream_issuer: bool,
+    /// The local `/cacerts` answer, encoded once.
+    pub cacerts_body: Option<Bytes>,
     /// The `/csrattrs` answer, encoded once; `None` answers 204.
     pub csrattrs_body: Option<Bytes>,
     pub serverkeygen: ServerKeygen,
@@ -105,6 +113,11 @@ impl Runtime {
             issuers.insert(name.clone(), Arc::new(loaded));
         }
 
+        let mut upstreams: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
+        for (name, upstream) in &config.upstreams {
+            upstreams.insert(name.clone(), Arc::new(Upstream::new(name, upstream, base)?));
+        }
+
         let mut profile_configs = profile::builtin();
         profile_configs.extend(config.profiles.clone());
         let mut profiles: BTreeMap<String, Profile> = BTreeMap::new();
@@ -136,54 +149,79 @@ impl Runtime {
                     "another label has the same name",
                 ));
             }
-            let issuer = issuers
-                .get(&label.issuer)
-                .ok_or_else(|| {
-                    ConfigError::invalid(
-                        field("issuer"),
-                        format!("no issuer named {:?}", label.issuer),
-                    )
-                })?
-                .clone();
+            let local = match &label.issuer {
+                Some(name) => Some(
+                    issuers
+                        .get(name)
+                        .ok_or_else(|| ConfigError::invalid(field("issuer"), format!("no issuer named {name:?}")))?
+                        .clone(),
+                ),
+                None => None,
+            };
+            let upstream = match &label.upstream {
+                Some(name) => Some(
+                    upstreams
+                        .get(name)
+                        .ok_or_else(|| ConfigError::invalid(field("upstream"), format!("no upstream named {name:?}")))?
+                        .clone(),
+                ),
+                None => None,
+            };
+            match (label.mode, local.is_some(), upstream.is_some()) {
+                (Mode::Sign, true, false) | (Mode::Forward, false, true) | (Mode::Auto, true, true) => {}
+                (Mode::Sign, _, _) => {
+                    return Err(ConfigError::invalid(field("mode"), "sign needs an issuer and no upstream"))
+                }
+                (Mode::Forward, _, _) => {
+                    return Err(ConfigError::invalid(field("mode"), "forward needs an upstream and no issuer"))
+                }
+                (Mode::Auto, _, _) => {
+                    return Err(ConfigError::invalid(field("mode"), "auto needs both an upstream and an issuer"))
+                }
+            }
+            if let Some(upstream_label) = &label.upstream_label {
+                Label::new(upstream_label).map_err(|e| ConfigError::invalid(field("upstream_label"), e.to_string()))?;
+                if upstream.is_none() {
+                    return Err(ConfigError::invalid(field("upstream_label"), "needs an upstream"));
+                }
+            }
             let profile = profiles
                 .get(&label.profile)
                 .filter(|p| !p.is_ca())
                 .ok_or_else(|| {
-                    ConfigError::invalid(
-                        field("profile"),
-                        format!("{:?} is not an end-entity profile", label.profile),
-                    )
+                    ConfigError::invalid(field("profile"), format!("{:?} is not an end-entity profile", label.profile))
                 })?
                 .clone();
             let ca_profile = profiles
                 .get(&label.ca_profile)
                 .filter(|p| p.is_ca())
                 .ok_or_else(|| {
-                    ConfigError::invalid(
-                        field("ca_profile"),
-                        format!("{:?} is not a CA profile", label.ca_profile),
-                    )
+                    ConfigError::invalid(field("ca_profile"), format!("{:?} is not a CA profile", label.ca_profile))
                 })?
                 .clone();
             let grants_ca = label.rules.iter().any(|r| !r.ca_common_names.is_empty());
-            if let ProfileClass::Ca { path_len } = ca_profile.class {
-                if grants_ca && !issuer.can_issue_ca(path_len) {
+            if let (ProfileClass::Ca { path_len }, Some(issuer)) = (&ca_profile.class, &local) {
+                if grants_ca && !issuer.can_issue_ca(*path_len) {
                     return Err(ConfigError::invalid(
                         field("ca_profile"),
                         format!(
-                            "rules grant CA certificates, but issuer {:?}'s path length does not allow a CA below it with pathlen {path_len}",
-                            label.issuer
+                            "rules grant CA certificates, but the issuer's path length does not allow a CA \
+                             below it with pathlen {path_len}"
                         ),
                     ));
                 }
             }
 
             let mut trust = Vec::new();
+            let mut trust_upstream_issuer = false;
             for set in &label.client_trust {
                 if set == "issuer" {
-                    let own = TrustSet::direct("issuer", &issuer.chain()[..1])
-                        .map_err(|e| ConfigError::invalid(field("client_trust"), e))?;
-                    trust.push(Arc::new(own));
+                    if let Some(issuer) = &local {
+                        let own = TrustSet::direct("issuer", &issuer.chain()[..1])
+                            .map_err(|e| ConfigError::invalid(field("client_trust"), e))?;
+                        trust.push(Arc::new(own));
+                    }
+                    trust_upstream_issuer = upstream.is_some();
                 } else {
                     let found = trust_sets.get(set).ok_or_else(|| {
                         ConfigError::invalid(
@@ -194,7 +232,7 @@ impl Runtime {
                     trust.push(found.clone());
                 }
             }
-            if label.authentication.certificate && trust.is_empty() {
+            if label.authentication.certificate && trust.is_empty() && !trust_upstream_issuer {
                 return Err(ConfigError::invalid(
                     field("client_trust"),
                     "certificate authentication is on but no trust set is named",
@@ -209,10 +247,15 @@ impl Runtime {
             let policy = Policy::new(&label.rules, &label.deny, &label.client_trust)
                 .map_err(|e| ConfigError::invalid(field("rules"), e))?;
 
-            let chain: Vec<&[u8]> = issuer.chain().iter().map(|c| c.as_ref()).collect();
-            let cacerts = est::pkcs7::encode_certs_only(&chain)
-                .map_err(|e| ConfigError::invalid(field("issuer"), e.to_string()))?;
-            let cacerts_body = Bytes::from(est::body::encode_base64_lines(&cacerts));
+            let cacerts_body = match &local {
+                Some(issuer) => {
+                    let chain: Vec<&[u8]> = issuer.chain().iter().map(|c| c.as_ref()).collect();
+                    let cacerts = est::pkcs7::encode_certs_only(&chain)
+                        .map_err(|e| ConfigError::invalid(field("issuer"), e.to_string()))?;
+                    Some(Bytes::from(est::body::encode_base64_lines(&cacerts)))
+                }
+                None => None,
+            };
             let attributes = label
                 .csr_attributes
                 .iter()
@@ -236,11 +279,15 @@ impl Runtime {
                     },
                     anonymous_cacerts: label.authentication.anonymous_cacerts,
                     trust,
-                    known_intermediates: issuer.chain().to_vec(),
+                    known_intermediates: local.as_ref().map(|i| i.chain().to_vec()).unwrap_or_default(),
                     policy,
                     profile,
                     ca_profile,
-                    issuer,
+                    mode: label.mode,
+                    local,
+                    upstream,
+                    upstream_label: label.upstream_label.clone(),
+                    trust_upstream_issuer,
                     cacerts_body,
                     csrattrs_body,
                     serverkeygen: label.serverkeygen,

@@ -1,6 +1,7 @@
 //! The EST request handler: route → authenticate → read and check the CSR → authorize →
 //! issue → journal → answer. Errors of every step go through `error::RequestError`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::auth::{self, Credentials, Identity};
-use crate::config::ServerKeygen;
+use crate::config::{Mode, ServerKeygen};
+use crate::issue::{CacertsCache, IssueError, Profile, UpstreamError};
+use crate::policy::Grant;
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
 use crate::journal::{Journal, JournalEntry};
@@ -34,6 +37,9 @@ const DRAIN_CAP: usize = 1024 * 1024;
 pub struct App {
     runtime: ArcSwap<Runtime>,
     journal: Journal,
+    /// Upstream CA chains, kept across reconfigurations.
+    cacerts: CacertsCache,
+    tls_handshakes: AtomicU64,
 }
 
 impl App {
@@ -41,6 +47,8 @@ impl App {
         App {
             runtime: ArcSwap::from_pointee(runtime),
             journal,
+            cacerts: CacertsCache::default(),
+            tls_handshakes: AtomicU64::new(0),
         }
     }
 
@@ -56,11 +64,20 @@ impl App {
     pub fn journal(&self) -> &Journal {
         &self.journal
     }
+
+    /// TLS handshakes completed since start.
+    pub fn tls_handshakes(&self) -> u64 {
+        self.tls_handshakes.load(Ordering::Relaxed)
+    }
 }
 
 impl Service for App {
     fn tls_config(&self) -> Arc<rustls::ServerConfig> {
         self.runtime.load().tls.clone()
+    }
+
+    fn on_handshake(&self) {
+        self.tls_handshakes.fetch_add(1, Ordering::Relaxed);
     }
 
     fn connection_limits(&self) -> ConnectionLimits {
@@ -149,7 +166,7 @@ impl App {
                     self.authenticate(runtime, label_rt, &request, connection, trace)
                         .await?;
                 }
-                Ok(est_answer(media::PKCS7_MIME, label_rt.cacerts_body.clone()))
+                Ok(est_answer(media::PKCS7_MIME, self.cacerts_body(label_rt).await?))
             }
             Operation::CsrAttrs => {
                 if !label_rt.anonymous_cacerts {
@@ -187,14 +204,35 @@ impl App {
                 .get(AUTHORIZATION)
                 .map(HeaderValue::as_bytes),
         };
-        let identity = auth::authenticate(
-            label_rt.auth,
-            &label_rt.trust,
-            &label_rt.known_intermediates,
-            &runtime.users,
-            credentials,
-        )
-        .await?;
+        // On a forwarding label, "issuer" is the upstream's issuing CA: its chain comes from
+        // the cached upstream cacerts, and only matters when a certificate was presented.
+        let upstream_chain = match (&label_rt.upstream, connection.peer_chain.is_some()) {
+            (Some(upstream), true) if label_rt.trust_upstream_issuer => {
+                match self.cacerts.get(upstream, label_rt.upstream_label.as_deref()).await {
+                    Ok(chain) => Some(chain),
+                    Err(e) => {
+                        tracing::warn!(upstream = %upstream.name, cause = %e, "upstream CA unknown: its certificates cannot authenticate");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (trust, intermediates) = match &upstream_chain {
+            Some(chain) => {
+                let mut trust = label_rt.trust.clone();
+                trust.push(chain.issuer_trust.clone());
+                let mut intermediates = label_rt.known_intermediates.clone();
+                intermediates.extend(chain.chain.iter().cloned());
+                (std::borrow::Cow::Owned(trust), std::borrow::Cow::Owned(intermediates))
+            }
+            None => (
+                std::borrow::Cow::Borrowed(label_rt.trust.as_slice()),
+                std::borrow::Cow::Borrowed(label_rt.known_intermediates.as_slice()),
+            ),
+        };
+        let identity =
+            auth::authenticate(label_rt.auth, &trust, &intermediates, &runtime.users, credentials).await?;
         trace.identity = Some(identity.to_string());
         Ok(identity)
     }
@@ -261,30 +299,40 @@ impl App {
             Some((key, kind)) => (rcgen::PublicKeyData::subject_public_key_info(key), *kind),
             None => (csr.spki_der().to_vec(), csr.key()),
         };
-        let issued =
-            label_rt
-                .issuer
-                .issue(&grant.subject, &grant.sans, &spki, key_kind, profile)?;
-        trace.serial = Some(issued.serial.clone());
+        let request = IssueRequest { grant: &grant, profile, spki: &spki, key_kind, csr: &csr, generated: generated.as_ref().map(|(k, _)| k) };
+        let issuance = match label_rt.mode {
+            Mode::Sign => self.sign_locally(label_rt, &request)?,
+            Mode::Forward => self.forward(label_rt, &request).await?,
+            Mode::Auto => match self.forward(label_rt, &request).await {
+                Err(RequestError::Upstream(e)) if e.is_unreachable() => {
+                    tracing::warn!(label = label_rt.display_name(), identity = %identity, cause = %e, "upstream away: signing locally");
+                    self.sign_locally(label_rt, &request)?
+                }
+                other => other?,
+            },
+        };
+        trace.serial = Some(issuance.serial.clone());
 
         let entry = JournalEntry {
             time: rfc3339(OffsetDateTime::now_utc()),
-            serial: issued.serial.clone(),
-            subject: grant.subject.to_string(),
+            serial: issuance.serial.clone(),
+            subject: issuance.subject.clone(),
             sans: grant.sans.iter().map(ToString::to_string).collect(),
             label: label_rt.name.as_ref().map(|l| l.as_str().to_owned()),
             operation: operation.as_str().to_owned(),
             identity: identity.to_string(),
             profile: profile.name.clone(),
-            not_before: rfc3339(issued.not_before),
-            not_after: rfc3339(issued.not_after),
-            sha256: issued.sha256.clone(),
-            certificate: base64::engine::general_purpose::STANDARD.encode(&issued.der),
+            not_before: rfc3339(issuance.not_before),
+            not_after: rfc3339(issuance.not_after),
+            sha256: issuance.sha256.clone(),
+            certificate: base64::engine::general_purpose::STANDARD.encode(&issuance.certs[0]),
+            issued_by: issuance.issued_by.clone(),
         };
         self.journal.record(&entry).await?;
 
-        let pkcs7 = est::pkcs7::encode_certs_only(&[issued.der.as_slice()])
-            .map_err(|e| RequestError::Issue(crate::issue::IssueError::Sign(e.to_string())))?;
+        let certs: Vec<&[u8]> = issuance.certs.iter().map(Vec::as_slice).collect();
+        let pkcs7 = est::pkcs7::encode_certs_only(&certs)
+            .map_err(|e| RequestError::Issue(IssueError::Sign(e.to_string())))?;
         Ok(match generated {
             Some((key, _)) => {
                 let multipart = est::multipart::serverkeygen_answer(&key.serialize_der(), &pkcs7);
@@ -294,12 +342,112 @@ impl App {
                 }
                 response
             }
-            None => est_answer(
-                media::PKCS7_CERTS_ONLY,
-                Bytes::from(est::body::encode_base64_lines(&pkcs7)),
-            ),
+            None => est_answer(media::PKCS7_CERTS_ONLY, Bytes::from(est::body::encode_base64_lines(&pkcs7))),
         })
     }
+
+    fn sign_locally(&self, label_rt: &LabelRuntime, request: &IssueRequest<'_>) -> Result<Issuance, RequestError> {
+        let issuer = label_rt
+            .local
+            .as_ref()
+            .ok_or_else(|| RequestError::Issue(IssueError::Sign("no local issuer for this label".into())))?;
+        let issued = issuer.issue(
+            &request.grant.subject,
+            &request.grant.sans,
+            request.spki,
+            request.key_kind,
+            request.profile,
+        )?;
+        Ok(Issuance {
+            serial: issued.serial,
+            subject: request.grant.subject.to_string(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            sha256: issued.sha256,
+            certs: vec![issued.der],
+            issued_by: "local".to_owned(),
+        })
+    }
+
+    /// Forwards the request upstream as a registration authority: the child was authenticated
+    /// and authorized here; upstream sees this layer's credential and the CSR.
+    async fn forward(&self, label_rt: &LabelRuntime, request: &IssueRequest<'_>) -> Result<Issuance, RequestError> {
+        let upstream = label_rt
+            .upstream
+            .as_ref()
+            .ok_or_else(|| RequestError::Issue(IssueError::Sign("no upstream for this label".into())))?;
+        // With a key made here (serverkeygen), ask upstream for it with a CSR of our own.
+        let csr_der = match request.generated {
+            Some(key) => crate::issue::local::request_for(&request.grant, key)?,
+            None => request.csr.der().to_vec(),
+        };
+        let certs = upstream.enroll(label_rt.upstream_label.as_deref(), &csr_der).await?;
+        let malformed = |m: String| RequestError::Upstream(UpstreamError::Malformed(m));
+        let leaf = certs.first().ok_or_else(|| malformed("no certificate".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| malformed(format!("unparseable certificate: {e}")))?;
+        if parsed.public_key().raw != request.spki {
+            return Err(malformed("the first certificate is not for the requested key".into()));
+        }
+        let subject = crate::est::Subject::from_x509_name(parsed.subject())
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| parsed.subject().to_string());
+        Ok(Issuance {
+            serial: crate::auth::client_cert::hex(parsed.raw_serial()),
+            subject,
+            not_before: parsed.validity().not_before.to_datetime(),
+            not_after: parsed.validity().not_after.to_datetime(),
+            sha256: crate::auth::client_cert::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref()),
+            issued_by: format!("upstream {}", upstream.name),
+            certs,
+        })
+    }
+
+    /// The `/cacerts` answer of a label: its own issuer's chain, or the upstream's (cached).
+    async fn cacerts_body(&self, label_rt: &LabelRuntime) -> Result<Bytes, RequestError> {
+        let upstream = match (&label_rt.upstream, &label_rt.cacerts_body) {
+            (None, Some(local)) => return Ok(local.clone()),
+            (Some(upstream), Some(local)) if !upstream.is_reachable() => {
+                // auto, upstream away: enrollments are signed here, so is the chain.
+                match self.cacerts.get(upstream, label_rt.upstream_label.as_deref()).await {
+                    Ok(chain) => return Ok(chain.body.clone()),
+                    Err(_) => return Ok(local.clone()),
+                }
+            }
+            (Some(upstream), _) => upstream,
+            (None, None) => return Err(RequestError::Issue(IssueError::Sign("no CA for this label".into()))),
+        };
+        match self.cacerts.get(upstream, label_rt.upstream_label.as_deref()).await {
+            Ok(chain) => Ok(chain.body.clone()),
+            Err(e) => match &label_rt.cacerts_body {
+                Some(local) if e.is_unreachable() => Ok(local.clone()),
+                _ => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// What a request asks the issuing backend for.
+struct IssueRequest<'a> {
+    grant: &'a Grant,
+    profile: &'a Profile,
+    /// The SubjectPublicKeyInfo to certify (the CSR's, or a key made here).
+    spki: &'a [u8],
+    key_kind: KeyKind,
+    csr: &'a Csr,
+    generated: Option<&'a rcgen::KeyPair>,
+}
+
+/// A certificate obtained from a backend, with what the journal records of it.
+struct Issuance {
+    /// The issued certificate first, then whatever the backend's answer carried.
+    certs: Vec<Vec<u8>>,
+    serial: String,
+    subject: String,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    sha256: String,
+    issued_by: String,
 }
 
 /// A 200 answer with a base64 body, `Content-Transfer-Encoding` included for old clients.

@@ -34,6 +34,9 @@ pub struct Config {
     /// Issuing CAs this instance holds (delegated intermediates), by name.
     #[serde(default)]
     pub issuers: BTreeMap<String, IssuerConfig>,
+    /// EST servers of the layer above, by name, for labels that forward.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Issuance profiles, by name; they add to or override the built-in `identity`, `server`
     /// and `edge-ca` profiles.
     #[serde(default)]
@@ -150,6 +153,61 @@ pub enum Mode {
     /// Sign locally with the label's issuer.
     #[default]
     Sign,
+    /// Forward to the label's upstream, as a registration authority.
+    Forward,
+    /// Forward; sign locally with the label's issuer while the upstream cannot be reached.
+    Auto,
+}
+
+/// The EST server of the layer above, and how this layer authenticates to it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL up to and including `/.well-known/est` (a label may follow).
+    pub url: String,
+    /// CA certificates that may issue the upstream's TLS certificate (PEM). The host name of
+    /// `url` is checked against that certificate.
+    pub trust: Vec<PemSource>,
+    /// This layer's own client certificate chain (its RA credential), and its key's path.
+    #[serde(default)]
+    pub certificate: Option<PemSource>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Basic credentials for the upstream: the user, and a file holding the password.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Deadline of a whole forwarded request (IoT Edge gives each attempt 30 s).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// How long a `/cacerts` answer is served from cache before asking again.
+    #[serde(default = "default_cacerts_ttl")]
+    pub cacerts_ttl_secs: u64,
+    /// How long past its TTL a cached `/cacerts` answer may serve while the upstream is away.
+    #[serde(default = "default_cacerts_stale")]
+    pub cacerts_stale_secs: u64,
+    /// `Retry-After` sent to children while the upstream is away.
+    #[serde(default = "default_retry_after")]
+    pub retry_after_secs: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    3
+}
+fn default_request_timeout() -> u64 {
+    20
+}
+fn default_cacerts_ttl() -> u64 {
+    300
+}
+fn default_cacerts_stale() -> u64 {
+    86_400
+}
+fn default_retry_after() -> u64 {
+    30
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -160,8 +218,15 @@ pub struct LabelConfig {
     pub name: Option<String>,
     #[serde(default)]
     pub mode: Mode,
-    /// Name of the issuer (in `issuers`) that signs for this label.
-    pub issuer: String,
+    /// Name of the issuer (in `issuers`) that signs for this label (modes `sign` and `auto`).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Name of the upstream (in `upstreams`) this label forwards to (modes `forward`, `auto`).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// The label to use upstream; by default the upstream URL's own (none).
+    #[serde(default)]
+    pub upstream_label: Option<String>,
     #[serde(default)]
     pub authentication: AuthConfig,
     /// Names of trust sets (in `trust`, or `issuer`) whose certificates authenticate clients.

@@ -272,3 +272,19 @@ fn san_type(san: &SanEntry) -> Result<SanType, IssueError> {
         SanEntry::Other(what) => return Err(IssueError::San(format!("{what} cannot be issued"))),
     })
 }
+
+/// A CSR for a key made here (serverkeygen on a forwarding label), asking for exactly what was
+/// granted: the upstream sees a request like any other, signed by the key it certifies.
+pub fn request_for(grant: &crate::policy::Grant, key: &KeyPair) -> Result<Vec<u8>, IssueError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = distinguished_name(&grant.subject)?;
+    params.subject_alt_names = grant.sans.iter().map(san_type).collect::<Result<_, _>>()?;
+    if grant.ca {
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+    }
+    params
+        .serialize_request(key)
+        .map(|csr| csr.der().to_vec())
+        .map_err(|e| IssueError::Sign(e.to_string()))
+}

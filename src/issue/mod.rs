@@ -3,9 +3,11 @@
 
 pub mod local;
 pub mod profile;
+pub mod upstream;
 
 pub use local::LocalIssuer;
 pub use profile::Profile;
+pub use upstream::{CacertsCache, Upstream, UpstreamError};
 
 use time::OffsetDateTime;
 

@@ -39,6 +39,8 @@ pub struct ConnectionLimits {
 pub trait Service: Send + Sync + 'static {
     fn tls_config(&self) -> Arc<ServerConfig>;
     fn connection_limits(&self) -> ConnectionLimits;
+    /// Called after each completed TLS handshake.
+    fn on_handshake(&self) {}
     fn call(
         &self,
         request: Request<Incoming>,
@@ -102,6 +104,7 @@ pub async fn serve<S: Service>(
                         return;
                     }
                 };
+            service.on_handshake();
             let peer_chain = tls
                 .get_ref()
                 .1
