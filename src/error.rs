@@ -62,13 +62,19 @@ impl RequestError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             RequestError::Upstream(e) => match e {
-                UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                UpstreamError::Refused { status, .. } => *status,
-                UpstreamError::Pending { .. } => StatusCode::ACCEPTED,
-                UpstreamError::Unavailable { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE => {
+                UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
-                UpstreamError::Unavailable { .. } | UpstreamError::Malformed(_) => StatusCode::BAD_GATEWAY,
+                UpstreamError::Refused { status, .. } => *status,
+                UpstreamError::Pending { .. } => StatusCode::ACCEPTED,
+                UpstreamError::Unavailable { status, .. }
+                    if *status == StatusCode::SERVICE_UNAVAILABLE =>
+                {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                UpstreamError::Unavailable { .. } | UpstreamError::Malformed(_) => {
+                    StatusCode::BAD_GATEWAY
+                }
             },
         }
     }
@@ -98,12 +104,12 @@ impl RequestError {
             }
             RequestError::Upstream(e) => {
                 let retry_after = match e {
-                    UpstreamError::Unreachable { retry_after, .. } | UpstreamError::Timeout { retry_after, .. } => {
+                    UpstreamError::Unreachable { retry_after, .. }
+                    | UpstreamError::Timeout { retry_after, .. } => {
                         HeaderValue::from_str(&retry_after.to_string()).ok()
                     }
-                    UpstreamError::Pending { retry_after } | UpstreamError::Unavailable { retry_after, .. } => {
-                        retry_after.clone()
-                    }
+                    UpstreamError::Pending { retry_after }
+                    | UpstreamError::Unavailable { retry_after, .. } => retry_after.clone(),
                     _ => None,
                 };
                 if let Some(v) = retry_after {

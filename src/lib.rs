@@ -10,6 +10,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod est;
 pub mod issue;

@@ -43,6 +43,13 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Starts a three-layer hierarchy on loopback and enrolls a child IoT Edge device
+    /// through it: identity certificate, Edge CA, renewal. Exits non-zero on any failure.
+    Demo {
+        /// Where to keep the generated PKI, configurations and journals.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Reads a password on standard input and prints its argon2id hash for `users`.
     HashPassword,
     /// Loads and validates a configuration file, then exits.
@@ -83,6 +90,22 @@ fn main() -> anyhow::Result<()> {
             edge_est::runtime::Runtime::build(&config, &base)?;
             println!("configuration is valid: {} label(s)", config.labels.len());
             Ok(())
+        }
+        Command::Demo { dir } => {
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("edge-est-demo-{}", std::process::id()))
+            });
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_logging(cli.log_format);
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime
+                .block_on(edge_est::demo::run(&dir))
+                .map_err(|e| anyhow::anyhow!("demo failed: {e}"))
         }
         Command::Serve {
             config,

@@ -153,7 +153,12 @@ impl Runtime {
                 Some(name) => Some(
                     issuers
                         .get(name)
-                        .ok_or_else(|| ConfigError::invalid(field("issuer"), format!("no issuer named {name:?}")))?
+                        .ok_or_else(|| {
+                            ConfigError::invalid(
+                                field("issuer"),
+                                format!("no issuer named {name:?}"),
+                            )
+                        })?
                         .clone(),
                 ),
                 None => None,
@@ -162,41 +167,67 @@ impl Runtime {
                 Some(name) => Some(
                     upstreams
                         .get(name)
-                        .ok_or_else(|| ConfigError::invalid(field("upstream"), format!("no upstream named {name:?}")))?
+                        .ok_or_else(|| {
+                            ConfigError::invalid(
+                                field("upstream"),
+                                format!("no upstream named {name:?}"),
+                            )
+                        })?
                         .clone(),
                 ),
                 None => None,
             };
             match (label.mode, local.is_some(), upstream.is_some()) {
-                (Mode::Sign, true, false) | (Mode::Forward, false, true) | (Mode::Auto, true, true) => {}
+                (Mode::Sign, true, false)
+                | (Mode::Forward, false, true)
+                | (Mode::Auto, true, true) => {}
                 (Mode::Sign, _, _) => {
-                    return Err(ConfigError::invalid(field("mode"), "sign needs an issuer and no upstream"))
+                    return Err(ConfigError::invalid(
+                        field("mode"),
+                        "sign needs an issuer and no upstream",
+                    ))
                 }
                 (Mode::Forward, _, _) => {
-                    return Err(ConfigError::invalid(field("mode"), "forward needs an upstream and no issuer"))
+                    return Err(ConfigError::invalid(
+                        field("mode"),
+                        "forward needs an upstream and no issuer",
+                    ))
                 }
                 (Mode::Auto, _, _) => {
-                    return Err(ConfigError::invalid(field("mode"), "auto needs both an upstream and an issuer"))
+                    return Err(ConfigError::invalid(
+                        field("mode"),
+                        "auto needs both an upstream and an issuer",
+                    ))
                 }
             }
             if let Some(upstream_label) = &label.upstream_label {
-                Label::new(upstream_label).map_err(|e| ConfigError::invalid(field("upstream_label"), e.to_string()))?;
+                Label::new(upstream_label)
+                    .map_err(|e| ConfigError::invalid(field("upstream_label"), e.to_string()))?;
                 if upstream.is_none() {
-                    return Err(ConfigError::invalid(field("upstream_label"), "needs an upstream"));
+                    return Err(ConfigError::invalid(
+                        field("upstream_label"),
+                        "needs an upstream",
+                    ));
                 }
             }
             let profile = profiles
                 .get(&label.profile)
                 .filter(|p| !p.is_ca())
                 .ok_or_else(|| {
-                    ConfigError::invalid(field("profile"), format!("{:?} is not an end-entity profile", label.profile))
+                    ConfigError::invalid(
+                        field("profile"),
+                        format!("{:?} is not an end-entity profile", label.profile),
+                    )
                 })?
                 .clone();
             let ca_profile = profiles
                 .get(&label.ca_profile)
                 .filter(|p| p.is_ca())
                 .ok_or_else(|| {
-                    ConfigError::invalid(field("ca_profile"), format!("{:?} is not a CA profile", label.ca_profile))
+                    ConfigError::invalid(
+                        field("ca_profile"),
+                        format!("{:?} is not a CA profile", label.ca_profile),
+                    )
                 })?
                 .clone();
             let grants_ca = label.rules.iter().any(|r| !r.ca_common_names.is_empty());
@@ -279,7 +310,10 @@ impl Runtime {
                     },
                     anonymous_cacerts: label.authentication.anonymous_cacerts,
                     trust,
-                    known_intermediates: local.as_ref().map(|i| i.chain().to_vec()).unwrap_or_default(),
+                    known_intermediates: local
+                        .as_ref()
+                        .map(|i| i.chain().to_vec())
+                        .unwrap_or_default(),
                     policy,
                     profile,
                     ca_profile,

@@ -18,11 +18,11 @@ use time::OffsetDateTime;
 
 use crate::auth::{self, Credentials, Identity};
 use crate::config::{Mode, ServerKeygen};
-use crate::issue::{CacertsCache, IssueError, Profile, UpstreamError};
-use crate::policy::Grant;
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
+use crate::issue::{CacertsCache, IssueError, Profile, UpstreamError};
 use crate::journal::{Journal, JournalEntry};
+use crate::policy::Grant;
 use crate::runtime::{LabelRuntime, Runtime};
 use crate::transport::{Connection, ConnectionLimits, Service};
 
@@ -166,7 +166,10 @@ impl App {
                     self.authenticate(runtime, label_rt, &request, connection, trace)
                         .await?;
                 }
-                Ok(est_answer(media::PKCS7_MIME, self.cacerts_body(label_rt).await?))
+                Ok(est_answer(
+                    media::PKCS7_MIME,
+                    self.cacerts_body(label_rt).await?,
+                ))
             }
             Operation::CsrAttrs => {
                 if !label_rt.anonymous_cacerts {
@@ -208,7 +211,11 @@ impl App {
         // the cached upstream cacerts, and only matters when a certificate was presented.
         let upstream_chain = match (&label_rt.upstream, connection.peer_chain.is_some()) {
             (Some(upstream), true) if label_rt.trust_upstream_issuer => {
-                match self.cacerts.get(upstream, label_rt.upstream_label.as_deref()).await {
+                match self
+                    .cacerts
+                    .get(upstream, label_rt.upstream_label.as_deref())
+                    .await
+                {
                     Ok(chain) => Some(chain),
                     Err(e) => {
                         tracing::warn!(upstream = %upstream.name, cause = %e, "upstream CA unknown: its certificates cannot authenticate");
@@ -224,15 +231,24 @@ impl App {
                 trust.push(chain.issuer_trust.clone());
                 let mut intermediates = label_rt.known_intermediates.clone();
                 intermediates.extend(chain.chain.iter().cloned());
-                (std::borrow::Cow::Owned(trust), std::borrow::Cow::Owned(intermediates))
+                (
+                    std::borrow::Cow::Owned(trust),
+                    std::borrow::Cow::Owned(intermediates),
+                )
             }
             None => (
                 std::borrow::Cow::Borrowed(label_rt.trust.as_slice()),
                 std::borrow::Cow::Borrowed(label_rt.known_intermediates.as_slice()),
             ),
         };
-        let identity =
-            auth::authenticate(label_rt.auth, &trust, &intermediates, &runtime.users, credentials).await?;
+        let identity = auth::authenticate(
+            label_rt.auth,
+            &trust,
+            &intermediates,
+            &runtime.users,
+            credentials,
+        )
+        .await?;
         trace.identity = Some(identity.to_string());
         Ok(identity)
     }
@@ -299,7 +315,14 @@ impl App {
             Some((key, kind)) => (rcgen::PublicKeyData::subject_public_key_info(key), *kind),
             None => (csr.spki_der().to_vec(), csr.key()),
         };
-        let request = IssueRequest { grant: &grant, profile, spki: &spki, key_kind, csr: &csr, generated: generated.as_ref().map(|(k, _)| k) };
+        let request = IssueRequest {
+            grant: &grant,
+            profile,
+            spki: &spki,
+            key_kind,
+            csr: &csr,
+            generated: generated.as_ref().map(|(k, _)| k),
+        };
         let issuance = match label_rt.mode {
             Mode::Sign => self.sign_locally(label_rt, &request)?,
             Mode::Forward => self.forward(label_rt, &request).await?,
@@ -342,15 +365,21 @@ impl App {
                 }
                 response
             }
-            None => est_answer(media::PKCS7_CERTS_ONLY, Bytes::from(est::body::encode_base64_lines(&pkcs7))),
+            None => est_answer(
+                media::PKCS7_CERTS_ONLY,
+                Bytes::from(est::body::encode_base64_lines(&pkcs7)),
+            ),
         })
     }
 
-    fn sign_locally(&self, label_rt: &LabelRuntime, request: &IssueRequest<'_>) -> Result<Issuance, RequestError> {
-        let issuer = label_rt
-            .local
-            .as_ref()
-            .ok_or_else(|| RequestError::Issue(IssueError::Sign("no local issuer for this label".into())))?;
+    fn sign_locally(
+        &self,
+        label_rt: &LabelRuntime,
+        request: &IssueRequest<'_>,
+    ) -> Result<Issuance, RequestError> {
+        let issuer = label_rt.local.as_ref().ok_or_else(|| {
+            RequestError::Issue(IssueError::Sign("no local issuer for this label".into()))
+        })?;
         let issued = issuer.issue(
             &request.grant.subject,
             &request.grant.sans,
@@ -371,23 +400,32 @@ impl App {
 
     /// Forwards the request upstream as a registration authority: the child was authenticated
     /// and authorized here; upstream sees this layer's credential and the CSR.
-    async fn forward(&self, label_rt: &LabelRuntime, request: &IssueRequest<'_>) -> Result<Issuance, RequestError> {
-        let upstream = label_rt
-            .upstream
-            .as_ref()
-            .ok_or_else(|| RequestError::Issue(IssueError::Sign("no upstream for this label".into())))?;
+    async fn forward(
+        &self,
+        label_rt: &LabelRuntime,
+        request: &IssueRequest<'_>,
+    ) -> Result<Issuance, RequestError> {
+        let upstream = label_rt.upstream.as_ref().ok_or_else(|| {
+            RequestError::Issue(IssueError::Sign("no upstream for this label".into()))
+        })?;
         // With a key made here (serverkeygen), ask upstream for it with a CSR of our own.
         let csr_der = match request.generated {
             Some(key) => crate::issue::local::request_for(&request.grant, key)?,
             None => request.csr.der().to_vec(),
         };
-        let certs = upstream.enroll(label_rt.upstream_label.as_deref(), &csr_der).await?;
+        let certs = upstream
+            .enroll(label_rt.upstream_label.as_deref(), &csr_der)
+            .await?;
         let malformed = |m: String| RequestError::Upstream(UpstreamError::Malformed(m));
-        let leaf = certs.first().ok_or_else(|| malformed("no certificate".into()))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| malformed("no certificate".into()))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| malformed(format!("unparseable certificate: {e}")))?;
         if parsed.public_key().raw != request.spki {
-            return Err(malformed("the first certificate is not for the requested key".into()));
+            return Err(malformed(
+                "the first certificate is not for the requested key".into(),
+            ));
         }
         let subject = crate::est::Subject::from_x509_name(parsed.subject())
             .map(|s| s.to_string())
@@ -397,7 +435,9 @@ impl App {
             subject,
             not_before: parsed.validity().not_before.to_datetime(),
             not_after: parsed.validity().not_after.to_datetime(),
-            sha256: crate::auth::client_cert::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref()),
+            sha256: crate::auth::client_cert::hex(
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref(),
+            ),
             issued_by: format!("upstream {}", upstream.name),
             certs,
         })
@@ -409,15 +449,27 @@ impl App {
             (None, Some(local)) => return Ok(local.clone()),
             (Some(upstream), Some(local)) if !upstream.is_reachable() => {
                 // auto, upstream away: enrollments are signed here, so is the chain.
-                match self.cacerts.get(upstream, label_rt.upstream_label.as_deref()).await {
+                match self
+                    .cacerts
+                    .get(upstream, label_rt.upstream_label.as_deref())
+                    .await
+                {
                     Ok(chain) => return Ok(chain.body.clone()),
                     Err(_) => return Ok(local.clone()),
                 }
             }
             (Some(upstream), _) => upstream,
-            (None, None) => return Err(RequestError::Issue(IssueError::Sign("no CA for this label".into()))),
+            (None, None) => {
+                return Err(RequestError::Issue(IssueError::Sign(
+                    "no CA for this label".into(),
+                )))
+            }
         };
-        match self.cacerts.get(upstream, label_rt.upstream_label.as_deref()).await {
+        match self
+            .cacerts
+            .get(upstream, label_rt.upstream_label.as_deref())
+            .await
+        {
             Ok(chain) => Ok(chain.body.clone()),
             Err(e) => match &label_rt.cacerts_body {
                 Some(local) if e.is_unreachable() => Ok(local.clone()),

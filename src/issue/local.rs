@@ -281,7 +281,10 @@ pub fn request_for(grant: &crate::policy::Grant, key: &KeyPair) -> Result<Vec<u8
     params.subject_alt_names = grant.sans.iter().map(san_type).collect::<Result<_, _>>()?;
     if grant.ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
     }
     params
         .serialize_request(key)

@@ -34,15 +34,27 @@ const CONNECT_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::fr
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("the upstream {name} cannot be reached: {cause}")]
-    Unreachable { name: String, cause: String, retry_after: u64 },
+    Unreachable {
+        name: String,
+        cause: String,
+        retry_after: u64,
+    },
     #[error("the upstream {name} did not answer within {secs} s")]
-    Timeout { name: String, secs: u64, retry_after: u64 },
+    Timeout {
+        name: String,
+        secs: u64,
+        retry_after: u64,
+    },
     #[error("the upstream refused the request: {text}")]
     Refused { status: StatusCode, text: String },
     #[error("the upstream accepted the request for later processing; ask again later")]
     Pending { retry_after: Option<HeaderValue> },
     #[error("the upstream is unavailable ({status}): {text}")]
-    Unavailable { status: StatusCode, text: String, retry_after: Option<HeaderValue> },
+    Unavailable {
+        status: StatusCode,
+        text: String,
+        retry_after: Option<HeaderValue>,
+    },
     #[error("the upstream's answer is malformed: {0}")]
     Malformed(String),
 }
@@ -50,7 +62,10 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether the upstream could not be asked at all (so `auto` may sign locally).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. })
+        matches!(
+            self,
+            UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. }
+        )
     }
 }
 
@@ -67,14 +82,21 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(name: &str, config: &UpstreamConfig, base_dir: &Path) -> Result<Upstream, ConfigError> {
+    pub fn new(
+        name: &str,
+        config: &UpstreamConfig,
+        base_dir: &Path,
+    ) -> Result<Upstream, ConfigError> {
         let field = |f: &str| format!("upstreams.{name}.{f}");
         let uri: http::Uri = config
             .url
             .parse()
             .map_err(|e| ConfigError::invalid(field("url"), format!("not a URL: {e}")))?;
         if uri.scheme_str() != Some("https") || uri.host().is_none() {
-            return Err(ConfigError::invalid(field("url"), "must be an https:// URL with a host"));
+            return Err(ConfigError::invalid(
+                field("url"),
+                "must be an https:// URL with a host",
+            ));
         }
         if uri.query().is_some() {
             return Err(ConfigError::invalid(field("url"), "takes no query"));
@@ -84,14 +106,18 @@ impl Upstream {
         for source in &config.trust {
             let pem = source.read(base_dir)?;
             for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                let cert = cert.map_err(|e| ConfigError::invalid(field("trust"), format!("not PEM: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| ConfigError::invalid(field("trust"), format!("unusable CA certificate: {e}")))?;
+                let cert = cert
+                    .map_err(|e| ConfigError::invalid(field("trust"), format!("not PEM: {e}")))?;
+                roots.add(cert).map_err(|e| {
+                    ConfigError::invalid(field("trust"), format!("unusable CA certificate: {e}"))
+                })?;
             }
         }
         if roots.is_empty() {
-            return Err(ConfigError::invalid(field("trust"), "names no CA certificate"));
+            return Err(ConfigError::invalid(
+                field("trust"),
+                "names no CA certificate",
+            ));
         }
         let provider = crate::transport::tls::provider();
         let builder = ClientConfig::builder_with_provider(provider)
@@ -101,37 +127,60 @@ impl Upstream {
         let tls = match (&config.certificate, &config.key) {
             (Some(chain), Some(key)) => {
                 let chain_pem = chain.read(base_dir)?;
-                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| ConfigError::invalid(field("certificate"), format!("not PEM: {e}")))?;
+                let chain: Vec<CertificateDer<'static>> =
+                    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| {
+                            ConfigError::invalid(field("certificate"), format!("not PEM: {e}"))
+                        })?;
                 let key_path = base_dir.join(key);
-                let key = PrivateKeyDer::from_pem_file(&key_path)
-                    .map_err(|e| ConfigError::invalid(field("key"), format!("unreadable private key: {e}")))?;
+                let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+                    ConfigError::invalid(field("key"), format!("unreadable private key: {e}"))
+                })?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| ConfigError::invalid(field("certificate"), e.to_string()))?
             }
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err(ConfigError::invalid(field("key"), "certificate and key go together")),
+            _ => {
+                return Err(ConfigError::invalid(
+                    field("key"),
+                    "certificate and key go together",
+                ))
+            }
         };
 
         let authorization = match (&config.username, &config.password_file) {
             (Some(user), Some(file)) => {
                 let path = base_dir.join(file);
-                let password = std::fs::read_to_string(&path).map_err(|e| ConfigError::Io(path, e.to_string()))?;
+                let password = std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::Io(path, e.to_string()))?;
                 let password = password.trim_end_matches(['\r', '\n']);
                 use base64::Engine;
-                let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-                let mut value = HeaderValue::from_str(&format!("Basic {token}"))
-                    .map_err(|_| ConfigError::invalid(field("username"), "cannot be sent in a header"))?;
+                let token =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                let mut value = HeaderValue::from_str(&format!("Basic {token}")).map_err(|_| {
+                    ConfigError::invalid(field("username"), "cannot be sent in a header")
+                })?;
                 value.set_sensitive(true);
                 Some(value)
             }
             (None, None) => None,
-            _ => return Err(ConfigError::invalid(field("password_file"), "username and password_file go together")),
+            _ => {
+                return Err(ConfigError::invalid(
+                    field("password_file"),
+                    "username and password_file go together",
+                ))
+            }
         };
-        if config.request_timeout_secs == 0 || config.request_timeout_secs > 120 || config.connect_timeout_secs == 0 {
-            return Err(ConfigError::invalid(field("request_timeout_secs"), "timeouts must be between 1 and 120 s"));
+        if config.request_timeout_secs == 0
+            || config.request_timeout_secs > 120
+            || config.connect_timeout_secs == 0
+        {
+            return Err(ConfigError::invalid(
+                field("request_timeout_secs"),
+                "timeouts must be between 1 and 120 s",
+            ));
         }
 
         let mut http = HttpConnector::new();
@@ -175,19 +224,32 @@ impl Upstream {
     }
 
     /// The upstream's CA chain (`/cacerts`), in its order.
-    pub async fn cacerts(&self, label: Option<&str>) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
+    pub async fn cacerts(
+        &self,
+        label: Option<&str>,
+    ) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
         let certs = self.exchange(label, Operation::CaCerts, None).await?;
         if certs.is_empty() {
-            return Err(UpstreamError::Malformed("cacerts holds no certificate".into()));
+            return Err(UpstreamError::Malformed(
+                "cacerts holds no certificate".into(),
+            ));
         }
         Ok(certs.into_iter().map(CertificateDer::from).collect())
     }
 
     /// Forwards a CSR as `simpleenroll`; returns the certificates of the answer, in order.
-    pub async fn enroll(&self, label: Option<&str>, csr_der: &[u8]) -> Result<Vec<Vec<u8>>, UpstreamError> {
-        let certs = self.exchange(label, Operation::SimpleEnroll, Some(csr_der)).await?;
+    pub async fn enroll(
+        &self,
+        label: Option<&str>,
+        csr_der: &[u8],
+    ) -> Result<Vec<Vec<u8>>, UpstreamError> {
+        let certs = self
+            .exchange(label, Operation::SimpleEnroll, Some(csr_der))
+            .await?;
         if certs.is_empty() {
-            return Err(UpstreamError::Malformed("the answer holds no certificate".into()));
+            return Err(UpstreamError::Malformed(
+                "the answer holds no certificate".into(),
+            ));
         }
         Ok(certs)
     }
@@ -199,7 +261,9 @@ impl Upstream {
         csr_der: Option<&[u8]>,
     ) -> Result<Vec<Vec<u8>>, UpstreamError> {
         let url = self.url(label, operation);
-        let body = csr_der.map(|der| Bytes::from(est::body::encode_base64_lines(der))).unwrap_or_default();
+        let body = csr_der
+            .map(|der| Bytes::from(est::body::encode_base64_lines(der)))
+            .unwrap_or_default();
         let attempt = async {
             let mut retries = CONNECT_RETRIES.iter();
             loop {
@@ -212,9 +276,9 @@ impl Upstream {
                 if let Some(auth) = &self.authorization {
                     request = request.header(AUTHORIZATION, auth.clone());
                 }
-                let request = request
-                    .body(Full::new(body.clone()))
-                    .map_err(|e| UpstreamError::Malformed(format!("cannot build the request: {e}")))?;
+                let request = request.body(Full::new(body.clone())).map_err(|e| {
+                    UpstreamError::Malformed(format!("cannot build the request: {e}"))
+                })?;
                 match self.client.request(request).await {
                     Ok(response) => return self.read_answer(response).await,
                     // Nothing was sent when the connection could not be made: retrying is safe
@@ -235,7 +299,10 @@ impl Upstream {
                 retry_after: self.retry_after_secs,
             }),
         };
-        self.reachable.store(!matches!(&result, Err(e) if e.is_unreachable()), Ordering::Relaxed);
+        self.reachable.store(
+            !matches!(&result, Err(e) if e.is_unreachable()),
+            Ordering::Relaxed,
+        );
         result
     }
 
@@ -247,10 +314,17 @@ impl Upstream {
             cause = format!("{cause}: {s}");
             source = s.source();
         }
-        UpstreamError::Unreachable { name: self.name.clone(), cause, retry_after: self.retry_after_secs }
+        UpstreamError::Unreachable {
+            name: self.name.clone(),
+            cause,
+            retry_after: self.retry_after_secs,
+        }
     }
 
-    async fn read_answer(&self, response: http::Response<hyper::body::Incoming>) -> Result<Vec<Vec<u8>>, UpstreamError> {
+    async fn read_answer(
+        &self,
+        response: http::Response<hyper::body::Incoming>,
+    ) -> Result<Vec<Vec<u8>>, UpstreamError> {
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let content_type = response
@@ -265,19 +339,39 @@ impl Upstream {
             .map_err(|e| UpstreamError::Malformed(format!("cannot read the answer: {e}")))?
             .to_bytes();
         let text = || {
-            let t = String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_owned();
-            if t.is_empty() { status.to_string() } else { t }
+            let t = String::from_utf8_lossy(&body[..body.len().min(512)])
+                .trim()
+                .to_owned();
+            if t.is_empty() {
+                status.to_string()
+            } else {
+                t
+            }
         };
         match status {
             StatusCode::OK => {}
             StatusCode::ACCEPTED => return Err(UpstreamError::Pending { retry_after }),
-            s if s.is_client_error() => return Err(UpstreamError::Refused { status: s, text: text() }),
-            s => return Err(UpstreamError::Unavailable { status: s, text: text(), retry_after }),
+            s if s.is_client_error() => {
+                return Err(UpstreamError::Refused {
+                    status: s,
+                    text: text(),
+                })
+            }
+            s => {
+                return Err(UpstreamError::Unavailable {
+                    status: s,
+                    text: text(),
+                    retry_after,
+                })
+            }
         }
         if content_type != media::PKCS7_MIME && content_type != "application/x-pkcs7-mime" {
-            return Err(UpstreamError::Malformed(format!("unexpected Content-Type {content_type:?}")));
+            return Err(UpstreamError::Malformed(format!(
+                "unexpected Content-Type {content_type:?}"
+            )));
         }
-        let der = est::body::decode_base64_body(&body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let der = est::body::decode_base64_body(&body)
+            .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         est::pkcs7::decode_certs_only(&der).map_err(|e| UpstreamError::Malformed(e.to_string()))
     }
 }
@@ -302,7 +396,9 @@ pub struct CacertsCache {
 impl Default for CacertsCache {
     fn default() -> Self {
         CacertsCache {
-            entries: Mutex::new(LruCache::new(NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN))),
+            entries: Mutex::new(LruCache::new(
+                NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
+            )),
             refresh: tokio::sync::Mutex::new(()),
         }
     }
@@ -315,17 +411,31 @@ impl CacertsCache {
 
     /// The upstream's chain for `label`: from cache while fresh, else asked for; on failure
     /// the cached one while within the stale bound.
-    pub async fn get(&self, upstream: &Upstream, label: Option<&str>) -> Result<Arc<CachedChain>, UpstreamError> {
+    pub async fn get(
+        &self,
+        upstream: &Upstream,
+        label: Option<&str>,
+    ) -> Result<Arc<CachedChain>, UpstreamError> {
         let key = upstream.url(label, Operation::CaCerts);
-        if let Some(hit) = self.lookup(&key).filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl) {
+        if let Some(hit) = self
+            .lookup(&key)
+            .filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl)
+        {
             return Ok(hit);
         }
         // One refresh at a time: concurrent children wait for it instead of all asking.
         let _refreshing = self.refresh.lock().await;
-        if let Some(hit) = self.lookup(&key).filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl) {
+        if let Some(hit) = self
+            .lookup(&key)
+            .filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl)
+        {
             return Ok(hit);
         }
-        match upstream.cacerts(label).await.and_then(|chain| CachedChain::new(chain)) {
+        match upstream
+            .cacerts(label)
+            .await
+            .and_then(|chain| CachedChain::new(chain))
+        {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 if let Ok(mut entries) = self.entries.lock() {
@@ -334,7 +444,9 @@ impl CacertsCache {
                 Ok(fresh)
             }
             Err(error) => match self.lookup(&key) {
-                Some(stale) if stale.fetched.elapsed() < upstream.cacerts_ttl + upstream.cacerts_stale => {
+                Some(stale)
+                    if stale.fetched.elapsed() < upstream.cacerts_ttl + upstream.cacerts_stale =>
+                {
                     tracing::warn!(upstream = %upstream.name, %error, "serving cached cacerts while the upstream is away");
                     Ok(stale)
                 }
@@ -347,7 +459,8 @@ impl CacertsCache {
 impl CachedChain {
     fn new(chain: Vec<CertificateDer<'static>>) -> Result<CachedChain, UpstreamError> {
         let ders: Vec<&[u8]> = chain.iter().map(|c| c.as_ref()).collect();
-        let pkcs7 = est::pkcs7::encode_certs_only(&ders).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let pkcs7 = est::pkcs7::encode_certs_only(&ders)
+            .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let issuer_trust = TrustSet::direct("issuer", &chain[..1])
             .map_err(|e| UpstreamError::Malformed(format!("cacerts: {e}")))?;
         Ok(CachedChain {
