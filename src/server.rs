@@ -40,6 +40,8 @@ pub struct App {
     /// Upstream CA chains, kept across reconfigurations.
     cacerts: CacertsCache,
     tls_handshakes: AtomicU64,
+    /// Requests routed to each operation (in `Operation::ALL` order), whatever their outcome.
+    requests: [AtomicU64; 5],
 }
 
 impl App {
@@ -49,6 +51,7 @@ impl App {
             journal,
             cacerts: CacertsCache::default(),
             tls_handshakes: AtomicU64::new(0),
+            requests: Default::default(),
         }
     }
 
@@ -63,6 +66,15 @@ impl App {
 
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// Requests routed to `operation` since start.
+    pub fn requests(&self, operation: Operation) -> u64 {
+        let index = Operation::ALL
+            .iter()
+            .position(|o| *o == operation)
+            .unwrap_or(0);
+        self.requests[index].load(Ordering::Relaxed)
     }
 
     /// TLS handshakes completed since start.
@@ -152,6 +164,9 @@ impl App {
                 None => "this server serves EST only under a label: /.well-known/est/<label>/<operation>".to_owned(),
             })
         })?;
+        if let Some(index) = Operation::ALL.iter().position(|o| *o == operation) {
+            self.requests[index].fetch_add(1, Ordering::Relaxed);
+        }
         trace.label = Some(label_rt.display_name().to_owned());
         trace.basic_realm = label_rt.auth.basic;
         if request.method() != operation.method() {
@@ -410,7 +425,7 @@ impl App {
         })?;
         // With a key made here (serverkeygen), ask upstream for it with a CSR of our own.
         let csr_der = match request.generated {
-            Some(key) => crate::issue::local::request_for(&request.grant, key)?,
+            Some(key) => crate::issue::local::request_for(request.grant, key)?,
             None => request.csr.der().to_vec(),
         };
         let certs = upstream
@@ -447,17 +462,8 @@ impl App {
     async fn cacerts_body(&self, label_rt: &LabelRuntime) -> Result<Bytes, RequestError> {
         let upstream = match (&label_rt.upstream, &label_rt.cacerts_body) {
             (None, Some(local)) => return Ok(local.clone()),
-            (Some(upstream), Some(local)) if !upstream.is_reachable() => {
-                // auto, upstream away: enrollments are signed here, so is the chain.
-                match self
-                    .cacerts
-                    .get(upstream, label_rt.upstream_label.as_deref())
-                    .await
-                {
-                    Ok(chain) => return Ok(chain.body.clone()),
-                    Err(_) => return Ok(local.clone()),
-                }
-            }
+            // auto, upstream away: enrollments are signed here, so the chain is ours.
+            (Some(upstream), Some(local)) if !upstream.is_reachable() => return Ok(local.clone()),
             (Some(upstream), _) => upstream,
             (None, None) => {
                 return Err(RequestError::Issue(IssueError::Sign(

@@ -434,7 +434,7 @@ impl CacertsCache {
         match upstream
             .cacerts(label)
             .await
-            .and_then(|chain| CachedChain::new(chain))
+            .and_then(CachedChain::new)
         {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
