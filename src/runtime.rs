@@ -67,22 +67,21 @@ impl Runtime {
     /// Loads and validates a whole configuration. Relative file paths are resolved against
     /// `base` (the configuration file's directory).
     pub fn build(config: &Config, base: &Path) -> Result<Runtime, ConfigError> {
-        config.check_no_secrets()?;
-        check_limits(&config.limits)?;
+        config.validate()?;
 
-        let tls_chain = config.tls.certificate.read(base)?;
-        let tls_key = read_file(base, &config.tls.key)?;
+        let tls_config = config.tls.as_ref().ok_or_else(|| {
+            ConfigError::invalid(
+                "tls",
+                "no server certificate: give tls.certificate and tls.key",
+            )
+        })?;
+        let tls_chain = tls_config.certificate.read(base)?;
+        let tls_key = read_file(base, &tls_config.key)?;
         let tls = crate::transport::tls::server_config(&tls_chain, &tls_key)
             .map_err(|e| ConfigError::invalid("tls", e))?;
 
         let mut trust_sets: BTreeMap<String, Arc<TrustSet>> = BTreeMap::new();
         for (name, set) in &config.trust {
-            if name == "issuer" {
-                return Err(ConfigError::invalid(
-                    "trust.issuer",
-                    "the name `issuer` is reserved",
-                ));
-            }
             let mut certs = Vec::new();
             for source in &set.certificates {
                 let pem = source.read(base)?;
@@ -127,109 +126,20 @@ impl Runtime {
             profiles.insert(name.clone(), built);
         }
 
-        if config.labels.is_empty() {
-            return Err(ConfigError::invalid(
-                "labels",
-                "at least one label is needed",
-            ));
-        }
         let mut labels = HashMap::new();
         for (i, label) in config.labels.iter().enumerate() {
             let field = |f: &str| format!("labels[{i}].{f}");
-            let name = match &label.name {
-                None => None,
-                Some(n) => Some(
-                    Label::new(n)
-                        .map_err(|e| ConfigError::invalid(field("name"), e.to_string()))?,
-                ),
-            };
-            if labels.contains_key(&name) {
-                return Err(ConfigError::invalid(
-                    field("name"),
-                    "another label has the same name",
-                ));
-            }
-            let local = match &label.issuer {
-                Some(name) => Some(
-                    issuers
-                        .get(name)
-                        .ok_or_else(|| {
-                            ConfigError::invalid(
-                                field("issuer"),
-                                format!("no issuer named {name:?}"),
-                            )
-                        })?
-                        .clone(),
-                ),
-                None => None,
-            };
-            let upstream = match &label.upstream {
-                Some(name) => Some(
-                    upstreams
-                        .get(name)
-                        .ok_or_else(|| {
-                            ConfigError::invalid(
-                                field("upstream"),
-                                format!("no upstream named {name:?}"),
-                            )
-                        })?
-                        .clone(),
-                ),
-                None => None,
-            };
-            match (label.mode, local.is_some(), upstream.is_some()) {
-                (Mode::Sign, true, false)
-                | (Mode::Forward, false, true)
-                | (Mode::Auto, true, true) => {}
-                (Mode::Sign, _, _) => {
-                    return Err(ConfigError::invalid(
-                        field("mode"),
-                        "sign needs an issuer and no upstream",
-                    ))
-                }
-                (Mode::Forward, _, _) => {
-                    return Err(ConfigError::invalid(
-                        field("mode"),
-                        "forward needs an upstream and no issuer",
-                    ))
-                }
-                (Mode::Auto, _, _) => {
-                    return Err(ConfigError::invalid(
-                        field("mode"),
-                        "auto needs both an upstream and an issuer",
-                    ))
-                }
-            }
-            if let Some(upstream_label) = &label.upstream_label {
-                Label::new(upstream_label)
-                    .map_err(|e| ConfigError::invalid(field("upstream_label"), e.to_string()))?;
-                if upstream.is_none() {
-                    return Err(ConfigError::invalid(
-                        field("upstream_label"),
-                        "needs an upstream",
-                    ));
-                }
-            }
-            let profile = profiles
-                .get(&label.profile)
-                .filter(|p| !p.is_ca())
-                .ok_or_else(|| {
-                    ConfigError::invalid(
-                        field("profile"),
-                        format!("{:?} is not an end-entity profile", label.profile),
-                    )
-                })?
-                .clone();
-            let ca_profile = profiles
-                .get(&label.ca_profile)
-                .filter(|p| p.is_ca())
-                .ok_or_else(|| {
-                    ConfigError::invalid(
-                        field("ca_profile"),
-                        format!("{:?} is not a CA profile", label.ca_profile),
-                    )
-                })?
-                .clone();
+            // References and modes were checked by `validate`; only loaded things remain.
+            let name = label
+                .name
+                .as_deref()
+                .map(Label::new)
+                .transpose()
+                .map_err(|e| ConfigError::invalid(field("name"), e.to_string()))?;
+            let local = lookup(&issuers, label.issuer.as_ref(), || field("issuer"))?;
+            let upstream = lookup(&upstreams, label.upstream.as_ref(), || field("upstream"))?;
+            let profile = required(&profiles, &label.profile, || field("profile"))?;
+            let ca_profile = required(&profiles, &label.ca_profile, || field("ca_profile"))?;
             let grants_ca = label.rules.iter().any(|r| !r.ca_common_names.is_empty());
             if let (ProfileClass::Ca { path_len }, Some(issuer)) = (&ca_profile.class, &local) {
                 if grants_ca && !issuer.can_issue_ca(*path_len) {
@@ -262,18 +172,6 @@ impl Runtime {
                     })?;
                     trust.push(found.clone());
                 }
-            }
-            if label.authentication.certificate && trust.is_empty() && !trust_upstream_issuer {
-                return Err(ConfigError::invalid(
-                    field("client_trust"),
-                    "certificate authentication is on but no trust set is named",
-                ));
-            }
-            if !label.authentication.certificate && !label.authentication.basic {
-                return Err(ConfigError::invalid(
-                    field("authentication"),
-                    "turns off every method",
-                ));
             }
             let policy = Policy::new(&label.rules, &label.deny, &label.client_trust)
                 .map_err(|e| ConfigError::invalid(field("rules"), e))?;
@@ -338,30 +236,27 @@ impl Runtime {
     }
 }
 
+/// Looks up a named, loaded item that `validate` has checked exists.
+fn required<T: Clone>(
+    items: &BTreeMap<String, T>,
+    name: &str,
+    field: impl Fn() -> String,
+) -> Result<T, ConfigError> {
+    items
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ConfigError::invalid(field(), format!("no such name {name:?}")))
+}
+
+fn lookup<T: Clone>(
+    items: &BTreeMap<String, T>,
+    name: Option<&String>,
+    field: impl Fn() -> String,
+) -> Result<Option<T>, ConfigError> {
+    name.map(|name| required(items, name, field)).transpose()
+}
+
 fn read_file(base: &Path, path: &Path) -> Result<String, ConfigError> {
     let path = base.join(path);
     std::fs::read_to_string(&path).map_err(|e| ConfigError::Io(path, e.to_string()))
-}
-
-fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
-    let bad = |f: &str, r: &str| Err(ConfigError::invalid(format!("limits.{f}"), r));
-    if !(1024..=1024 * 1024).contains(&limits.max_body_bytes) {
-        return bad("max_body_bytes", "must be between 1024 and 1048576");
-    }
-    if limits.max_connections == 0 || limits.max_connections > 1_000_000 {
-        return bad("max_connections", "must be between 1 and 1000000");
-    }
-    for (f, v) in [
-        ("handshake_timeout_secs", limits.handshake_timeout_secs),
-        ("header_timeout_secs", limits.header_timeout_secs),
-        ("body_timeout_secs", limits.body_timeout_secs),
-    ] {
-        if !(1..=300).contains(&v) {
-            return bad(f, "must be between 1 and 300 seconds");
-        }
-    }
-    if limits.password_checks == 0 || limits.password_checks > 64 {
-        return bad("password_checks", "must be between 1 and 64");
-    }
-    Ok(())
 }

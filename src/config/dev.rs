@@ -162,10 +162,10 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
     let config = Config {
         listen,
         journal: data_dir.join("journal.jsonl"),
-        tls: TlsConfig {
+        tls: Some(TlsConfig {
             certificate: PemSource(path_string(&server_pem)),
             key: server_key,
-        },
+        }),
         limits: Limits::default(),
         trust: BTreeMap::new(),
         users: BTreeMap::from([(DEV_USER.to_owned(), hash)]),

@@ -4,6 +4,7 @@
 //! argon2 PHC hashes.
 
 pub mod dev;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,9 +20,12 @@ pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Audit journal of issued certificates (JSON lines).
+    #[serde(default = "default_journal")]
     pub journal: PathBuf,
-    /// The TLS server certificate children see.
-    pub tls: TlsConfig,
+    /// The TLS server certificate children see. As an IoT Edge module it may be left out:
+    /// the module then gets one from the workload API.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub limits: Limits,
     /// Named sets of client trust anchors (bootstrap / factory CAs). The name `issuer` is
@@ -43,6 +47,10 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// The EST labels served. A label without `name` serves the unlabeled path.
     pub labels: Vec<LabelConfig>,
+}
+
+fn default_journal() -> PathBuf {
+    PathBuf::from("journal.jsonl")
 }
 
 pub fn default_listen() -> SocketAddr {

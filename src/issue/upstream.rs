@@ -431,11 +431,7 @@ impl CacertsCache {
         {
             return Ok(hit);
         }
-        match upstream
-            .cacerts(label)
-            .await
-            .and_then(CachedChain::new)
-        {
+        match upstream.cacerts(label).await.and_then(CachedChain::new) {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 if let Ok(mut entries) = self.entries.lock() {
