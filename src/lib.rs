@@ -12,6 +12,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod est;
 pub mod issue;
 pub mod journal;

@@ -50,6 +50,12 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Liveness probe for container health checks: exits 0 if the EST listener answers.
+    Health {
+        /// The listener to probe.
+        #[arg(long, default_value = "127.0.0.1:8085")]
+        addr: SocketAddr,
+    },
     /// Reads a password on standard input and prints its argon2id hash for `users`.
     HashPassword,
     /// Loads and validates a configuration file, then exits.
@@ -89,6 +95,14 @@ fn main() -> anyhow::Result<()> {
             let (config, base) = load(&config)?;
             edge_est::runtime::Runtime::build(&config, &base)?;
             println!("configuration is valid: {} label(s)", config.labels.len());
+            Ok(())
+        }
+        Command::Health { addr } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = runtime
+                .block_on(edge_est::health::probe(addr, std::time::Duration::from_secs(5)))
+                .map_err(anyhow::Error::msg)?;
+            println!("{status}");
             Ok(())
         }
         Command::Demo { dir } => {

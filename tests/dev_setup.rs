@@ -178,3 +178,21 @@ fn password_from_the_environment() {
     assert_eq!(stdout(&enroll("env-secret-1")), "200");
     assert_eq!(stdout(&enroll("wrong")), "401");
 }
+
+#[test]
+fn health_probe_answers_for_a_running_server_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let probe = |port: u16| {
+        Command::new(env!("CARGO_BIN_EXE_edge-est"))
+            .args(["health", "--addr", &format!("127.0.0.1:{port}")])
+            .output()
+            .unwrap()
+    };
+    let down = probe(port);
+    assert!(!down.status.success(), "nothing listens yet");
+    let _server = start(dir.path(), port, Some("pw"));
+    let up = probe(port);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(String::from_utf8_lossy(&up.stdout).starts_with("HTTP/1.1 200"));
+}
