@@ -160,7 +160,7 @@ impl App {
             .map_err(|e| RequestError::NotFound(e.to_string()))?;
         let label_rt = runtime.label(&label).ok_or_else(|| {
             RequestError::NotFound(match &label {
-                Some(l) => format!("no EST label {l:?} here"),
+                Some(l) => format!("no EST label \"{l}\" here"),
                 None => "this server serves EST only under a label: /.well-known/est/<label>/<operation>".to_owned(),
             })
         })?;
@@ -298,7 +298,13 @@ impl App {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
+        if let Some(declared) = declared.filter(|n| *n > limit as u64) {
+            // Read and drop a body we can afford to, so the client reads our 413 rather than
+            // a reset; past that, close at once.
+            if declared <= (limit + DRAIN_CAP) as u64 {
+                let timeout = Duration::from_secs(runtime.limits.body_timeout_secs);
+                read_body(request.into_body(), limit, timeout).await?;
+            }
             return Err(RequestError::BodyTooLarge(limit));
         }
         let identity = self
