@@ -27,17 +27,27 @@ async fn probe_inner(addr: SocketAddr) -> Result<String, String> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let name = ServerName::IpAddress(addr.ip().into());
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
-    let request = format!("GET /.well-known/est/cacerts HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-    tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let request = format!(
+        "GET /.well-known/est/cacerts HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let mut head = [0u8; 64];
     let n = tls.read(&mut head).await.map_err(|e| e.to_string())?;
-    let line = String::from_utf8_lossy(&head[..n]).lines().next().unwrap_or_default().to_owned();
+    let line = String::from_utf8_lossy(&head[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     if line.starts_with("HTTP/1.1 ") {
         Ok(line)
     } else {
@@ -67,7 +77,12 @@ impl ServerCertVerifier for AnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -76,7 +91,12 @@ impl ServerCertVerifier for AnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -98,9 +98,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health { addr } => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let status = runtime
-                .block_on(edge_est::health::probe(addr, std::time::Duration::from_secs(5)))
+                .block_on(edge_est::health::probe(
+                    addr,
+                    std::time::Duration::from_secs(5),
+                ))
                 .map_err(anyhow::Error::msg)?;
             println!("{status}");
             Ok(())

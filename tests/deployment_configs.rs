@@ -15,7 +15,8 @@ fn layered_examples_validate() {
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let config = Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let config =
+                Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             if let Err(e) = Runtime::build(&config, dir.path()) {
                 panic!("{} does not validate: {e}", path.display());
             }
@@ -32,6 +33,12 @@ fn a_broken_example_names_the_field() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deployment/layered/middle.toml");
     let mut config = Config::from_file(&path).unwrap();
     config.labels[0].upstream = Some("nowhere".into());
-    let error = Runtime::build(&config, dir.path()).err().expect("refused").to_string();
-    assert!(error.contains("labels[0].upstream") && error.contains("nowhere"), "{error}");
+    let error = Runtime::build(&config, dir.path())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("labels[0].upstream") && error.contains("nowhere"),
+        "{error}"
+    );
 }

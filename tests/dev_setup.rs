@@ -193,6 +193,10 @@ fn health_probe_answers_for_a_running_server_only() {
     assert!(!down.status.success(), "nothing listens yet");
     let _server = start(dir.path(), port, Some("pw"));
     let up = probe(port);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     assert!(String::from_utf8_lossy(&up.stdout).starts_with("HTTP/1.1 200"));
 }
