@@ -31,3 +31,39 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     let max_connections = app.runtime().limits.max_connections;
     crate::transport::serve(listener, app, max_connections, shutdown).await;
 }
+
+/// The whole life of a server process: EST on `listener` and, if given, Prometheus metrics
+/// on `metrics` (see [`crate::metrics::serve`]) until `shutdown` completes. Then it stops
+/// accepting, lets in-flight requests finish (bounded by the transport's drain timeout),
+/// stops the metrics listener and closes the journal: every certificate handed out is on
+/// disk when this returns.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    let metrics_task = metrics.map(|listener| {
+        let source = app.clone();
+        let mut stopped = metrics_stopped.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::new(move || source.render_metrics()),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        ))
+    });
+    run(listener, app.clone(), shutdown).await;
+    let _ = stop_metrics.send(true);
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    match app.journal().close().await {
+        Ok(()) => {
+            tracing::info!(journal = %app.journal().path().display(), "journal flushed and closed")
+        }
+        Err(e) => tracing::error!(error = %e, "the journal could not be flushed on shutdown"),
+    }
+}

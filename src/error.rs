@@ -1,6 +1,6 @@
 //! The one place where errors of every layer become HTTP answers. Statuses follow RFC 7030:
-//! 400 malformed, 401 unauthenticated, 403 refused by policy, 404, 405, 413, 415; 5xx only
-//! for our own failures. Bodies are `text/plain` and say what was wrong.
+//! 400 malformed, 401 unauthenticated, 403 refused by policy, 404, 405, 413, 415, 429 rate
+//! limited (with `Retry-After`); 5xx only for our own failures. Bodies are `text/plain` and say what was wrong.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -45,6 +45,12 @@ pub enum RequestError {
     KeyGeneration(String),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("too many requests from {scope}: retry after {retry_after} s")]
+    RateLimited {
+        /// `this address` or `this identity`.
+        scope: &'static str,
+        retry_after: u64,
+    },
 }
 
 impl RequestError {
@@ -57,6 +63,7 @@ impl RequestError {
             RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             RequestError::BodyRead(_) | RequestError::Protocol(_) => StatusCode::BAD_REQUEST,
             RequestError::Auth(_) => StatusCode::UNAUTHORIZED,
+            RequestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             RequestError::Refused(_) => StatusCode::FORBIDDEN,
             RequestError::Issue(_) | RequestError::Journal(_) | RequestError::KeyGeneration(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -67,10 +74,12 @@ impl RequestError {
                 }
                 UpstreamError::Refused { status, .. } => *status,
                 UpstreamError::Pending { .. } => StatusCode::ACCEPTED,
+                // Busy upstream: the child gets the same answer and waits as told.
                 UpstreamError::Unavailable { status, .. }
-                    if *status == StatusCode::SERVICE_UNAVAILABLE =>
+                    if *status == StatusCode::SERVICE_UNAVAILABLE
+                        || *status == StatusCode::TOO_MANY_REQUESTS =>
                 {
-                    StatusCode::SERVICE_UNAVAILABLE
+                    *status
                 }
                 UpstreamError::Unavailable { .. } | UpstreamError::Malformed(_) => {
                     StatusCode::BAD_GATEWAY
@@ -115,6 +124,13 @@ impl RequestError {
                 if let Some(v) = retry_after {
                     headers.insert(RETRY_AFTER, v);
                 }
+            }
+            RequestError::RateLimited { retry_after, .. } => {
+                if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+                    headers.insert(RETRY_AFTER, v);
+                }
+                // The request's body, if any, is not read.
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             // The rest of an oversized or stalled body is not read: close the connection.
             RequestError::BodyTooLarge(_)

@@ -2,7 +2,8 @@
 //!
 //! Writes go to one writer thread that commits in groups: it takes every entry waiting, writes
 //! them, calls `fdatasync` once, and only then releases the requests. Many concurrent
-//! enrollments thus share one disk flush, and nothing blocks the async runtime.
+//! enrollments thus share one disk flush, and nothing blocks the async runtime. On shutdown,
+//! [`Journal::close`] lets the writer finish every entry queued, `fsync` and stop.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -36,6 +37,10 @@ pub struct JournalEntry {
     /// Who signed: `local` (this instance's issuer), or `upstream NAME` when forwarded.
     #[serde(default)]
     pub issued_by: String,
+    /// The client authenticated with a certificate that had expired, accepted within its
+    /// label's grace window to renew the same subject (`grace_expired_secs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grace_renewal: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +51,21 @@ pub enum JournalError {
     Write(String),
 }
 
-type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+type Done = oneshot::Sender<Result<(), String>>;
+
+/// What the writer thread is asked to do.
+enum Message {
+    /// Append a line (newline included) and flush it.
+    Write(Vec<u8>, Done),
+    /// Finish what was queued before, `fsync`, and stop.
+    Close(Done),
+}
 
 /// Handle to the journal; cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
     path: PathBuf,
-    queue: mpsc::Sender<Pending>,
+    queue: mpsc::Sender<Message>,
 }
 
 /// Entries committed per flush at most, to bound the latency of the first in a burst.
@@ -72,7 +85,7 @@ impl Journal {
             .open(path)
             .map_err(fail)?;
         terminate_torn_line(&mut file).map_err(fail)?;
-        let (queue, receiver) = mpsc::channel::<Pending>();
+        let (queue, receiver) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name("edge-est-journal".into())
             .spawn(move || writer(file, receiver))
@@ -93,11 +106,25 @@ impl Journal {
         line.push(b'\n');
         let (done, wait) = oneshot::channel();
         self.queue
-            .send((line, done))
+            .send(Message::Write(line, done))
             .map_err(|_| JournalError::Write("the journal writer has stopped".into()))?;
         wait.await
             .map_err(|_| JournalError::Write("the journal writer has stopped".into()))?
             .map_err(JournalError::Write)
+    }
+
+    /// Stops the journal: every entry queued before is written and flushed, the file is
+    /// `fsync`ed, and the writer thread ends. Later `record`s (from any clone) fail, so no
+    /// certificate is handed out unrecorded. Closing twice is harmless.
+    pub async fn close(&self) -> Result<(), JournalError> {
+        let (done, wait) = oneshot::channel();
+        if self.queue.send(Message::Close(done)).is_err() {
+            return Ok(()); // already stopped
+        }
+        match wait.await {
+            Ok(result) => result.map_err(JournalError::Write),
+            Err(_) => Ok(()), // stopped by an earlier close
+        }
     }
 
     /// Reads every entry of a journal file (for tests and tools). Torn lines are skipped.
@@ -127,25 +154,41 @@ fn terminate_torn_line(file: &mut File) -> std::io::Result<()> {
     Ok(())
 }
 
-fn writer(mut file: File, receiver: mpsc::Receiver<Pending>) {
+fn writer(mut file: File, receiver: mpsc::Receiver<Message>) {
     while let Ok(first) = receiver.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match receiver.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
+        let mut group = Vec::new();
+        let mut close = None;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Write(line, done) => group.push((line, done)),
+                Message::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if group.len() < MAX_GROUP {
+                next = receiver.try_recv().ok();
             }
         }
-        let mut buffer = Vec::with_capacity(group.iter().map(|(l, _)| l.len()).sum());
-        for (line, _) in &group {
-            buffer.extend_from_slice(line);
+        if !group.is_empty() {
+            let mut buffer = Vec::with_capacity(group.iter().map(|(l, _)| l.len()).sum());
+            for (line, _) in &group {
+                buffer.extend_from_slice(line);
+            }
+            let result = file
+                .write_all(&buffer)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| e.to_string());
+            for (_, done) in group {
+                let _ = done.send(result.clone());
+            }
         }
-        let result = file
-            .write_all(&buffer)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| e.to_string());
-        for (_, done) in group {
-            let _ = done.send(result.clone());
+        if let Some(done) = close {
+            let _ = done.send(file.sync_all().map_err(|e| e.to_string()));
+            // Dropping the receiver fails every later `record` and every message queued after
+            // the close: nothing is accepted that will not be written.
+            return;
         }
     }
 }
@@ -169,6 +212,7 @@ mod tests {
             sha256: "00".into(),
             certificate: "MA==".into(),
             issued_by: "local".into(),
+            grace_renewal: false,
         }
     }
 
@@ -196,6 +240,42 @@ mod tests {
         assert_eq!(
             serials,
             (0..50).map(|i| format!("{i:02x}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn close_flushes_what_was_queued_then_refuses_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let journal = Journal::open(&path).unwrap();
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let j = journal.clone();
+                tokio::spawn(async move { j.record(&entry(&format!("{i:02x}"))).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let mut grace = entry("ff");
+        grace.grace_renewal = true;
+        let last = {
+            let j = journal.clone();
+            tokio::spawn(async move { j.record(&grace).await })
+        };
+        last.await.unwrap().unwrap();
+        journal.close().await.unwrap();
+        journal.close().await.unwrap();
+        assert!(journal.record(&entry("00")).await.is_err());
+        let entries = Journal::read_all(&path).unwrap();
+        assert_eq!(entries.len(), 21);
+        assert!(entries[20].grace_renewal);
+        assert!(entries[..20].iter().all(|e| !e.grace_renewal));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.matches("grace_renewal").count(),
+            1,
+            "only written when true"
         );
     }
 

@@ -42,6 +42,10 @@ enum Command {
         /// Listen address; overrides the configuration's.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Address of the Prometheus metrics listener (plain HTTP, GET /metrics); overrides
+        /// the configuration's `metrics_listen`. Off unless given one way or the other.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Starts a three-layer hierarchy on loopback and enrolls a child IoT Edge device
     /// through it: identity certificate, Edge CA, renewal. Exits non-zero on any failure.
@@ -130,12 +134,13 @@ fn main() -> anyhow::Result<()> {
             config,
             data_dir,
             listen,
+            metrics_listen,
         } => {
             init_logging(cli.log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(serve(config, data_dir, listen))
+            runtime.block_on(serve(config, data_dir, listen, metrics_listen))
         }
     }
 }
@@ -150,7 +155,14 @@ async fn serve(
     config: Option<PathBuf>,
     data_dir: PathBuf,
     listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
+    // Inside an IoT Edge module (IOTEDGE_WORKLOADURI set) and without --config: the module
+    // twin configures the server (see `edge_est::edge`).
+    if config.is_none() && edge_est::edge::EdgeEnv::present(|k| std::env::var(k).ok()) {
+        let env = edge_est::edge::EdgeEnv::from_process()?;
+        return Ok(edge_est::edge::run(env, shutdown_signal()).await?);
+    }
     let (mut config, base, dev_setup) = match config {
         Some(path) => {
             let (config, base) = load(&path)?;
@@ -167,6 +179,9 @@ async fn serve(
     if let Some(listen) = listen {
         config.listen = listen;
     }
+    if let Some(metrics_listen) = metrics_listen {
+        config.metrics_listen = Some(metrics_listen);
+    }
     let app = edge_est::app::build(&config, &base)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -176,7 +191,17 @@ async fn serve(
     if let Some(setup) = &dev_setup {
         print_dev_instructions(setup, local);
     }
-    edge_est::app::run(listener, app, shutdown_signal()).await;
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            tracing::info!(listen = %metrics.local_addr()?, "serving Prometheus metrics at /metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
+    edge_est::app::serve(listener, metrics, app, shutdown_signal()).await;
     tracing::info!("edge-est stopped");
     Ok(())
 }

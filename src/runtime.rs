@@ -20,6 +20,8 @@ use crate::policy::Policy;
 
 pub struct Runtime {
     pub tls: Arc<ServerConfig>,
+    /// When the TLS server certificate expires (for the metrics).
+    pub tls_not_after: Option<time::OffsetDateTime>,
     pub limits: Limits,
     pub users: UserDb,
     labels: HashMap<Option<Label>, Arc<LabelRuntime>>,
@@ -64,6 +66,11 @@ impl Runtime {
         self.labels.get(label)
     }
 
+    /// Every label served, in no particular order.
+    pub fn labels(&self) -> impl Iterator<Item = &Arc<LabelRuntime>> {
+        self.labels.values()
+    }
+
     /// Loads and validates a whole configuration. Relative file paths are resolved against
     /// `base` (the configuration file's directory).
     pub fn build(config: &Config, base: &Path) -> Result<Runtime, ConfigError> {
@@ -79,6 +86,14 @@ impl Runtime {
         let tls_key = read_file(base, &tls_config.key)?;
         let tls = crate::transport::tls::server_config(&tls_chain, &tls_key)
             .map_err(|e| ConfigError::invalid("tls", e))?;
+        let tls_not_after = CertificateDer::pem_slice_iter(tls_chain.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .and_then(|der| {
+                x509_parser::parse_x509_certificate(&der)
+                    .ok()
+                    .map(|(_, c)| c.validity().not_after.to_datetime())
+            });
 
         let mut trust_sets: BTreeMap<String, Arc<TrustSet>> = BTreeMap::new();
         for (name, set) in &config.trust {
@@ -205,6 +220,7 @@ impl Runtime {
                         certificate: label.authentication.certificate,
                         basic: label.authentication.basic,
                         require_both: label.authentication.require_both,
+                        grace_expired: std::time::Duration::from_secs(label.grace_expired_secs),
                     },
                     anonymous_cacerts: label.authentication.anonymous_cacerts,
                     trust,
@@ -229,6 +245,7 @@ impl Runtime {
 
         Ok(Runtime {
             tls: Arc::new(tls),
+            tls_not_after,
             limits: config.limits.clone(),
             users,
             labels,

@@ -1,7 +1,7 @@
 //! The EST request handler: route → authenticate → read and check the CSR → authorize →
 //! issue → journal → answer. Errors of every step go through `error::RequestError`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,8 @@ use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
 use crate::issue::{CacertsCache, IssueError, Profile, UpstreamError};
 use crate::journal::{Journal, JournalEntry};
+use crate::limits::{Rate, RateLimiter};
+use crate::metrics::{LimitScope, Metrics, RefusedBecause, Snapshot};
 use crate::policy::Grant;
 use crate::runtime::{LabelRuntime, Runtime};
 use crate::transport::{Connection, ConnectionLimits, Service};
@@ -39,19 +41,24 @@ pub struct App {
     journal: Journal,
     /// Upstream CA chains, kept across reconfigurations.
     cacerts: CacertsCache,
-    tls_handshakes: AtomicU64,
-    /// Requests routed to each operation (in `Operation::ALL` order), whatever their outcome.
-    requests: [AtomicU64; 5],
+    /// Counters, gauges and histograms (Prometheus), kept across reconfigurations.
+    metrics: Arc<Metrics>,
+    /// Token buckets per client address and per identity, kept across reconfigurations (the
+    /// rates come from the running configuration).
+    address_limits: RateLimiter<IpAddr>,
+    identity_limits: RateLimiter<String>,
 }
 
 impl App {
     pub fn new(runtime: Runtime, journal: Journal) -> App {
+        let metrics = Arc::new(Metrics::new());
         App {
             runtime: ArcSwap::from_pointee(runtime),
             journal,
-            cacerts: CacertsCache::default(),
-            tls_handshakes: AtomicU64::new(0),
-            requests: Default::default(),
+            cacerts: CacertsCache::with_metrics(metrics.clone()),
+            metrics,
+            address_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            identity_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
         }
     }
 
@@ -70,17 +77,103 @@ impl App {
 
     /// Requests routed to `operation` since start.
     pub fn requests(&self, operation: Operation) -> u64 {
-        let index = Operation::ALL
-            .iter()
-            .position(|o| *o == operation)
-            .unwrap_or(0);
-        self.requests[index].load(Ordering::Relaxed)
+        self.metrics.routed_count(operation)
     }
 
     /// TLS handshakes completed since start.
     pub fn tls_handshakes(&self) -> u64 {
-        self.tls_handshakes.load(Ordering::Relaxed)
+        self.metrics.tls_handshakes()
     }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Sets the `edgeest_config_version` gauge (e.g. to the module twin's `$version`).
+    pub fn set_config_version(&self, version: i64) {
+        self.metrics.set_config_version(version);
+    }
+
+    /// Buckets kept by the per-address and per-identity rate limits (bounded by
+    /// `limits::MAX_TRACKED` each).
+    pub fn rate_limit_buckets(&self) -> (usize, usize) {
+        (self.address_limits.len(), self.identity_limits.len())
+    }
+
+    /// The metrics in the Prometheus text format, with the certificate expiries of the
+    /// running configuration.
+    pub fn render_metrics(&self) -> String {
+        let runtime = self.runtime.load();
+        let now = OffsetDateTime::now_utc();
+        let seconds_left = |t: OffsetDateTime| (t - now).as_seconds_f64();
+        let mut issuer_expiry: Vec<(String, f64)> = runtime
+            .labels()
+            .filter_map(|l| {
+                let not_after = match (&l.local, &l.upstream) {
+                    (Some(local), _) => Some(local.not_after()),
+                    (None, Some(upstream)) => self
+                        .cacerts
+                        .peek(upstream, l.upstream_label.as_deref())
+                        .and_then(|c| {
+                            x509_parser::parse_x509_certificate(c.chain.first()?)
+                                .ok()
+                                .map(|(_, cert)| cert.validity().not_after.to_datetime())
+                        }),
+                    (None, None) => None,
+                };
+                not_after.map(|t| (l.display_name().to_owned(), seconds_left(t)))
+            })
+            .collect();
+        issuer_expiry.sort_by(|a, b| a.0.cmp(&b.0));
+        self.metrics.render(&Snapshot {
+            issuer_expiry,
+            server_certificate_expiry: runtime.tls_not_after.map(seconds_left),
+        })
+    }
+
+    /// Takes a token from `key`'s bucket of `scope`; 429 when it is empty.
+    fn rate_limit(&self, runtime: &Runtime, key: RateKey) -> Result<(), RequestError> {
+        let limits = &runtime.limits;
+        let now = Instant::now();
+        let scope = match key {
+            RateKey::Address(_) => LimitScope::Address,
+            RateKey::Identity(_) => LimitScope::Identity,
+        };
+        let checked = match key {
+            RateKey::Address(ip) => self.address_limits.check(
+                crate::limits::address_key(ip),
+                Rate {
+                    per_second: limits.rate_per_address,
+                    burst: limits.burst_per_address,
+                },
+                now,
+            ),
+            RateKey::Identity(id) => self.identity_limits.check(
+                id,
+                Rate {
+                    per_second: limits.rate_per_identity,
+                    burst: limits.burst_per_identity,
+                },
+                now,
+            ),
+        };
+        checked.map_err(|wait| {
+            self.metrics.rate_limited(scope);
+            RequestError::RateLimited {
+                scope: match scope {
+                    LimitScope::Address => "this address",
+                    LimitScope::Identity => "this identity",
+                },
+                retry_after: crate::limits::retry_after_secs(wait),
+            }
+        })
+    }
+}
+
+/// What a rate limit is kept by.
+enum RateKey {
+    Address(IpAddr),
+    Identity(String),
 }
 
 impl Service for App {
@@ -89,7 +182,19 @@ impl Service for App {
     }
 
     fn on_handshake(&self) {
-        self.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.tls_handshake();
+    }
+
+    fn on_refused(&self, because: RefusedBecause) {
+        self.metrics.connection_refused(because);
+    }
+
+    fn on_connection_open(&self) {
+        self.metrics.connection_opened();
+    }
+
+    fn on_connection_close(&self) {
+        self.metrics.connection_closed();
     }
 
     fn connection_limits(&self) -> ConnectionLimits {
@@ -97,6 +202,7 @@ impl Service for App {
         ConnectionLimits {
             handshake_timeout: Duration::from_secs(rt.limits.handshake_timeout_secs),
             header_timeout: Duration::from_secs(rt.limits.header_timeout_secs),
+            max_per_address: rt.limits.max_connections_per_address,
         }
     }
 
@@ -116,6 +222,12 @@ impl Service for App {
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let label = trace.label.as_deref().unwrap_or("-");
         let identity = trace.identity.as_deref().unwrap_or("-");
+        let status = match &result {
+            Ok(response) => response.status(),
+            Err(error) => error.status(),
+        };
+        self.metrics
+            .request(label, trace.operation.unwrap_or("-"), status.as_u16());
         match result {
             Ok(response) => {
                 tracing::info!(
@@ -143,6 +255,8 @@ impl Service for App {
 #[derive(Default)]
 struct Trace {
     label: Option<String>,
+    /// The operation routed to, for the metrics.
+    operation: Option<&'static str>,
     identity: Option<String>,
     serial: Option<String>,
     basic_realm: bool,
@@ -156,18 +270,21 @@ impl App {
         connection: &Connection,
         trace: &mut Trace,
     ) -> Result<Response<Full<Bytes>>, RequestError> {
-        let (label, operation) = est::route::route(request.uri().path())
-            .map_err(|e| RequestError::NotFound(e.to_string()))?;
+        let routed = est::route::route(request.uri().path());
+        if let Ok((label, operation)) = &routed {
+            trace.operation = Some(operation.as_str());
+            trace.label = runtime.label(label).map(|l| l.display_name().to_owned());
+        }
+        // Before anything that costs: no password check, no CSR parsing for a flood.
+        self.rate_limit(runtime, RateKey::Address(connection.remote.ip()))?;
+        let (label, operation) = routed.map_err(|e| RequestError::NotFound(e.to_string()))?;
         let label_rt = runtime.label(&label).ok_or_else(|| {
             RequestError::NotFound(match &label {
                 Some(l) => format!("no EST label \"{l}\" here"),
                 None => "this server serves EST only under a label: /.well-known/est/<label>/<operation>".to_owned(),
             })
         })?;
-        if let Some(index) = Operation::ALL.iter().position(|o| *o == operation) {
-            self.requests[index].fetch_add(1, Ordering::Relaxed);
-        }
-        trace.label = Some(label_rt.display_name().to_owned());
+        self.metrics.routed(operation);
         trace.basic_realm = label_rt.auth.basic;
         if request.method() != operation.method() {
             return Err(RequestError::MethodNotAllowed {
@@ -265,6 +382,12 @@ impl App {
         )
         .await?;
         trace.identity = Some(identity.to_string());
+        let key = match (&identity.certificate, &identity.user) {
+            (Some(cert), _) => format!("certificate {} {}", cert.trust, cert.serial),
+            (None, Some(user)) => format!("user {user}"),
+            (None, None) => "anonymous".to_owned(),
+        };
+        self.rate_limit(runtime, RateKey::Identity(key))?;
         Ok(identity)
     }
 
@@ -277,6 +400,7 @@ impl App {
         connection: &Connection,
         trace: &mut Trace,
     ) -> Result<Response<Full<Bytes>>, RequestError> {
+        let started = Instant::now();
         if operation == Operation::ServerKeygen && label_rt.serverkeygen == ServerKeygen::Off {
             return Err(RequestError::NotFound(format!(
                 "serverkeygen is not offered on label {}",
@@ -356,6 +480,15 @@ impl App {
             },
         };
         trace.serial = Some(issuance.serial.clone());
+        let grace_renewal = identity.certificate.as_ref().is_some_and(|c| c.grace);
+        if let Some(cert) = identity.certificate.as_ref().filter(|c| c.grace) {
+            tracing::warn!(
+                label = label_rt.display_name(), identity = %identity,
+                expired_serial = %cert.serial, expired_at = %rfc3339(cert.not_after),
+                serial = %issuance.serial,
+                "grace renewal: a certificate that has expired renewed itself within the label's grace window"
+            );
+        }
 
         let entry = JournalEntry {
             time: rfc3339(OffsetDateTime::now_utc()),
@@ -371,12 +504,20 @@ impl App {
             sha256: issuance.sha256.clone(),
             certificate: base64::engine::general_purpose::STANDARD.encode(&issuance.certs[0]),
             issued_by: issuance.issued_by.clone(),
+            grace_renewal,
         };
         self.journal.record(&entry).await?;
 
         let certs: Vec<&[u8]> = issuance.certs.iter().map(Vec::as_slice).collect();
         let pkcs7 = est::pkcs7::encode_certs_only(&certs)
             .map_err(|e| RequestError::Issue(IssueError::Sign(e.to_string())))?;
+        let backend = if issuance.issued_by == "local" {
+            "local"
+        } else {
+            "upstream"
+        };
+        self.metrics
+            .issuance(label_rt.display_name(), backend, started.elapsed());
         Ok(match generated {
             Some((key, _)) => {
                 let multipart = est::multipart::serverkeygen_answer(&key.serialize_der(), &pkcs7);
@@ -434,9 +575,13 @@ impl App {
             Some(key) => crate::issue::local::request_for(request.grant, key)?,
             None => request.csr.der().to_vec(),
         };
-        let certs = upstream
+        let asked = Instant::now();
+        let answer = upstream
             .enroll(label_rt.upstream_label.as_deref(), &csr_der)
-            .await?;
+            .await;
+        self.metrics
+            .upstream(&upstream.name, "simpleenroll", asked.elapsed(), &answer);
+        let certs = answer?;
         let malformed = |m: String| RequestError::Upstream(UpstreamError::Malformed(m));
         let leaf = certs
             .first()

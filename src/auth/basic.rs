@@ -3,11 +3,14 @@
 //! One argon2 verification costs tens of milliseconds of CPU and ~19 MiB, and IoT Edge's
 //! client sends Basic credentials on every request. So verifications run on the blocking pool
 //! behind a small semaphore, and a success is remembered for a few minutes under a keyed hash
-//! of user and password (the password itself is never stored).
+//! of user, password and stored hash (the password itself is never stored). The memory of
+//! successes is kept for the whole process, across reconfigurations: a configuration change
+//! does not make every device pay an argon2 verification again (nor grow the heap by one
+//! argon2 working area per concurrent check); a changed password hash does not match it.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
@@ -29,9 +32,30 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$
 
 pub struct UserDb {
     users: HashMap<String, String>,
-    cache: Mutex<LruCache<[u8; 32], Instant>>,
-    cache_key: hmac::Key,
+    cache: &'static SuccessCache,
     checks: Arc<Semaphore>,
+}
+
+/// Successful verifications, by keyed hash; one per process.
+struct SuccessCache {
+    entries: Mutex<LruCache<[u8; 32], Instant>>,
+    key: hmac::Key,
+}
+
+fn success_cache() -> Result<&'static SuccessCache, String> {
+    static CACHE: OnceLock<SuccessCache> = OnceLock::new();
+    if let Some(cache) = CACHE.get() {
+        return Ok(cache);
+    }
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+        .map_err(|_| "cannot generate a random key".to_owned())?;
+    Ok(CACHE.get_or_init(|| SuccessCache {
+        entries: Mutex::new(LruCache::new(
+            NonZeroUsize::new(CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
+        )),
+        key,
+    }))
 }
 
 impl UserDb {
@@ -45,15 +69,9 @@ impl UserDb {
             PasswordHash::new(hash)
                 .map_err(|e| format!("users.{user}: not an argon2 PHC hash: {e}"))?;
         }
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let cache_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
-            .map_err(|_| "cannot generate a random key".to_owned())?;
         Ok(UserDb {
             users: users.iter().map(|(u, h)| (u.clone(), h.clone())).collect(),
-            cache: Mutex::new(LruCache::new(
-                NonZeroUsize::new(CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
-            )),
-            cache_key,
+            cache: success_cache()?,
             checks: Arc::new(Semaphore::new(concurrent_checks.max(1))),
         })
     }
@@ -64,8 +82,9 @@ impl UserDb {
 
     /// Verifies a password; true only for a known user with the right password.
     pub async fn verify(&self, user: &str, password: &str) -> bool {
-        let tag = self.cache_tag(user, password);
-        if let Ok(mut cache) = self.cache.lock() {
+        let known = self.users.get(user);
+        let tag = self.cache_tag(user, password, known.map_or("", String::as_str));
+        if let Ok(mut cache) = self.cache.entries.lock() {
             if let Some(expiry) = cache.get(&tag) {
                 if *expiry > Instant::now() {
                     return true;
@@ -73,7 +92,6 @@ impl UserDb {
                 cache.pop(&tag);
             }
         }
-        let known = self.users.get(user);
         let hash = known.cloned().unwrap_or_else(|| DUMMY_HASH.to_owned());
         let password = password.to_owned();
         let Ok(_permit) = self.checks.acquire().await else {
@@ -92,17 +110,19 @@ impl UserDb {
         .unwrap_or(false);
         let ok = matches && known.is_some();
         if ok {
-            if let Ok(mut cache) = self.cache.lock() {
+            if let Ok(mut cache) = self.cache.entries.lock() {
                 cache.put(tag, Instant::now() + CACHE_TTL);
             }
         }
         ok
     }
 
-    fn cache_tag(&self, user: &str, password: &str) -> [u8; 32] {
-        let mut ctx = hmac::Context::with_key(&self.cache_key);
+    fn cache_tag(&self, user: &str, password: &str, hash: &str) -> [u8; 32] {
+        let mut ctx = hmac::Context::with_key(&self.cache.key);
         ctx.update(&(user.len() as u64).to_be_bytes());
         ctx.update(user.as_bytes());
+        ctx.update(&(hash.len() as u64).to_be_bytes());
+        ctx.update(hash.as_bytes());
         ctx.update(password.as_bytes());
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.sign().as_ref());
@@ -185,6 +205,23 @@ mod tests {
         assert!(!db.verify("estuser", "wrong").await);
         assert!(!db.verify("nobody", "right").await);
         assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+
+        // A rebuilt database (a reconfiguration) remembers the success: no argon2 at all,
+        // even with no check allowed to run.
+        let rebuilt = UserDb::new(&users, 1).unwrap();
+        let _all = rebuilt.checks.clone().acquire_many_owned(1).await.unwrap();
+        let remembered = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rebuilt.verify("estuser", "right"),
+        )
+        .await;
+        assert_eq!(remembered, Ok(true));
+        // A new hash for the user (a password change) is not matched by the old success.
+        let mut changed = users.clone();
+        changed.insert("estuser".to_owned(), hash_password("other").unwrap());
+        let changed = UserDb::new(&changed, 2).unwrap();
+        assert!(!changed.verify("estuser", "right").await);
+        assert!(changed.verify("estuser", "other").await);
     }
 
     #[test]

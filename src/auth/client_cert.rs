@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ::time::OffsetDateTime;
 use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
@@ -70,6 +70,11 @@ pub struct CertIdentity {
     pub not_after: OffsetDateTime,
     /// The trust set that vouched for it.
     pub trust: String,
+    /// Whether it is a CA certificate (basicConstraints CA:TRUE).
+    pub ca: bool,
+    /// It had expired, and was accepted within the label's grace window: it may only renew
+    /// its own subject and subjectAltNames (see `policy`).
+    pub grace: bool,
 }
 
 impl fmt::Display for CertIdentity {
@@ -87,18 +92,92 @@ pub fn verify(
     known_intermediates: &[CertificateDer<'static>],
     now: SystemTime,
 ) -> Result<CertIdentity, String> {
-    let (leaf, presented_intermediates) = chain.split_first().ok_or("no certificate presented")?;
-    let end_entity =
-        EndEntityCert::try_from(leaf).map_err(|e| format!("unparseable certificate: {e:?}"))?;
+    verify_with_grace(chain, trust, known_intermediates, now, Duration::ZERO)
+}
+
+/// [`verify`], with a grace window for an expired leaf: when the chain fails only because the
+/// client's certificate expired less than `grace` ago, it is verified again as of its own
+/// notAfter, and if it was valid then, the identity is accepted marked [`CertIdentity::grace`].
+pub fn verify_with_grace(
+    chain: &[CertificateDer<'static>],
+    trust: &[Arc<TrustSet>],
+    known_intermediates: &[CertificateDer<'static>],
+    now: SystemTime,
+    grace: Duration,
+) -> Result<CertIdentity, String> {
+    let now_unix = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    match verify_at(chain, trust, known_intermediates, now_unix) {
+        Err(Failure::Chain(webpki::Error::CertExpired { not_after, .. })) if !grace.is_zero() => {
+            let expired_for = now_unix.saturating_sub(Duration::from_secs(not_after.as_secs()));
+            let leaf_not_after = chain
+                .first()
+                .and_then(|leaf| X509Certificate::from_der(leaf).ok())
+                .map(|(_, c)| c.validity().not_after.timestamp());
+            // Only the client's own certificate gets grace, not an expired CA above it.
+            let leaf_expired = leaf_not_after == i64::try_from(not_after.as_secs()).ok();
+            if !leaf_expired || expired_for > grace {
+                let expired = explain(webpki::Error::CertExpired {
+                    time: UnixTime::since_unix_epoch(now_unix),
+                    not_after,
+                });
+                return Err(if leaf_expired {
+                    format!(
+                        "{expired}, longer ago than this label's grace window ({} s)",
+                        grace.as_secs()
+                    )
+                } else {
+                    expired
+                });
+            }
+            let then = Duration::from_secs(not_after.as_secs());
+            match verify_at(chain, trust, known_intermediates, then) {
+                Ok(mut identity) => {
+                    identity.grace = true;
+                    Ok(identity)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Ok(identity) => Ok(identity),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Why a chain was not accepted.
+enum Failure {
+    Chain(webpki::Error),
+    Other(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Chain(e) => f.write_str(&explain(e.clone())),
+            Failure::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+/// Verifies the chain as of `time` (since the Unix epoch); the most telling error on failure.
+fn verify_at(
+    chain: &[CertificateDer<'static>],
+    trust: &[Arc<TrustSet>],
+    known_intermediates: &[CertificateDer<'static>],
+    time: Duration,
+) -> Result<CertIdentity, Failure> {
+    let (leaf, presented_intermediates) = chain
+        .split_first()
+        .ok_or_else(|| Failure::Other("no certificate presented".into()))?;
+    let end_entity = EndEntityCert::try_from(leaf)
+        .map_err(|e| Failure::Other(format!("unparseable certificate: {e:?}")))?;
     let intermediates: Vec<CertificateDer<'static>> = presented_intermediates
         .iter()
         .chain(known_intermediates)
         .cloned()
         .collect();
-    let time = UnixTime::since_unix_epoch(
-        now.duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default(),
-    );
+    let time = UnixTime::since_unix_epoch(time);
     let algorithms = rustls::crypto::aws_lc_rs::default_provider()
         .signature_verification_algorithms
         .all;
@@ -121,7 +200,7 @@ pub fn verify(
             None,
             only_direct,
         ) {
-            Ok(_) => return describe(leaf, &set.name),
+            Ok(_) => return describe(leaf, &set.name).map_err(Failure::Other),
             // An unknown issuer from one set says less than, e.g., "expired" from the set
             // that knows the issuer: keep the most telling error.
             Err(e) => {
@@ -132,8 +211,8 @@ pub fn verify(
         }
     }
     Err(match best_error {
-        None => "this label trusts no client certificates".to_owned(),
-        Some(e) => explain(e),
+        None => Failure::Other("this label trusts no client certificates".to_owned()),
+        Some(e) => Failure::Chain(e),
     })
 }
 
@@ -181,6 +260,8 @@ fn describe(leaf: &CertificateDer<'_>, trust: &str) -> Result<CertIdentity, Stri
         serial: hex(cert.raw_serial()),
         not_after: cert.validity().not_after.to_datetime(),
         trust: trust.to_owned(),
+        ca: cert.is_ca(),
+        grace: false,
     })
 }
 

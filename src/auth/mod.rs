@@ -44,6 +44,9 @@ pub struct AuthMethods {
     pub certificate: bool,
     pub basic: bool,
     pub require_both: bool,
+    /// Grace window for expired client certificates (zero: none); see
+    /// [`client_cert::verify_with_grace`].
+    pub grace_expired: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -81,11 +84,12 @@ pub async fn authenticate(
     let presented_cert = creds.peer_chain.filter(|c| !c.is_empty());
     let certificate = match presented_cert {
         Some(chain) if methods.certificate => Some(
-            client_cert::verify(
+            client_cert::verify_with_grace(
                 chain,
                 trust,
                 known_intermediates,
                 std::time::SystemTime::now(),
+                methods.grace_expired,
             )
             .map_err(AuthError::Certificate)?,
         ),

@@ -167,6 +167,7 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
             key: server_key,
         }),
         limits: Limits::default(),
+        metrics_listen: None,
         trust: BTreeMap::new(),
         users: BTreeMap::from([(DEV_USER.to_owned(), hash)]),
         issuers: BTreeMap::from([(
@@ -192,6 +193,7 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
             deny: Vec::new(),
             csr_attributes: vec!["ecdsa-with-SHA256".to_owned()],
             serverkeygen: ServerKeygen::EcP256,
+            grace_expired_secs: 0,
         }],
     };
     Ok(DevSetup {

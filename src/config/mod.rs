@@ -28,6 +28,10 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub limits: Limits,
+    /// Address of the Prometheus metrics listener (plain HTTP, `GET /metrics`); absent: no
+    /// metrics listener. As an IoT Edge module the default is `0.0.0.0:9600`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Named sets of client trust anchors (bootstrap / factory CAs). The name `issuer` is
     /// reserved: it means "the CA this label issues from".
     #[serde(default)]
@@ -102,6 +106,19 @@ pub struct Limits {
     pub body_timeout_secs: u64,
     /// argon2 verifications running at once (each costs tens of ms of CPU and ~19 MiB).
     pub password_checks: usize,
+    /// Connections served at once from one address (an IPv6 /64); further ones are closed
+    /// right after accept. 0: no per-address cap.
+    pub max_connections_per_address: usize,
+    /// Requests per second allowed from one address (an IPv6 /64), checked before anything
+    /// else is done for the request; 429 with `Retry-After` above. 0: off.
+    pub rate_per_address: f64,
+    /// Requests one address may send at once after a quiet time (the token bucket's size).
+    pub burst_per_address: f64,
+    /// Requests per second allowed for one authenticated identity (a client certificate, or
+    /// a Basic user); 429 with `Retry-After` above. 0: off.
+    pub rate_per_identity: f64,
+    /// Requests one identity may send at once after a quiet time.
+    pub burst_per_identity: f64,
 }
 
 impl Default for Limits {
@@ -113,6 +130,11 @@ impl Default for Limits {
             header_timeout_secs: 15,
             body_timeout_secs: 20,
             password_checks: 2,
+            max_connections_per_address: 256,
+            rate_per_address: 50.0,
+            burst_per_address: 500.0,
+            rate_per_identity: 20.0,
+            burst_per_identity: 200.0,
         }
     }
 }
@@ -259,6 +281,15 @@ pub struct LabelConfig {
     /// Whether `/serverkeygen` is offered, and which key it makes.
     #[serde(default)]
     pub serverkeygen: ServerKeygen,
+    /// Grace window for expired client certificates: one that expired less than this long
+    /// ago still authenticates, but only to renew its own subject and subjectAltNames. Every
+    /// such renewal is logged as a warning and journaled as a grace renewal. 0 (default): off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub grace_expired_secs: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 pub fn default_client_trust() -> Vec<String> {

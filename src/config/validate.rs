@@ -178,6 +178,18 @@ impl Config {
             }
             Policy::new(&label.rules, &label.deny, &label.client_trust)
                 .map_err(|e| ConfigError::invalid(field("rules"), e))?;
+            if label.grace_expired_secs > 366 * 86_400 {
+                return Err(ConfigError::invalid(
+                    field("grace_expired_secs"),
+                    "must be at most a year (31622400 s)",
+                ));
+            }
+            if label.grace_expired_secs > 0 && !label.authentication.certificate {
+                return Err(ConfigError::invalid(
+                    field("grace_expired_secs"),
+                    "a grace window for expired client certificates needs certificate authentication",
+                ));
+            }
             for attribute in &label.csr_attributes {
                 crate::est::csrattrs::parse_csr_attr(attribute)
                     .map_err(|e| ConfigError::invalid(field("csr_attributes"), e))?;
@@ -206,6 +218,36 @@ fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
     }
     if limits.password_checks == 0 || limits.password_checks > 64 {
         return bad("password_checks", "must be between 1 and 64");
+    }
+    if limits.max_connections_per_address > limits.max_connections {
+        return bad(
+            "max_connections_per_address",
+            "must be at most max_connections (0: no per-address cap)",
+        );
+    }
+    for (rate, burst, rate_field, burst_field) in [
+        (
+            limits.rate_per_address,
+            limits.burst_per_address,
+            "rate_per_address",
+            "burst_per_address",
+        ),
+        (
+            limits.rate_per_identity,
+            limits.burst_per_identity,
+            "rate_per_identity",
+            "burst_per_identity",
+        ),
+    ] {
+        if !rate.is_finite() || !(0.0..=1_000_000.0).contains(&rate) {
+            return bad(rate_field, "must be between 0 (off) and 1000000 per second");
+        }
+        if rate > 0.0 && (!burst.is_finite() || !(1.0..=1_000_000.0).contains(&burst)) {
+            return bad(
+                burst_field,
+                "must be between 1 and 1000000 when the rate is on",
+            );
+        }
     }
     Ok(())
 }

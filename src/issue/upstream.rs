@@ -351,6 +351,14 @@ impl Upstream {
         match status {
             StatusCode::OK => {}
             StatusCode::ACCEPTED => return Err(UpstreamError::Pending { retry_after }),
+            // Rate limited upstream: not a refusal of the request, passed on with Retry-After.
+            StatusCode::TOO_MANY_REQUESTS => {
+                return Err(UpstreamError::Unavailable {
+                    status,
+                    text: text(),
+                    retry_after,
+                })
+            }
             s if s.is_client_error() => {
                 return Err(UpstreamError::Refused {
                     status: s,
@@ -391,6 +399,8 @@ pub struct CachedChain {
 pub struct CacertsCache {
     entries: Mutex<LruCache<String, Arc<CachedChain>>>,
     refresh: tokio::sync::Mutex<()>,
+    /// Counts hits and misses, and times the requests upstream.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for CacertsCache {
@@ -400,13 +410,37 @@ impl Default for CacertsCache {
                 NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
             )),
             refresh: tokio::sync::Mutex::new(()),
+            metrics: None,
         }
     }
 }
 
 impl CacertsCache {
+    /// A cache that reports to `metrics`.
+    pub fn with_metrics(metrics: Arc<crate::metrics::Metrics>) -> CacertsCache {
+        CacertsCache {
+            metrics: Some(metrics),
+            ..CacertsCache::default()
+        }
+    }
+
     fn lookup(&self, key: &str) -> Option<Arc<CachedChain>> {
         self.entries.lock().ok()?.get(key).cloned()
+    }
+
+    /// The cached chain of `upstream` for `label`, fresh or not, without asking upstream.
+    pub fn peek(&self, upstream: &Upstream, label: Option<&str>) -> Option<Arc<CachedChain>> {
+        self.entries
+            .lock()
+            .ok()?
+            .peek(&upstream.url(label, Operation::CaCerts))
+            .cloned()
+    }
+
+    fn count(&self, hit: bool) {
+        if let Some(m) = &self.metrics {
+            m.cacerts_cache(hit);
+        }
     }
 
     /// The upstream's chain for `label`: from cache while fresh, else asked for; on failure
@@ -421,6 +455,7 @@ impl CacertsCache {
             .lookup(&key)
             .filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl)
         {
+            self.count(true);
             return Ok(hit);
         }
         // One refresh at a time: concurrent children wait for it instead of all asking.
@@ -429,9 +464,16 @@ impl CacertsCache {
             .lookup(&key)
             .filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl)
         {
+            self.count(true);
             return Ok(hit);
         }
-        match upstream.cacerts(label).await.and_then(CachedChain::new) {
+        self.count(false);
+        let started = Instant::now();
+        let fetched = upstream.cacerts(label).await;
+        if let Some(m) = &self.metrics {
+            m.upstream(&upstream.name, "cacerts", started.elapsed(), &fetched);
+        }
+        match fetched.and_then(CachedChain::new) {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
                 if let Ok(mut entries) = self.entries.lock() {

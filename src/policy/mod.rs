@@ -48,6 +48,8 @@ pub enum Refusal {
     ReenrollSubjectChanged { requested: String, current: String },
     #[error("simplereenroll must keep the subjectAltNames: the CSR asks for [{requested}], the certificate has [{current}]")]
     ReenrollSansChanged { requested: String, current: String },
+    #[error("{identity} has expired and is accepted within this label's grace window only to renew itself: {reason}")]
+    GraceRenewalOnly { identity: String, reason: String },
 }
 
 #[derive(Clone, Debug)]
@@ -209,6 +211,40 @@ impl Policy {
                 });
             }
         }
+        let ca = csr.requested_ca().is_some_and(|bc| bc.ca);
+        // An expired certificate accepted within the grace window renews itself, nothing else:
+        // the same subject, the same subjectAltNames, the same kind of certificate.
+        if let Some(cert) = identity.certificate.as_ref().filter(|c| c.grace) {
+            let mut current = cert.sans.clone();
+            current.sort();
+            current.dedup();
+            let reason = if subject != &cert.subject {
+                Some(format!(
+                    "the CSR asks for subject \"{subject}\", the certificate has \"{}\"",
+                    cert.subject
+                ))
+            } else if sans != current {
+                Some(format!(
+                    "the CSR asks for subjectAltNames [{}], the certificate has [{}]",
+                    join(&sans),
+                    join(&current)
+                ))
+            } else if ca != cert.ca {
+                Some(if ca {
+                    "the CSR asks for a CA certificate".to_owned()
+                } else {
+                    "the CSR asks for an end-entity certificate".to_owned()
+                })
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(Refusal::GraceRenewalOnly {
+                    identity: who,
+                    reason,
+                });
+            }
+        }
         if subject.is_multi_valued() {
             return Err(Refusal::UnsupportedSubject(
                 "has a multi-valued RDN".to_owned(),
@@ -220,7 +256,6 @@ impl Policy {
             ));
         }
         let cn = subject.common_name().ok_or(Refusal::NoCommonName)?;
-        let ca = csr.requested_ca().is_some_and(|bc| bc.ca);
 
         let vars = Vars {
             cn: identity.cn(),

@@ -1,11 +1,13 @@
-//! The listener: accept loop with a connection cap, TLS handshake with a deadline, HTTP/1.1
-//! with header and idle timeouts, graceful drain on shutdown. Knows nothing of EST.
+//! The listener: accept loop with a connection cap (overall and per client address), TLS
+//! handshake with a deadline, HTTP/1.1 with header and idle timeouts, graceful drain on
+//! shutdown. Knows nothing of EST.
 
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,7 +35,12 @@ pub struct Connection {
 pub struct ConnectionLimits {
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
+    /// Connections at once from one address (an IPv6 /64); 0: no per-address cap.
+    pub max_per_address: usize,
 }
+
+/// Why a connection was closed right after accept.
+pub use crate::metrics::RefusedBecause;
 
 /// The application behind the listener.
 pub trait Service: Send + Sync + 'static {
@@ -41,11 +48,67 @@ pub trait Service: Send + Sync + 'static {
     fn connection_limits(&self) -> ConnectionLimits;
     /// Called after each completed TLS handshake.
     fn on_handshake(&self) {}
+    /// Called when a connection is closed at accept.
+    fn on_refused(&self, _because: RefusedBecause) {}
+    /// Called when a connection is admitted, and when it ends.
+    fn on_connection_open(&self) {}
+    fn on_connection_close(&self) {}
     fn call(
         &self,
         request: Request<Incoming>,
         connection: Arc<Connection>,
     ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+}
+
+/// Reports the end of a connection when dropped.
+struct OpenConnection<S: Service>(Arc<S>);
+
+impl<S: Service> Drop for OpenConnection<S> {
+    fn drop(&mut self) {
+        self.0.on_connection_close();
+    }
+}
+
+/// Connections open per client address. Entries exist only while a connection from the
+/// address is open, so the map holds at most `max_connections` of them.
+#[derive(Clone, Default)]
+struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One admitted connection of an address; gives its place back when dropped.
+struct AddressSlot {
+    map: PerAddress,
+    key: IpAddr,
+}
+
+impl PerAddress {
+    fn acquire(&self, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let key = crate::limits::address_key(ip);
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let open = map.entry(key).or_insert(0);
+        if max > 0 && *open >= max {
+            if *open == 0 {
+                map.remove(&key);
+            }
+            return None;
+        }
+        *open += 1;
+        Some(AddressSlot {
+            map: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = map.get_mut(&self.key) {
+            *open -= 1;
+            if *open == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// How long in-flight requests get to finish after shutdown is asked for.
@@ -60,6 +123,7 @@ pub async fn serve<S: Service>(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
+    let per_address = PerAddress::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(5);
@@ -80,17 +144,29 @@ pub async fn serve<S: Service>(
             },
             () = &mut shutdown => break,
         };
+        let limits = service.connection_limits();
+        let Some(address_slot) = per_address.acquire(remote.ip(), limits.max_per_address) else {
+            tracing::warn!(%remote, max_per_address = limits.max_per_address, "connection refused: too many connections from this address");
+            service.on_refused(RefusedBecause::PerAddress);
+            drop(tcp);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%remote, max_connections, "connection refused: too many connections");
+            service.on_refused(RefusedBecause::Capacity);
             drop(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let service = service.clone();
         let mut stop = stop_rx.clone();
+        service.on_connection_open();
+        let open = OpenConnection(service.clone());
         tokio::spawn(async move {
+            // Dropped last (declared first), whatever way the task ends.
+            let _open = open;
             let _slot = slot;
-            let limits = service.connection_limits();
+            let _address_slot = address_slot;
             let acceptor = tokio_rustls::TlsAcceptor::from(service.tls_config());
             let tls =
                 match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {

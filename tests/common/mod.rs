@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod mqtt;
 pub mod pki;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The edge-est benchmark, in one go on this machine (see BENCHMARKS.md):
+#   (a) the crypto floor of one enrollment on one core (est-bench floor, in memory);
+#   (b) local-sign enrollment, fresh mTLS connection each: P-256 issuer, RSA-2048 issuer, and
+#       the IoT Edge shape (simpleenroll + cacerts on two connections);
+#   (c) cacerts with keep-alive;
+#   (d) idle RSS of a fresh server, and RSS over 100,000 enrollments;
+#   (e) enrollment forwarded through one and two layers (when edge-est has mode = "forward");
+# then every result next to the floor, checked against the targets of issue 7.
+#
+# Usage: bench/run.sh            (about 5 minutes once the release build is done)
+# Environment: EST_BENCH_OUT=DIR keeps everything (PKI, configs, logs, JSON results) in DIR
+#              instead of a fresh temporary directory; EST_BENCH_SECONDS=N changes the length
+#              of each timed run (default 12).
+# Only loopback addresses are used; the servers started here are stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SECS=${EST_BENCH_SECONDS:-12}
+OUT=${EST_BENCH_OUT:-$(mktemp -d /tmp/edge-est-bench.XXXXXX)}
+mkdir -p "$OUT/results"
+PKI=$OUT/pki
+RES=$OUT/results
+BIN=$ROOT/target/release
+started_at=$(date +%s)
+
+echo "== building release binaries"
+cargo build --release --bin est-bench --bin edge-est
+
+echo "== machine"
+echo "  $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+echo "  $(. /etc/os-release && echo "$PRETTY_NAME"), Linux $(uname -r), $(rustc --version)"
+echo "  results in $OUT"
+
+"$BIN/est-bench" pki --dir "$PKI"
+
+SERVER_PIDS=()
+cleanup() {
+  local pid
+  for pid in "${SERVER_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${SERVER_PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+
+# start_server NAME CONFIG: starts edge-est on a free loopback port; sets PID and PORT.
+start_server() {
+  local name=$1 config=$2 log=$OUT/$1.log i
+  (cd "$PKI" && exec "$BIN/edge-est" serve --config "$config" --listen 127.0.0.1:0) >"$log" 2>&1 &
+  PID=$!
+  SERVER_PIDS+=("$PID")
+  PORT=
+  for i in $(seq 100); do
+    PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
+    [ -n "$PORT" ] && break
+    if ! kill -0 "$PID" 2>/dev/null; then
+      echo "edge-est ($name) did not start:" >&2
+      cat "$log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  [ -n "$PORT" ] || { echo "edge-est ($name) did not report its port" >&2; exit 1; }
+}
+
+stop_server() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+url() { echo "https://localhost:$1/.well-known/est"; }
+
+bench() { "$BIN/est-bench" "$@" --cacert "$PKI/root.pem"; }
+
+echo
+echo "== (a) crypto floor, one core, no sockets"
+taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor.json"
+
+echo
+echo "== (b) local-sign enrollment, P-256 issuer, fresh mTLS connection per enrollment"
+start_server sign-p256 sign-p256.toml
+bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+  --concurrency 16 --warmup 500 --duration "$SECS" --server-pid "$PID" \
+  --name sign-p256 --json-out "$RES/sign-p256.json"
+echo
+echo "== (b) the IoT Edge shape: simpleenroll + cacerts at once on two fresh mTLS connections"
+bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+  --shape iot-edge --concurrency 8 --duration "$SECS" --server-pid "$PID" \
+  --name iot-edge --json-out "$RES/iot-edge.json"
+echo
+echo "== (c) cacerts with keep-alive"
+bench "$(url "$PORT")" --op cacerts --keep-alive --concurrency 32 --warmup 2000 \
+  --duration "$SECS" --server-pid "$PID" --name cacerts --json-out "$RES/cacerts.json"
+stop_server "$PID"
+
+echo
+echo "== (b) local-sign enrollment, RSA-2048 issuer, fresh mTLS connection per enrollment"
+start_server sign-rsa sign-rsa.toml
+bench "$(url "$PORT")" --cert "$PKI/device-rsa.pem" --cert-key "$PKI/device-rsa.key" \
+  --concurrency 16 --warmup 200 --duration "$SECS" --server-pid "$PID" \
+  --name sign-rsa --json-out "$RES/sign-rsa.json"
+stop_server "$PID"
+
+echo
+echo "== (d) idle RSS of a fresh server, then 100,000 enrollments (keep-alive mTLS, 1-day profile)"
+start_server rss rss.toml
+sleep 1
+awk '/VmRSS/ {rss=$2} /VmHWM/ {hwm=$2} END {printf "{\"rss_kib\": %d, \"hwm_kib\": %d}\n", rss, hwm}' \
+  "/proc/$PID/status" >"$RES/idle-rss.json"
+echo "  idle: $(cat "$RES/idle-rss.json")"
+bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+  --keep-alive --concurrency 16 --requests 100000 --rss-every 20000 --server-pid "$PID" \
+  --name rss --json-out "$RES/rss.json"
+stop_server "$PID"
+
+echo
+echo "== (e) forwarding through one and two layers"
+sed "s/@UPSTREAM_PORT@/1/" "$PKI/forward-1.toml.in" >"$PKI/forward-probe.toml"
+if ! "$BIN/edge-est" check-config "$PKI/forward-probe.toml" >"$OUT/forward-probe.log" 2>&1; then
+  echo "forward: not supported by this build ($(tail -1 "$OUT/forward-probe.log"))"
+else
+  start_server top top.toml
+  TOP_PID=$PID TOP_PORT=$PORT
+  sed "s/@UPSTREAM_PORT@/$TOP_PORT/" "$PKI/forward-1.toml.in" >"$PKI/forward-1.toml"
+  start_server forward-1 forward-1.toml
+  F1_PID=$PID F1_PORT=$PORT
+  sed "s/@UPSTREAM_PORT@/$F1_PORT/" "$PKI/forward-2.toml.in" >"$PKI/forward-2.toml"
+  start_server forward-2 forward-2.toml
+  F2_PID=$PID F2_PORT=$PORT
+  ports=("$TOP_PORT" "$F1_PORT" "$F2_PORT")
+  pids=("$TOP_PID" "$TOP_PID,$F1_PID" "$TOP_PID,$F1_PID,$F2_PID")
+  for n in 0 1 2; do
+    echo "-- $n layer(s) of forwarding: latency (one enrollment at a time, warm upstream pools)"
+    bench "$(url "${ports[$n]}")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+      --concurrency 1 --warmup 300 --duration "$SECS" --server-pid "${pids[$n]}" \
+      --name "forward-$n" --json-out "$RES/forward-$n.json"
+    echo "-- $n layer(s) of forwarding: throughput"
+    bench "$(url "${ports[$n]}")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+      --concurrency 16 --warmup 300 --duration "$SECS" --server-pid "${pids[$n]}" \
+      --name "forward-tput-$n" --json-out "$RES/forward-tput-$n.json"
+  done
+  stop_server "$F2_PID"
+  stop_server "$F1_PID"
+  stop_server "$TOP_PID"
+fi
+
+"$BIN/est-bench" summary --dir "$RES"
+echo
+echo "total time: $(( $(date +%s) - started_at )) s; everything is in $OUT"

@@ -1,0 +1,408 @@
+//! The module twin's desired properties as configuration. The desired properties (less
+//! `$version` and the other `$` keys) ARE the configuration document, in the same schema as a
+//! configuration file (`config::Config`, as JSON). The module fills in what the twin leaves
+//! out: [`module_config`] is the one function that does it, used by the module on every twin
+//! change and by anything that checks a deployment manifest ahead of time.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use crate::config::{Config, ConfigError, PemSource, TlsConfig, TrustConfig, UpstreamConfig};
+
+/// Name of the default client trust set holding the workload API's trust bundle.
+pub const TRUST_BUNDLE_SET: &str = "edge-trust-bundle";
+/// Name of the default upstream (the parent gateway's edge-est).
+pub const PARENT_UPSTREAM: &str = "parent";
+/// The module listens on all interfaces of its container unless the twin says otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8085";
+
+/// What the module supplies when the twin leaves it out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModuleDefaults {
+    pub listen: SocketAddr,
+    /// The Prometheus metrics listener (IoT Edge's convention: `0.0.0.0:9600`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// The audit journal (on the data volume).
+    pub journal: PathBuf,
+    /// The TLS server certificate from the workload API (CN = the gateway host name).
+    pub tls: Option<TlsConfig>,
+    /// The workload API's trust bundle: the default client trust set
+    /// [`TRUST_BUNDLE_SET`], and the anchors of the default parent upstream.
+    pub trust_bundle: Option<PemSource>,
+    /// `IOTEDGE_PARENTHOSTNAME`: with it, an upstream [`PARENT_UPSTREAM`] is defined at
+    /// `https://<parent>:<our port>/.well-known/est` unless the twin defines one.
+    pub parent_hostname: Option<String>,
+    /// The module's workload identity certificate and key path: the default RA credential
+    /// towards the parent.
+    pub identity: Option<(PemSource, PathBuf)>,
+}
+
+impl ModuleDefaults {
+    /// Defaults with placeholder files, for checking a desired document on a machine that has
+    /// none of the gateway's files (nothing is read by `Config::validate`).
+    pub fn placeholder(parent_hostname: Option<&str>) -> ModuleDefaults {
+        ModuleDefaults {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            metrics_listen: Some(crate::metrics::MODULE_DEFAULT_LISTEN),
+            journal: PathBuf::from("journal.jsonl"),
+            tls: Some(TlsConfig {
+                certificate: PemSource("workload/server.pem".into()),
+                key: PathBuf::from("workload/server.key"),
+            }),
+            trust_bundle: Some(PemSource("workload/trust-bundle.pem".into())),
+            parent_hostname: parent_hostname.map(str::to_owned),
+            identity: Some((
+                PemSource("workload/identity.pem".into()),
+                PathBuf::from("workload/identity.key"),
+            )),
+        }
+    }
+}
+
+/// The configuration of the module for a desired-properties document: `$` keys dropped,
+/// secrets refused, module defaults filled in, the whole validated (without reading files).
+pub fn module_config(desired: &Value, defaults: &ModuleDefaults) -> Result<Config, ConfigError> {
+    let Value::Object(desired) = desired else {
+        return Err(ConfigError::invalid(
+            "desired properties",
+            "must be a JSON object",
+        ));
+    };
+    let mut doc = strip_metadata(desired);
+    check_twin_secrets(&Value::Object(doc.clone()), "")?;
+
+    let listen: SocketAddr = match doc.get("listen") {
+        None | Some(Value::Null) => defaults.listen,
+        Some(Value::String(text)) => text.parse().map_err(|e| {
+            ConfigError::invalid("listen", format!("{text:?} is not an address: {e}"))
+        })?,
+        Some(_) => return Err(ConfigError::invalid("listen", "must be a string")),
+    };
+    doc.insert("listen".into(), Value::String(listen.to_string()));
+    if is_absent(&doc, "metrics_listen") {
+        if let Some(metrics) = defaults.metrics_listen {
+            doc.insert("metrics_listen".into(), Value::String(metrics.to_string()));
+        }
+    }
+    if is_absent(&doc, "journal") {
+        doc.insert("journal".into(), to_value(&defaults.journal)?);
+    }
+    if is_absent(&doc, "tls") {
+        if let Some(tls) = &defaults.tls {
+            doc.insert("tls".into(), to_value(tls)?);
+        }
+    }
+    if let Some(bundle) = &defaults.trust_bundle {
+        let trust = object_entry(&mut doc, "trust")?;
+        if !trust.contains_key(TRUST_BUNDLE_SET) {
+            let set = TrustConfig {
+                certificates: vec![bundle.clone()],
+            };
+            trust.insert(TRUST_BUNDLE_SET.into(), to_value(&set)?);
+        }
+    }
+    if let (Some(parent), Some(bundle)) = (&defaults.parent_hostname, &defaults.trust_bundle) {
+        let upstreams = object_entry(&mut doc, "upstreams")?;
+        if !upstreams.contains_key(PARENT_UPSTREAM) {
+            let upstream =
+                parent_upstream(parent, listen.port(), bundle, defaults.identity.as_ref());
+            upstreams.insert(PARENT_UPSTREAM.into(), to_value(&upstream)?);
+        }
+    }
+    let config: Config = serde_json::from_value(Value::Object(doc))
+        .map_err(|e| ConfigError::invalid("desired properties", e.to_string()))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// The default upstream: the parent's edge-est on the same port as ours, trusted by the
+/// trust bundle (the hierarchy's root), authenticated by our workload identity certificate.
+pub fn parent_upstream(
+    parent: &str,
+    port: u16,
+    trust_bundle: &PemSource,
+    identity: Option<&(PemSource, PathBuf)>,
+) -> UpstreamConfig {
+    let host = match parent.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
+        _ => parent.to_owned(),
+    };
+    let defaults: UpstreamConfig = serde_json::from_value(serde_json::json!({
+        "url": format!("https://{host}:{port}/.well-known/est"),
+        "trust": [trust_bundle],
+    }))
+    .expect("an upstream with url and trust deserializes");
+    UpstreamConfig {
+        certificate: identity.map(|(certificate, _)| certificate.clone()),
+        key: identity.map(|(_, key)| key.clone()),
+        ..defaults
+    }
+}
+
+/// The desired document without `$version`, `$metadata` and other `$` keys of the twin.
+pub fn strip_metadata(desired: &Map<String, Value>) -> Map<String, Value> {
+    desired
+        .iter()
+        .filter(|(k, _)| !k.starts_with('$'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The twin's `$version` of a desired document or patch.
+pub fn version(desired: &Value) -> Option<i64> {
+    desired.get("$version").and_then(Value::as_i64)
+}
+
+/// RFC 7386 JSON merge patch, as IoT Hub applies desired patches: objects merge, `null`
+/// deletes, anything else replaces.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Value::Object(target) = target else {
+        return;
+    };
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+/// Field names that only ever hold secrets, refused wherever they appear.
+const SECRET_FIELDS: [&str; 8] = [
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "private_key",
+    "privatekey",
+    "shared_access_key",
+    "sharedaccesskey",
+];
+
+/// Top-level sections whose keys are names chosen by the user.
+const NAMED_MAPS: [&str; 5] = ["users", "trust", "issuers", "upstreams", "profiles"];
+
+/// The twin is readable by anyone with read access to the IoT hub: private keys, plaintext
+/// passwords and shared access keys never travel in it. Names the offending field.
+pub fn check_twin_secrets(value: &Value, path: &str) -> Result<(), ConfigError> {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                let field = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                // Keys of the named maps are names (a user may be called anything).
+                let is_name = NAMED_MAPS.contains(&path);
+                if !is_name
+                    && SECRET_FIELDS.contains(&key.to_ascii_lowercase().as_str())
+                    && !value.is_null()
+                {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "secrets never travel in the module twin: give passwords as argon2 \
+                         hashes (`users`) or files (`password_file`), keys as file paths",
+                    ));
+                }
+                check_twin_secrets(value, &field)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_twin_secrets(item, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        Value::String(text) => {
+            if text.contains("PRIVATE KEY-----") {
+                return Err(ConfigError::invalid(
+                    path,
+                    "contains a private key; private keys are given as file paths only",
+                ));
+            }
+            if text.contains("SharedAccessKey=") {
+                return Err(ConfigError::invalid(
+                    path,
+                    "contains a shared access key; the module authenticates with the workload API",
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn is_absent(doc: &Map<String, Value>, key: &str) -> bool {
+    doc.get(key).is_none_or(Value::is_null)
+}
+
+fn object_entry<'a>(
+    doc: &'a mut Map<String, Value>,
+    key: &str,
+) -> Result<&'a mut Map<String, Value>, ConfigError> {
+    let entry = doc
+        .entry(key.to_owned())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if entry.is_null() {
+        *entry = Value::Object(Map::new());
+    }
+    entry
+        .as_object_mut()
+        .ok_or_else(|| ConfigError::invalid(key, "must be an object"))
+}
+
+fn to_value(value: &impl serde::Serialize) -> Result<Value, ConfigError> {
+    serde_json::to_value(value).map_err(|e| ConfigError::invalid("defaults", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use serde_json::json;
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0m3bpUXMYeFt1pY2vH8bZrSNxwkmC3JvgDkKY7mr8Gw";
+
+    fn desired() -> Value {
+        json!({
+            "$version": 4,
+            "users": { "estuser": HASH },
+            "issuers": { "plant": { "certificate": "/etc/edge-est/issuing-ca.pem", "key": "/etc/edge-est/issuing-ca.key" } },
+            "labels": [
+                { "issuer": "plant", "client_trust": ["issuer"],
+                  "rules": [ { "match": ["user:estuser"], "common_names": ["plant1-*"] } ] },
+                { "name": "up", "mode": "forward", "upstream": "parent", "client_trust": ["edge-trust-bundle"],
+                  "rules": [ { "match": ["certificate:edge-trust-bundle"], "common_names": ["{cn}"] } ] }
+            ]
+        })
+    }
+
+    #[test]
+    fn defaults_fill_what_the_twin_leaves_out() {
+        let defaults = ModuleDefaults::placeholder(Some("parent.contoso.local"));
+        let config = module_config(&desired(), &defaults).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:8085".parse().unwrap());
+        assert_eq!(config.journal, PathBuf::from("journal.jsonl"));
+        assert_eq!(config.metrics_listen, Some("0.0.0.0:9600".parse().unwrap()));
+        assert_eq!(config.tls, defaults.tls);
+        assert_eq!(
+            config.trust[TRUST_BUNDLE_SET].certificates,
+            vec![PemSource("workload/trust-bundle.pem".into())]
+        );
+        let parent = &config.upstreams[PARENT_UPSTREAM];
+        assert_eq!(
+            parent.url,
+            "https://parent.contoso.local:8085/.well-known/est"
+        );
+        assert_eq!(
+            parent.trust,
+            vec![PemSource("workload/trust-bundle.pem".into())]
+        );
+        assert_eq!(
+            parent.certificate,
+            Some(PemSource("workload/identity.pem".into()))
+        );
+        assert_eq!(parent.key, Some(PathBuf::from("workload/identity.key")));
+        assert_eq!(config.labels[1].mode, Mode::Forward);
+    }
+
+    #[test]
+    fn the_twin_overrides_defaults_and_the_parent_follows_our_port() {
+        let mut doc = desired();
+        doc["listen"] = json!("0.0.0.0:9443");
+        doc["tls"] =
+            json!({ "certificate": "/etc/edge-est/server.pem", "key": "/etc/edge-est/server.key" });
+        let config = module_config(&doc, &ModuleDefaults::placeholder(Some("fd00::1"))).unwrap();
+        assert_eq!(
+            config.tls.unwrap().key,
+            PathBuf::from("/etc/edge-est/server.key")
+        );
+        assert_eq!(
+            config.upstreams[PARENT_UPSTREAM].url,
+            "https://[fd00::1]:9443/.well-known/est"
+        );
+
+        doc["upstreams"] = json!({ "parent": { "url": "https://ca.contoso.local/.well-known/est", "trust": ["/etc/edge-est/root.pem"] } });
+        let config = module_config(&doc, &ModuleDefaults::placeholder(Some("p"))).unwrap();
+        assert_eq!(
+            config.upstreams[PARENT_UPSTREAM].url,
+            "https://ca.contoso.local/.well-known/est"
+        );
+        assert_eq!(config.upstreams[PARENT_UPSTREAM].certificate, None);
+    }
+
+    #[test]
+    fn without_a_parent_a_label_forwarding_to_parent_is_refused() {
+        let err = module_config(&desired(), &ModuleDefaults::placeholder(None)).unwrap_err();
+        assert!(
+            err.to_string().contains("no upstream named \"parent\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_refused_with_their_field() {
+        let defaults = ModuleDefaults::placeholder(Some("p"));
+        let mut doc = desired();
+        doc["upstreams"] = json!({ "top": { "url": "https://x/.well-known/est", "trust": ["r.pem"], "username": "u", "password": "hunter2" } });
+        let err = module_config(&doc, &defaults).unwrap_err().to_string();
+        assert!(err.starts_with("upstreams.top.password:"), "{err}");
+
+        let mut doc = desired();
+        doc["users"]["bob"] = json!("hunter2");
+        let err = module_config(&doc, &defaults).unwrap_err().to_string();
+        assert!(err.contains("users.bob") && err.contains("argon2"), "{err}");
+
+        let mut doc = desired();
+        doc["tls"] = json!({ "certificate": "-----BEGIN CERTIFICATE-----\n", "key": "-----BEGIN EC PRIVATE KEY-----\nMHcC\n-----END EC PRIVATE KEY-----\n" });
+        let err = module_config(&doc, &defaults).unwrap_err().to_string();
+        assert!(
+            err.starts_with("tls.key:") && err.contains("private key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_documents_are_refused_whole() {
+        let defaults = ModuleDefaults::placeholder(None);
+        let err = module_config(&json!({"$version": 1}), &defaults).unwrap_err();
+        assert!(err.to_string().contains("labels"), "{err}");
+        let mut doc = desired();
+        doc["labels"][0]["issuer"] = json!("nope");
+        let err = module_config(&doc, &defaults).unwrap_err();
+        assert!(
+            err.to_string().contains("no issuer named \"nope\""),
+            "{err}"
+        );
+        let mut doc = desired();
+        doc["labelz"] = json!([]);
+        assert!(module_config(&doc, &defaults).is_err());
+        assert!(module_config(&json!([1]), &defaults).is_err());
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc7386() {
+        let mut doc = json!({"a": {"b": 1, "c": 2}, "l": [1, 2], "$version": 1});
+        merge_patch(
+            &mut doc,
+            &json!({"a": {"b": null, "d": 3}, "l": [3], "n": {"x": null}, "$version": 2}),
+        );
+        assert_eq!(
+            doc,
+            json!({"a": {"c": 2, "d": 3}, "l": [3], "n": {}, "$version": 2})
+        );
+        assert_eq!(version(&doc), Some(2));
+    }
+}

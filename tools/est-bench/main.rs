@@ -1,0 +1,59 @@
+//! `est-bench`: a load generator for EST servers (RFC 7030), and the crypto-floor
+//! microbenchmark and PKI generator behind `bench/run.sh`.
+//!
+//! ```text
+//! est-bench [LOAD OPTIONS] https://localhost:8085/.well-known/est[/label]   drive a server
+//! est-bench floor                 the crypto floor of one enrollment, one core, no sockets
+//! est-bench pki --dir DIR         a benchmark PKI and server configurations
+//! est-bench summary FLOOR.json NAME=RESULT.json ...   results next to the floor
+//! ```
+//!
+//! The load generator talks like IoT Edge's EST client (HTTP/1.1 without ALPN, lowercase
+//! headers, base64 CSRs in 64-column lines, a fresh TLS connection per request unless
+//! `--keep-alive`), checks every answer, and refuses any target that is not loopback unless
+//! `--allow-remote` is given.
+
+mod floor;
+mod load;
+mod pki;
+mod procfs;
+mod summary;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "est-bench",
+    version,
+    about = "Load generator and crypto-floor benchmark for EST servers",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    load: load::LoadArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The crypto floor of one enrollment on one core: TLS 1.3 full handshake with a P-256
+    /// client certificate + CSR parse/verify + certificate signing, in memory, one thread.
+    Floor(floor::FloorArgs),
+    /// Writes a benchmark PKI (P-256 and RSA-2048 issuing CAs, server, device and RA
+    /// credentials) and edge-est configurations into a directory.
+    Pki(pki::PkiArgs),
+    /// Prints benchmark results (JSON files of `--json` runs) next to the floor.
+    Summary(summary::SummaryArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Floor(args)) => floor::run(&args),
+        Some(Command::Pki(args)) => pki::run(&args),
+        Some(Command::Summary(args)) => summary::run(&args),
+        None => load::run(cli.load),
+    }
+}
