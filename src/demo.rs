@@ -12,16 +12,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
-use time::OffsetDateTime;
+
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, UpstreamConfig};
+use crate::pki::{ca_params, leaf_params};
+
+const TEN_YEARS: time::Duration = time::Duration::days(3650);
+const ONE_YEAR: time::Duration = time::Duration::days(365);
 use crate::issue::Upstream;
 use crate::server::App;
 
@@ -31,38 +35,6 @@ pub const CHILD_PASSWORD: &str = "demo-password";
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
-}
-
-fn ca_params(cn: &str, path_len: Option<u8>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.is_ca = IsCa::Ca(match path_len {
-        Some(n) => BasicConstraints::Constrained(n),
-        None => BasicConstraints::Unconstrained,
-    });
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.key_identifier_method = KeyIdMethod::Sha256;
-    params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(3650);
-    params
-}
-
-fn leaf_params(cn: &str, eku: Vec<ExtendedKeyUsagePurpose>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.extended_key_usages = eku;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(365);
-    params
 }
 
 /// Writes the hierarchy's PKI into `dir`:
@@ -76,13 +48,13 @@ fn leaf_params(cn: &str, eku: Vec<ExtendedKeyUsagePurpose>) -> CertificateParams
 pub fn write_pki(dir: &Path) -> Result<(), String> {
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).map_err(err);
     let root_key = KeyPair::generate().map_err(err)?;
-    let root_params = ca_params("hierarchy root", None);
+    let root_params = ca_params("hierarchy root", None, TEN_YEARS);
     let root = root_params.self_signed(&root_key).map_err(err)?;
     let root_issuer = Issuer::new(root_params, root_key);
 
     let intermediate = |cn: &str, file: &str| -> Result<Issuer<'static, KeyPair>, String> {
         let key = KeyPair::generate().map_err(err)?;
-        let params = ca_params(cn, Some(1));
+        let params = ca_params(cn, Some(1), TEN_YEARS);
         let cert = params.signed_by(&key, &root_issuer).map_err(err)?;
         write(
             &format!("{file}.pem"),
@@ -95,7 +67,11 @@ pub fn write_pki(dir: &Path) -> Result<(), String> {
     intermediate("lower layer issuing CA", "auto-ca")?;
 
     let server_key = KeyPair::generate().map_err(err)?;
-    let mut server = leaf_params("localhost", vec![ExtendedKeyUsagePurpose::ServerAuth]);
+    let mut server = leaf_params(
+        "localhost",
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
+        ONE_YEAR,
+    );
     server.subject_alt_names = vec![
         SanType::DnsName("localhost".try_into().map_err(err)?),
         SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
@@ -111,16 +87,20 @@ pub fn write_pki(dir: &Path) -> Result<(), String> {
     write("root.pem", &root.pem())?;
 
     let ra_key = KeyPair::generate().map_err(err)?;
-    let ra_params = ca_params("RA credentials CA", Some(0));
+    let ra_params = ca_params("RA credentials CA", Some(0), TEN_YEARS);
     let ra_cert = ra_params.self_signed(&ra_key).map_err(err)?;
     let ra_issuer = Issuer::new(ra_params, ra_key);
     write("ra-ca.pem", &ra_cert.pem())?;
     for layer in ["layer2-ra", "layer3-ra"] {
         let key = KeyPair::generate().map_err(err)?;
         let cmc_ra = ExtendedKeyUsagePurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 28]);
-        let cert = leaf_params(layer, vec![ExtendedKeyUsagePurpose::ClientAuth, cmc_ra])
-            .signed_by(&key, &ra_issuer)
-            .map_err(err)?;
+        let cert = leaf_params(
+            layer,
+            vec![ExtendedKeyUsagePurpose::ClientAuth, cmc_ra],
+            ONE_YEAR,
+        )
+        .signed_by(&key, &ra_issuer)
+        .map_err(err)?;
         write(&format!("{layer}.pem"), &cert.pem())?;
         write(&format!("{layer}.key"), &key.serialize_pem())?;
     }
@@ -465,9 +445,13 @@ pub async fn run(dir: &Path) -> Result<(), String> {
     let edge_ca =
         Issuer::from_ca_cert_der(&CertificateDer::from(certs[0].clone()), ca_key).map_err(err)?;
     let module_key = KeyPair::generate().map_err(err)?;
-    let module = leaf_params("edgeHub", vec![ExtendedKeyUsagePurpose::ClientAuth])
-        .signed_by(&module_key, &edge_ca)
-        .map_err(err)?;
+    let module = leaf_params(
+        "edgeHub",
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        ONE_YEAR,
+    )
+    .signed_by(&module_key, &edge_ca)
+    .map_err(err)?;
     let mut through_edge_ca = vec![CertificateDer::from(certs[0].clone())];
     through_edge_ca.extend(cacerts.iter().cloned());
     verify(module.der(), &through_edge_ca, &root).map_err(|e| format!("Edge CA: {e}"))?;

@@ -19,6 +19,7 @@ pub mod issue;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
+pub mod pki;
 pub mod policy;
 pub mod runtime;
 pub mod server;

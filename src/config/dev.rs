@@ -7,10 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
+
+use crate::pki::ca_params;
 
 use super::{
     AuthConfig, Config, ConfigError, IssuerConfig, LabelConfig, Limits, Mode, PemSource,
@@ -61,29 +62,6 @@ fn write_public(path: &Path, contents: &str) -> Result<(), ConfigError> {
     std::fs::write(path, contents).map_err(|e| io(path, e))
 }
 
-fn ca_params(cn: &str, path_len: Option<u8>, years: i64) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "edge-est development");
-    params.is_ca = IsCa::Ca(match path_len {
-        Some(n) => BasicConstraints::Constrained(n),
-        None => BasicConstraints::Unconstrained,
-    });
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.key_identifier_method = KeyIdMethod::Sha256;
-    params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(365 * years);
-    params
-}
-
 fn sign_err(e: rcgen::Error) -> ConfigError {
     ConfigError::invalid("development setup", e.to_string())
 }
@@ -99,12 +77,23 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
 
     if !(root_pem.exists() && ca_pem.exists() && ca_key.exists()) {
         let root_key = KeyPair::generate().map_err(sign_err)?;
-        let root_params = ca_params("edge-est development root", None, 10);
+        let mut root_params = ca_params("edge-est development root", None, Duration::days(3650));
+        root_params
+            .distinguished_name
+            .push(DnType::OrganizationName, "edge-est development");
         let root = root_params.self_signed(&root_key).map_err(sign_err)?;
         let root_issuer = Issuer::new(root_params, root_key);
         let key = KeyPair::generate().map_err(sign_err)?;
         // pathlen 1: it issues IoT Edge's Edge CA certificates (CA, pathlen 0) below it.
-        let ca = ca_params("edge-est development issuing CA", Some(1), 5)
+        let mut ca_template = ca_params(
+            "edge-est development issuing CA",
+            Some(1),
+            Duration::days(5 * 365),
+        );
+        ca_template
+            .distinguished_name
+            .push(DnType::OrganizationName, "edge-est development");
+        let ca = ca_template
             .signed_by(&key, &root_issuer)
             .map_err(sign_err)?;
         // The root's key is not kept: the issuing CA is all a development server signs with.

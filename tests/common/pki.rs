@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType, SignatureAlgorithm,
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SignatureAlgorithm,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -33,23 +33,7 @@ pub struct Pki {
 }
 
 fn ca_params(cn: &str, path_len: Option<u8>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.is_ca = IsCa::Ca(match path_len {
-        Some(n) => BasicConstraints::Constrained(n),
-        None => BasicConstraints::Unconstrained,
-    });
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.key_identifier_method = KeyIdMethod::Sha256;
-    params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::days(1);
-    params.not_after = now + Duration::days(3650);
-    params
+    edge_est::pki::ca_params(cn, path_len, Duration::days(3650))
 }
 
 fn self_signed_ca(cn: &str) -> TestCa {
