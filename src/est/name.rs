@@ -99,7 +99,11 @@ pub struct Subject {
 
 impl Subject {
     /// Reads a name. Fails, saying which attribute, when a value is not a text string.
+    ///
+    /// The Name's encoding is checked strictly first ([`check_name_der`]): x509-parser, through
+    /// asn1-rs, would read an INTEGER holding OID bytes as an attribute type.
     pub fn from_x509_name(name: &X509Name<'_>) -> Result<Subject, String> {
+        check_name_der(name.as_raw(), "subject")?;
         let mut attributes = Vec::new();
         let mut rdn_sizes = Vec::new();
         for rdn in name.iter_rdn() {
@@ -217,8 +221,9 @@ fn write_rfc4514_value(f: &mut fmt::Formatter<'_>, value: &str) -> fmt::Result {
             || (i == last && c == ' ');
         if special {
             write!(f, "\\{c}")?;
-        } else if c.is_control() {
-            // Hex-escape control characters so a name can never forge log lines.
+        } else if is_deceptive(c) {
+            // Hex-escape control and format characters so a name can never forge log lines
+            // or reorder the text around it (U+202E).
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
                 write!(f, "\\{b:02X}")?;
@@ -228,6 +233,39 @@ fn write_rfc4514_value(f: &mut fmt::Formatter<'_>, value: &str) -> fmt::Result {
         }
     }
     Ok(())
+}
+
+/// Whether `c` must be escaped when client-supplied text is shown: a control character, a
+/// format character (Unicode category Cf: bidirectional controls such as U+202E and U+2066–2069,
+/// zero-width characters, U+FEFF, tag characters, ...) or a line or paragraph separator. Such
+/// characters are invisible or reorder the text around them, so a refusal text or log line
+/// could otherwise be made to read as something else.
+pub(crate) fn is_deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{0600}'..='\u{0605}'
+                | '\u{061C}'
+                | '\u{06DD}'
+                | '\u{070F}'
+                | '\u{0890}'..='\u{0891}'
+                | '\u{08E2}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{110BD}'
+                | '\u{110CD}'
+                | '\u{13430}'..='\u{1343F}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0001}'
+                | '\u{E0020}'..='\u{E007F}'
+        )
 }
 
 /// Decodes a DirectoryString (or IA5String etc.) to text. The error completes a sentence
@@ -313,6 +351,157 @@ pub(crate) fn dotted_oid(oid: &Oid<'_>) -> Option<String> {
     Some(dotted)
 }
 
+// --- strict DER ---------------------------------------------------------------------------------
+//
+// asn1-rs 0.7 reads any primitive element as an OBJECT IDENTIFIER (`TryFrom<&Any> for Oid`
+// never checks the tag), so the structures x509-parser hands us are checked again here, tag by
+// tag, before their OIDs are believed.
+
+pub(crate) const TAG_BOOLEAN: u8 = 0x01;
+pub(crate) const TAG_INTEGER: u8 = 0x02;
+pub(crate) const TAG_BIT_STRING: u8 = 0x03;
+pub(crate) const TAG_OCTET_STRING: u8 = 0x04;
+pub(crate) const TAG_OID: u8 = 0x06;
+pub(crate) const TAG_SEQUENCE: u8 = 0x30;
+pub(crate) const TAG_SET: u8 = 0x31;
+/// `[0]` constructed (PKCS#10 attributes, GeneralName otherName and its value).
+pub(crate) const TAG_CONTEXT_0: u8 = 0xa0;
+/// `[4]` constructed (GeneralName directoryName, an explicitly tagged Name).
+pub(crate) const TAG_CONTEXT_4: u8 = 0xa4;
+
+/// One DER element: its identifier octet and its contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tlv<'a> {
+    pub(crate) tag: u8,
+    pub(crate) contents: &'a [u8],
+}
+
+/// Splits `input` into the DER elements it consists of, strictly: tag numbers below 31,
+/// definite lengths in their shortest form, SEQUENCE and SET constructed and the other
+/// universal types primitive. The error says what is wrong. Nothing is descended into.
+pub(crate) fn der_elements(mut input: &[u8]) -> Result<Vec<Tlv<'_>>, &'static str> {
+    let mut out = Vec::new();
+    while let Some((&tag, rest)) = input.split_first() {
+        if tag & 0x1f == 0x1f {
+            return Err("a tag number above 30");
+        }
+        if tag & 0xc0 == 0 {
+            let constructed = tag & 0x20 != 0;
+            let sound = match tag & 0x1f {
+                0 => false, // end-of-contents: DER has no indefinite lengths
+                16 | 17 => constructed,
+                8 | 11 | 29 => true, // EXTERNAL, EMBEDDED PDV, CHARACTER STRING
+                _ => !constructed,
+            };
+            if !sound {
+                return Err("a universal tag with the wrong constructed bit");
+            }
+        }
+        let (&first, rest) = rest.split_first().ok_or("a missing length")?;
+        let (len, rest) = match first {
+            0..=0x7f => (usize::from(first), rest),
+            0x80 => return Err("an indefinite length"),
+            0x81..=0x84 => {
+                let (bytes, rest) = rest
+                    .split_at_checked(usize::from(first & 0x7f))
+                    .ok_or("a truncated length")?;
+                let len = bytes.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b));
+                if bytes.first() == Some(&0) || len < 0x80 {
+                    return Err("a length not in its shortest form");
+                }
+                (
+                    usize::try_from(len).map_err(|_| "a length too large")?,
+                    rest,
+                )
+            }
+            _ => return Err("a length too large"),
+        };
+        let (contents, next) = rest
+            .split_at_checked(len)
+            .ok_or("a length beyond the end of its container")?;
+        out.push(Tlv { tag, contents });
+        input = next;
+    }
+    Ok(out)
+}
+
+/// The contents of `tlv` when it carries tag `want`; otherwise an error saying what `what()`
+/// (e.g. "the type of subject attribute #1") is instead.
+pub(crate) fn expect_tag<'a>(
+    tlv: &Tlv<'a>,
+    want: u8,
+    what: impl FnOnce() -> String,
+) -> Result<&'a [u8], String> {
+    if tlv.tag == want {
+        Ok(tlv.contents)
+    } else {
+        Err(format!(
+            "{} is {} instead of {}",
+            what(),
+            tag_name(tlv.tag),
+            tag_name(want)
+        ))
+    }
+}
+
+fn tag_name(tag: u8) -> String {
+    let name = match tag {
+        TAG_BOOLEAN => "a BOOLEAN",
+        TAG_INTEGER => "an INTEGER",
+        TAG_BIT_STRING => "a BIT STRING",
+        TAG_OCTET_STRING => "an OCTET STRING",
+        0x05 => "a NULL",
+        TAG_OID => "an OBJECT IDENTIFIER",
+        0x0c => "a UTF8String",
+        0x13 => "a PrintableString",
+        0x16 => "an IA5String",
+        TAG_SEQUENCE => "a SEQUENCE",
+        TAG_SET => "a SET",
+        _ => return format!("an element with tag 0x{tag:02x}"),
+    };
+    format!("{name} (0x{tag:02x})")
+}
+
+/// Checks the DER encoding of a Name (one element, nothing after it); see [`check_name`].
+pub(crate) fn check_name_der(der: &[u8], what: &str) -> Result<(), String> {
+    let elements = der_elements(der).map_err(|why| format!("the {what} is not DER ({why})"))?;
+    match elements.as_slice() {
+        [name] => check_name(name, what),
+        _ => Err(format!("the {what} is not a single Name")),
+    }
+}
+
+/// Checks a Name strictly: a SEQUENCE of non-empty SETs of SEQUENCE { OBJECT IDENTIFIER, ANY },
+/// in DER, every attribute type tagged 0x06. `what` names it in errors ("subject").
+pub(crate) fn check_name(name: &Tlv<'_>, what: &str) -> Result<(), String> {
+    let elements = |der| der_elements(der).map_err(|why| format!("the {what} is not DER ({why})"));
+    let rdns = elements(expect_tag(name, TAG_SEQUENCE, || format!("the {what}"))?)?;
+    let mut index = 0usize;
+    for rdn in &rdns {
+        let atvs = elements(expect_tag(rdn, TAG_SET, || {
+            format!("an RDN of the {what}")
+        })?)?;
+        if atvs.is_empty() {
+            return Err(format!("the {what} has an empty RDN"));
+        }
+        for atv in &atvs {
+            index += 1;
+            let fields = elements(expect_tag(atv, TAG_SEQUENCE, || {
+                format!("attribute #{index} of the {what}")
+            })?)?;
+            let [attr_type, _value] = fields.as_slice() else {
+                return Err(format!(
+                    "attribute #{index} of the {what} is not exactly a type and a value"
+                ));
+            };
+            expect_tag(attr_type, TAG_OID, || {
+                format!("the type of attribute #{index} of the {what}")
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn shown_oid(oid: &Oid<'_>) -> String {
     dotted_oid(oid).unwrap_or_else(|| "(malformed OID)".to_owned())
 }
@@ -346,9 +535,10 @@ impl fmt::Display for SanEntry {
             SanEntry::Other(v) => ("other:", v.as_str()),
         };
         f.write_str(prefix)?;
-        // Names come from clients: escape control characters so they cannot forge log lines.
+        // Names come from clients: escape control and format characters so they cannot forge
+        // log lines or reorder the text around them.
         for c in value.chars() {
-            if c.is_control() {
+            if is_deceptive(c) {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 write!(f, "{c}")?;
@@ -586,5 +776,103 @@ mod tests {
                 "DNS:evil\\nline",
             ]
         );
+    }
+
+    #[test]
+    fn attribute_types_must_be_tagged_as_oids() {
+        // CN=d with the attribute type tagged INTEGER; x509-parser reads it as 2.5.4.3.
+        let der = [
+            &[0x30, 0x0c, 0x31, 0x0a, 0x30, 0x08, 0x02, 0x03][..],
+            CN,
+            &[0x0c, 0x01, b'd'],
+        ]
+        .concat();
+        assert_eq!(
+            parse(&der).unwrap_err(),
+            "the type of attribute #1 of the subject is an INTEGER (0x02) \
+             instead of an OBJECT IDENTIFIER (0x06)"
+        );
+        let mut good = der.clone();
+        good[6] = 0x06;
+        assert_eq!(parse(&good).unwrap().to_string(), "CN=d");
+        // An ATV with a third element.
+        let der = [
+            &[0x30, 0x0e, 0x31, 0x0c, 0x30, 0x0a, 0x06, 0x03][..],
+            CN,
+            &[0x0c, 0x01, b'd', 0x05, 0x00],
+        ]
+        .concat();
+        let err = check_name_der(&der, "subject").unwrap_err();
+        assert_eq!(
+            err,
+            "attribute #1 of the subject is not exactly a type and a value"
+        );
+        assert!(check_name_der(&[0x30, 0x02, 0x31, 0x00], "subject")
+            .unwrap_err()
+            .contains("empty RDN"));
+        assert!(check_name_der(&[0x31, 0x00], "subject")
+            .unwrap_err()
+            .contains("is a SET (0x31) instead of a SEQUENCE (0x30)"));
+    }
+
+    #[test]
+    fn der_elements_are_strict() {
+        let tlv = |tag, contents| Tlv { tag, contents };
+        assert_eq!(
+            der_elements(&[0x02, 0x01, 0x05, 0x04, 0x00]),
+            Ok(vec![tlv(0x02, &[0x05][..]), tlv(0x04, &[][..])])
+        );
+        let long = [&[0x04, 0x81, 0x80][..], &[0u8; 0x80]].concat();
+        assert_eq!(der_elements(&long), Ok(vec![tlv(0x04, &[0u8; 0x80][..])]));
+        let refused: [(&[u8], &str); 11] = [
+            (&[0x04, 0x81, 0x01, 0x00], "shortest form"),
+            (&[0x04, 0x82, 0x00, 0x80], "shortest form"),
+            (&[0x30, 0x80, 0x00, 0x00], "indefinite"),
+            (&[0x1f, 0x21, 0x00], "tag number"),
+            (&[0x26, 0x00], "constructed bit"),
+            (&[0x10, 0x00], "constructed bit"),
+            (&[0x00, 0x00], "constructed bit"),
+            (&[0x04], "missing length"),
+            (&[0x04, 0x82, 0x01], "truncated length"),
+            (&[0x04, 0x02, 0x00], "beyond the end"),
+            (&[0x04, 0x85, 1, 0, 0, 0, 0], "too large"),
+        ];
+        for (der, why) in refused {
+            let err = der_elements(der).unwrap_err();
+            assert!(err.contains(why), "{der:02x?}: {err}");
+        }
+        // Context-specific and application tags may be either form.
+        assert!(der_elements(&[0xa0, 0x00, 0x80, 0x00, 0x41, 0x00]).is_ok());
+    }
+
+    #[test]
+    fn format_characters_are_escaped() {
+        let shown = |value: &str| {
+            Subject::from_attributes(vec![(AttributeType::CommonName, value.to_owned())])
+                .to_string()
+        };
+        assert_eq!(shown("gw\u{202e}1"), r"CN=gw\E2\80\AE1");
+        assert_eq!(shown("a\u{200e}b\u{200f}"), r"CN=a\E2\80\8Eb\E2\80\8F");
+        assert_eq!(
+            shown("\u{2066}x\u{2069}\u{061c}"),
+            r"CN=\E2\81\A6x\E2\81\A9\D8\9C"
+        );
+        assert_eq!(
+            shown("\u{feff}\u{200b}\u{2028}"),
+            r"CN=\EF\BB\BF\E2\80\8B\E2\80\A8"
+        );
+        assert_eq!(shown("\u{e0041}"), r"CN=\F3\A0\81\81");
+        // Visible non-ASCII text is shown as it is.
+        assert_eq!(shown("café Ωmega 東京"), "CN=café Ωmega 東京");
+        for c in [
+            '\u{202e}', '\u{200e}', '\u{2067}', '\u{061c}', '\u{ad}', '\u{7f}',
+        ] {
+            assert!(is_deceptive(c), "{c:?}");
+        }
+        for c in ['a', 'é', '\u{2070}', '\u{2010}', '\u{fe0f}'] {
+            assert!(!is_deceptive(c), "{c:?}");
+        }
+        let san = SanEntry::Dns("a\u{202e}b".to_owned());
+        assert_eq!(san.to_string(), "DNS:a\\u{202e}b");
     }
 }
