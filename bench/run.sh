@@ -31,6 +31,11 @@ echo "== machine"
 echo "  $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
 echo "  $(. /etc/os-release && echo "$PRETTY_NAME"), Linux $(uname -r), $(rustc --version)"
 echo "  results in $OUT"
+load=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$load" 'BEGIN {exit !(l > 1.0)}'; then
+  echo "  WARNING: load average $load before starting: other processes are using the CPUs, and"
+  echo "  throughput and latency will be lower and noisier (CPU per request holds up better)."
+fi
 
 "$BIN/est-bench" pki --dir "$PKI"
 
@@ -132,11 +137,19 @@ else
   F2_PID=$PID F2_PORT=$PORT
   ports=("$TOP_PORT" "$F1_PORT" "$F2_PORT")
   pids=("$TOP_PID" "$TOP_PID,$F1_PID" "$TOP_PID,$F1_PID,$F2_PID")
+  # Latency: one enrollment at a time, warm upstream pools; three interleaved rounds so that
+  # a disturbance of the machine does not land on one layer count only (the summary takes
+  # the median p50 of the rounds).
+  for round in 1 2 3; do
+    for n in 0 1 2; do
+      echo "-- $n layer(s) of forwarding: latency, round $round"
+      suffix=$([ "$round" = 1 ] && echo "" || echo ".r$round")
+      bench "$(url "${ports[$n]}")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+        --concurrency 1 --warmup 200 --duration $(( (SECS + 2) / 3 )) --server-pid "${pids[$n]}" \
+        --name "forward-$n" --json-out "$RES/forward-$n$suffix.json"
+    done
+  done
   for n in 0 1 2; do
-    echo "-- $n layer(s) of forwarding: latency (one enrollment at a time, warm upstream pools)"
-    bench "$(url "${ports[$n]}")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
-      --concurrency 1 --warmup 300 --duration "$SECS" --server-pid "${pids[$n]}" \
-      --name "forward-$n" --json-out "$RES/forward-$n.json"
     echo "-- $n layer(s) of forwarding: throughput"
     bench "$(url "${ports[$n]}")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
       --concurrency 16 --warmup 300 --duration "$SECS" --server-pid "${pids[$n]}" \
@@ -146,6 +159,10 @@ else
   stop_server "$F1_PID"
   stop_server "$TOP_PID"
 fi
+
+echo
+echo "== (a) crypto floor again, to average out drifts of the machine's speed over the run"
+taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor-end.json" | grep FLOOR
 
 "$BIN/est-bench" summary --dir "$RES"
 echo

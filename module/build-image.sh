@@ -25,9 +25,10 @@ if ldd "$binary" 2>&1 | grep -q '=>'; then
   echo "$binary is not static" >&2; exit 1
 fi
 
-# rootfs: the binary, and the writable directories a non-root user (10001) needs.
+# rootfs: the binary, and the writable directories a non-root user (10001) needs; a named
+# volume mounted on one of them starts with its owner (/var/run/edge-est: the API proxy socket).
 rm -rf "$here/rootfs"
-mkdir -p "$here/rootfs/data" "$here/rootfs/tmp"
+mkdir -p "$here/rootfs/data" "$here/rootfs/tmp" "$here/rootfs/var/run/edge-est"
 install -m 0755 "$binary" "$here/rootfs/edge-est"
 echo "binary: $(du -h "$binary" | cut -f1) ($binary)"
 [ "${1:-}" = "--context-only" ] && exit 0

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::config::{Config, ConfigError};
 use crate::journal::{Journal, JournalError};
@@ -32,6 +32,27 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     crate::transport::serve(listener, app, max_connections, shutdown).await;
 }
 
+/// Serves EST for the IoT Edge API proxy on the unix socket `listener` (see
+/// [`crate::transport::proxy`]: the forwarded client certificate header counts there, and
+/// only there) until `shutdown` completes; in-flight requests are drained.
+pub async fn run_proxy_socket(
+    listener: UnixListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let max_connections = app.runtime().limits.max_connections;
+    crate::transport::proxy::serve(listener, app, max_connections, shutdown).await;
+}
+
+/// Binds the API proxy's socket of `config.proxy_socket`, if there is one.
+pub fn bind_proxy_socket(config: &Config) -> std::io::Result<Option<UnixListener>> {
+    config
+        .proxy_socket
+        .as_deref()
+        .map(crate::transport::proxy::bind)
+        .transpose()
+}
+
 /// The whole life of a server process: EST on `listener` and, if given, Prometheus metrics
 /// on `metrics` (see [`crate::metrics::serve`]) until `shutdown` completes. Then it stops
 /// accepting, lets in-flight requests finish (bounded by the transport's drain timeout),
@@ -43,6 +64,29 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_with_proxy_socket(listener, None, metrics, app, shutdown).await;
+}
+
+/// [`serve`], with the API proxy's socket listener too when `proxy` is given: both stop
+/// accepting at once when `shutdown` completes.
+pub async fn serve_with_proxy_socket(
+    listener: TcpListener,
+    proxy: Option<UnixListener>,
+    metrics: Option<TcpListener>,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_est, est_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let proxy_task = proxy.map(|listener| {
+        tokio::spawn(run_proxy_socket(
+            listener,
+            app.clone(),
+            stopped(est_stopped.clone()),
+        ))
+    });
     let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
     let metrics_task = metrics.map(|listener| {
         let source = app.clone();
@@ -55,7 +99,17 @@ pub async fn serve(
             },
         ))
     });
-    run(listener, app.clone(), shutdown).await;
+    let trigger = async {
+        shutdown.await;
+        let _ = stop_est.send(true);
+    };
+    tokio::join!(
+        run(listener, app.clone(), stopped(est_stopped.clone())),
+        trigger
+    );
+    if let Some(task) = proxy_task {
+        let _ = task.await;
+    }
     let _ = stop_metrics.send(true);
     if let Some(task) = metrics_task {
         let _ = task.await;

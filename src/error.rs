@@ -31,6 +31,9 @@ pub enum RequestError {
     BodyTimeout,
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
+    /// On the API proxy's socket: the forwarded client certificate header is unusable.
+    #[error("malformed x-ms-edge-clientcert header from the API proxy: {0}")]
+    ForwardedCertificate(String),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
@@ -61,7 +64,9 @@ impl RequestError {
             RequestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RequestError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            RequestError::BodyRead(_) | RequestError::Protocol(_) => StatusCode::BAD_REQUEST,
+            RequestError::BodyRead(_)
+            | RequestError::Protocol(_)
+            | RequestError::ForwardedCertificate(_) => StatusCode::BAD_REQUEST,
             RequestError::Auth(_) => StatusCode::UNAUTHORIZED,
             RequestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             RequestError::Refused(_) => StatusCode::FORBIDDEN,

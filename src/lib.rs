@@ -18,6 +18,7 @@ pub mod health;
 pub mod issue;
 pub mod journal;
 pub mod limits;
+pub mod manifest;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

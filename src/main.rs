@@ -64,6 +64,27 @@ enum Command {
     HashPassword,
     /// Loads and validates a configuration file, then exits.
     CheckConfig { config: PathBuf },
+    /// Validates IoT Hub deployment manifests (or deployment.template.json files): their
+    /// shape, createOptions, twin limits, and each edge-est module's desired properties
+    /// through the module's own configuration validator. One line per manifest; exits
+    /// non-zero if any has an error.
+    CheckManifest {
+        /// Manifests to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Validate this module as edge-est whatever its image or name (repeatable). Without
+        /// it, modules whose image repository is `edge-est` or whose name is edge-est,
+        /// edgeest or estproxy are.
+        #[arg(long = "module", value_name = "NAME")]
+        modules: Vec<String>,
+        /// The device is nested under this parent (IOTEDGE_PARENTHOSTNAME). By default a
+        /// manifest that pulls images through $upstream is taken as nested.
+        #[arg(long, conflicts_with = "no_parent")]
+        parent_hostname: Option<String>,
+        /// The device is a top-layer device (no IOTEDGE_PARENTHOSTNAME).
+        #[arg(long)]
+        no_parent: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -99,6 +120,38 @@ fn main() -> anyhow::Result<()> {
             let (config, base) = load(&config)?;
             edge_est::runtime::Runtime::build(&config, &base)?;
             println!("configuration is valid: {} label(s)", config.labels.len());
+            Ok(())
+        }
+        Command::CheckManifest {
+            files,
+            modules,
+            parent_hostname,
+            no_parent,
+        } => {
+            use edge_est::manifest::{check_file, CheckOptions, Parent};
+            let options = CheckOptions {
+                modules,
+                parent: match (parent_hostname, no_parent) {
+                    (Some(host), _) => Parent::Hostname(host),
+                    (None, true) => Parent::None,
+                    (None, false) => Parent::Infer,
+                },
+            };
+            let mut failed = 0;
+            for file in &files {
+                let report = check_file(file, &options);
+                for error in &report.errors {
+                    eprintln!("{}: {error}", file.display());
+                }
+                println!("{}: {}", file.display(), report.summary());
+                if !report.is_ok() {
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                eprintln!("{failed} of {} manifest(s) have errors", files.len());
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Health { addr } => {
@@ -201,7 +254,20 @@ async fn serve(
         }
         None => None,
     };
-    edge_est::app::serve(listener, metrics, app, shutdown_signal()).await;
+    let proxy = edge_est::app::bind_proxy_socket(&config).with_context(|| {
+        format!(
+            "cannot listen on the API proxy socket {}",
+            config
+                .proxy_socket
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display()
+        )
+    })?;
+    if let Some(path) = &config.proxy_socket {
+        tracing::info!(socket = %path.display(), "serving EST for the IoT Edge API proxy (x-ms-edge-clientcert honoured there only)");
+    }
+    edge_est::app::serve_with_proxy_socket(listener, proxy, metrics, app, shutdown_signal()).await;
     tracing::info!("edge-est stopped");
     Ok(())
 }

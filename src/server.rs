@@ -222,6 +222,11 @@ impl Service for App {
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         let label = trace.label.as_deref().unwrap_or("-");
         let identity = trace.identity.as_deref().unwrap_or("-");
+        let via = if connection.forwarded.is_some() {
+            "api-proxy"
+        } else {
+            "tls"
+        };
         let status = match &result {
             Ok(response) => response.status(),
             Err(error) => error.status(),
@@ -231,7 +236,7 @@ impl Service for App {
         match result {
             Ok(response) => {
                 tracing::info!(
-                    remote = %connection.remote, %method, %path, status = response.status().as_u16(),
+                    remote = %connection.remote, via, %method, %path, status = response.status().as_u16(),
                     label, identity, serial = trace.serial.as_deref().unwrap_or("-"),
                     elapsed_ms, "request served"
                 );
@@ -241,9 +246,9 @@ impl Service for App {
                 let status = error.status();
                 let text = error.to_string();
                 if status.is_server_error() {
-                    tracing::error!(remote = %connection.remote, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request failed");
+                    tracing::error!(remote = %connection.remote, via, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request failed");
                 } else {
-                    tracing::info!(remote = %connection.remote, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request refused");
+                    tracing::info!(remote = %connection.remote, via, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request refused");
                 }
                 error.into_response(trace.basic_realm.then_some(REALM))
             }
@@ -277,6 +282,15 @@ impl App {
         }
         // Before anything that costs: no password check, no CSR parsing for a flood.
         self.rate_limit(runtime, RateKey::Address(connection.remote.ip()))?;
+        // Through the API proxy's socket: a forwarded client certificate that cannot be read
+        // is refused, never taken for "no certificate".
+        if let Some(reason) = connection
+            .forwarded
+            .as_ref()
+            .and_then(|f| f.client_cert_error.as_ref())
+        {
+            return Err(RequestError::ForwardedCertificate(reason.clone()));
+        }
         let (label, operation) = routed.map_err(|e| RequestError::NotFound(e.to_string()))?;
         let label_rt = runtime.label(&label).ok_or_else(|| {
             RequestError::NotFound(match &label {

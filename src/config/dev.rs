@@ -157,6 +157,7 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
         }),
         limits: Limits::default(),
         metrics_listen: None,
+        proxy_socket: None,
         trust: BTreeMap::new(),
         users: BTreeMap::from([(DEV_USER.to_owned(), hash)]),
         issuers: BTreeMap::from([(

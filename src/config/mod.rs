@@ -32,6 +32,12 @@ pub struct Config {
     /// metrics listener. As an IoT Edge module the default is `0.0.0.0:9600`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// A unix socket (absolute path) for the IoT Edge API proxy: plain HTTP, on which the
+    /// client certificate nginx forwards in `x-ms-edge-clientcert` authenticates. Only the API
+    /// proxy may reach it (a volume shared by the two containers alone); on the TLS listener
+    /// that header is ignored. Absent: no such listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_socket: Option<PathBuf>,
     /// Named sets of client trust anchors (bootstrap / factory CAs). The name `issuer` is
     /// reserved: it means "the CA this label issues from".
     #[serde(default)]

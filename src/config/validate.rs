@@ -14,6 +14,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_no_secrets()?;
         check_limits(&self.limits)?;
+        if let Some(socket) = &self.proxy_socket {
+            check_proxy_socket(socket)?;
+        }
         if self.trust.contains_key("issuer") {
             return Err(ConfigError::invalid(
                 "trust.issuer",
@@ -197,6 +200,30 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Longest unix socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+fn check_proxy_socket(socket: &std::path::Path) -> Result<(), ConfigError> {
+    let bad = |r: &str| Err(ConfigError::invalid("proxy_socket", r));
+    let text = socket.as_os_str().as_encoded_bytes();
+    if !socket.is_absolute() {
+        return bad("must be an absolute path (the API proxy's nginx names the same path)");
+    }
+    if text.len() > MAX_SOCKET_PATH {
+        return bad("is longer than a unix socket path may be (107 bytes)");
+    }
+    if text.ends_with(b"/") || socket.file_name().is_none() {
+        return bad("must name a socket file, not a directory");
+    }
+    if socket
+        .parent()
+        .is_none_or(|p| p == std::path::Path::new("/"))
+    {
+        return bad("must be in a directory of its own (the volume shared with the API proxy)");
+    }
+    Ok(())
 }
 
 fn check_limits(limits: &Limits) -> Result<(), ConfigError> {

@@ -150,6 +150,7 @@ pub async fn start(env: EdgeEnv, options: ModuleOptions) -> Result<ModuleHandle,
         pending_restart: Vec::new(),
         app: None,
         serving: None,
+        proxy: None,
         metrics: None,
         metrics_configured: None,
         reporter: reporter.clone(),
@@ -234,6 +235,13 @@ struct Serving {
     task: JoinHandle<()>,
 }
 
+/// The API proxy's socket listener (`proxy_socket`).
+struct ProxyServing {
+    path: PathBuf,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
 struct Controller {
     env: EdgeEnv,
     options: ModuleOptions,
@@ -256,6 +264,7 @@ struct Controller {
     pending_restart: Vec<String>,
     app: Option<Arc<App>>,
     serving: Option<Serving>,
+    proxy: Option<ProxyServing>,
     metrics: Option<Serving>,
     /// The metrics address configured when the listener started (changes need a restart).
     metrics_configured: Option<SocketAddr>,
@@ -294,12 +303,19 @@ impl Controller {
             }
         }
         let _ = twin_task.await;
+        let proxy = self.proxy.take().map(|proxy| {
+            let _ = proxy.stop.send(());
+            proxy.task
+        });
         for serving in [self.serving.take(), self.metrics.take()]
             .into_iter()
             .flatten()
         {
             let _ = serving.stop.send(());
             let _ = serving.task.await;
+        }
+        if let Some(task) = proxy {
+            let _ = task.await;
         }
         if let Some(app) = &self.app {
             if let Err(e) = app.journal().close().await {
@@ -533,6 +549,15 @@ impl Controller {
         } else {
             None
         };
+        // The API proxy's socket moves like the listener: the new one is bound first.
+        let proxy_changed = config.proxy_socket != self.proxy.as_ref().map(|p| p.path.clone());
+        let proxy_listener =
+            match (&config.proxy_socket, proxy_changed) {
+                (Some(path), true) => Some(crate::transport::proxy::bind(path).map_err(|e| {
+                    format!("proxy_socket: cannot listen on {}: {e}", path.display())
+                })?),
+                _ => None,
+            };
 
         let app = match &self.app {
             Some(app) => {
@@ -566,6 +591,25 @@ impl Controller {
             }
             tracing::info!(listen = %addr, "serving EST");
             let _ = self.addr_tx.send(Some(addr));
+        }
+        if proxy_changed {
+            if let Some(old) = self.proxy.take() {
+                let _ = old.stop.send(());
+                tracing::info!(socket = %old.path.display(), "API proxy socket closed");
+            }
+            if let (Some(listener), Some(path)) = (proxy_listener, &config.proxy_socket) {
+                let (stop, stopped) = oneshot::channel::<()>();
+                let task =
+                    tokio::spawn(crate::app::run_proxy_socket(listener, app.clone(), async {
+                        let _ = stopped.await;
+                    }));
+                tracing::info!(socket = %path.display(), "serving EST for the IoT Edge API proxy");
+                self.proxy = Some(ProxyServing {
+                    path: path.clone(),
+                    stop,
+                    task,
+                });
+            }
         }
         self.pending_restart.clear();
         let journal_path = self.env.data_dir.join(&config.journal);

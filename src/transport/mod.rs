@@ -2,6 +2,7 @@
 //! handshake with a deadline, HTTP/1.1 with header and idle timeouts, graceful drain on
 //! shutdown. Knows nothing of EST.
 
+pub mod proxy;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -25,9 +26,14 @@ use tokio::sync::{watch, Semaphore};
 /// What the handler learns of the connection a request came on.
 #[derive(Debug)]
 pub struct Connection {
+    /// The client's address. On the API proxy's socket ([`proxy`]): the address the proxy
+    /// forwarded, or `0.0.0.0:0` (the socket's one peer) when it forwarded none.
     pub remote: SocketAddr,
-    /// The client's certificate chain, leaf first, if it presented one.
+    /// The client's certificate chain, leaf first, if it presented one. On the API proxy's
+    /// socket: the certificate the proxy forwarded for this request.
     pub peer_chain: Option<Vec<CertificateDer<'static>>>,
+    /// Set on requests that came through the API proxy's socket, never on the TLS listener.
+    pub forwarded: Option<proxy::Forwarded>,
 }
 
 /// Per-connection settings, read at accept time from the running configuration.
@@ -186,34 +192,70 @@ pub async fn serve<S: Service>(
                 .1
                 .peer_certificates()
                 .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect());
-            let connection = Arc::new(Connection { remote, peer_chain });
-            let handler = service_fn(move |request| {
-                let service = service.clone();
-                let connection = connection.clone();
-                async move { Ok::<_, std::convert::Infallible>(service.call(request, connection).await) }
+            let connection = Arc::new(Connection {
+                remote,
+                peer_chain,
+                forwarded: None,
             });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(16 * 1024)
-                .max_headers(64)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tls), handler);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%remote, error = %e, "connection ended with an error");
-                    }
-                }
-                () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
+            // The request's headers play no part here: a forwarded client certificate header
+            // is read only on the API proxy's socket.
+            serve_http(
+                TokioIo::new(tls),
+                service,
+                limits.header_timeout,
+                &remote.to_string(),
+                &mut stop,
+                move |_| connection.clone(),
+            )
+            .await;
         });
     }
     drop(listener);
+    drain(stop_tx, slots, max_connections).await;
+}
+
+/// Serves HTTP/1.1 on one connection until it ends or `stop` turns true (then gracefully).
+/// `connection` says, per request, what the handler learns of the connection.
+async fn serve_http<S, IO, C>(
+    io: IO,
+    service: Arc<S>,
+    header_timeout: Duration,
+    remote: &str,
+    stop: &mut watch::Receiver<bool>,
+    connection: C,
+) where
+    S: Service,
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    C: Fn(&Request<Incoming>) -> Arc<Connection> + Send + Sync + 'static,
+{
+    let handler = service_fn(move |request| {
+        let service = service.clone();
+        let connection = connection(&request);
+        async move { Ok::<_, std::convert::Infallible>(service.call(request, connection).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(16 * 1024)
+        .max_headers(64)
+        .keep_alive(true)
+        .serve_connection(io, handler);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        }
+        () = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Tells open connections to finish and waits until they have (at most [`DRAIN_TIMEOUT`]).
+async fn drain(stop_tx: watch::Sender<bool>, slots: Arc<Semaphore>, max_connections: usize) {
     let _ = stop_tx.send(true);
     // Every connection holds a slot: when all slots are back, all connections are closed.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);

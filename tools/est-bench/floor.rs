@@ -2,8 +2,9 @@
 //!
 //! - a TLS 1.3 full handshake with a P-256 client certificate, between a rustls client and a
 //!   rustls server in memory, the server verifying the client's chain (`WebPkiClientVerifier`)
-//!   as a TLS server that authenticates clients must; the CPU time of the server's calls and of
-//!   the client's calls are timed apart;
+//!   as a TLS server that authenticates clients must, and sending no session ticket (a
+//!   post-handshake message that devices enrolling once never use); the CPU time of the
+//!   server's calls and of the client's calls are timed apart;
 //! - parsing a P-256 CSR and verifying its signature (x509-parser + aws-lc-rs);
 //! - building and signing the certificate with rcgen, with a P-256 and an RSA-2048 issuer.
 //!
@@ -52,13 +53,19 @@ pub struct FloorReport {
     /// Negotiated key exchange group and cipher suite of the handshakes.
     pub tls: String,
     /// Server side of a TLS 1.3 full handshake, P-256 server key, P-256 client certificate
-    /// issued by a P-256 CA (chain verified in the handshake).
+    /// issued by a P-256 CA (chain verified in the handshake), no session tickets.
     pub handshake_server_us: f64,
     /// Client side of the same handshake.
     pub handshake_client_us: f64,
     /// The same with the client certificate issued by an RSA-2048 CA.
     pub handshake_server_rsa_ca_us: f64,
     pub handshake_client_rsa_ca_us: f64,
+    /// Server side of the P-256 handshake when the server also sends rustls's default two
+    /// session tickets, as edge-est does (clients enrolling once never use them).
+    pub handshake_server_with_tickets_us: f64,
+    /// Server side of the P-256 handshake (no tickets) with TLS13_AES_128_GCM_SHA256 instead
+    /// of the default TLS13_AES_256_GCM_SHA384.
+    pub handshake_server_aes128_sha256_us: f64,
     /// Parse a P-256 CSR and verify its signature.
     pub csr_verify_us: f64,
     /// Build and sign an end-entity certificate (rcgen) with a P-256 issuer.
@@ -167,8 +174,22 @@ struct TlsPair {
 
 /// Client and server configurations as the load generator and edge-est use them: aws-lc-rs
 /// defaults, TLS 1.3, client resumption off, server ticketer on (it sends tickets).
+/// The floor's server sends no session ticket: tickets are post-handshake messages, and a
+/// device enrolling once never uses them.
 fn tls_pair(ca: &Ca) -> anyhow::Result<TlsPair> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    tls_pair_with(ca, Some(0), true)
+}
+
+/// A variant: a server that sends `tickets` TLS 1.3 session tickets (None: rustls's default,
+/// two, as edge-est does), and, unless `default_suites`, TLS13_AES_128_GCM_SHA256 as the only
+/// suite (SHA-256 has SHA-NI instructions on x86 while SHA-384 runs in software).
+fn tls_pair_with(ca: &Ca, tickets: Option<usize>, default_suites: bool) -> anyhow::Result<TlsPair> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if !default_suites {
+        provider.cipher_suites =
+            vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
+    }
+    let provider = Arc::new(provider);
     let (server_cert, server_key) = leaf(ca, "localhost", true)?;
     let (client_cert, client_key) = leaf(ca, "bench-device", false)?;
     let mut roots = RootCertStore::empty();
@@ -182,6 +203,9 @@ fn tls_pair(ca: &Ca) -> anyhow::Result<TlsPair> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![server_cert, ca.cert.clone()], server_key)?;
     server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    if let Some(n) = tickets {
+        server.send_tls13_tickets = n;
+    }
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
@@ -558,6 +582,8 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
     let (hs_server, hs_client, tls) = handshakes(s, &pair)?;
     let rsa_pair = tls_pair(&rsa)?;
     let (hs_server_rsa, hs_client_rsa, _) = handshakes(s, &rsa_pair)?;
+    let (hs_server_with_tickets, _, _) = handshakes(s, &tls_pair_with(&p256, None, true)?)?;
+    let (hs_server_aes128, _, _) = handshakes(s, &tls_pair_with(&p256, Some(0), false)?)?;
 
     let mut i = 0usize;
     let csr_verify_us = per_call(s, || {
@@ -594,6 +620,8 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
         handshake_client_us: hs_client,
         handshake_server_rsa_ca_us: hs_server_rsa,
         handshake_client_rsa_ca_us: hs_client_rsa,
+        handshake_server_with_tickets_us: hs_server_with_tickets,
+        handshake_server_aes128_sha256_us: hs_server_aes128,
         csr_verify_us,
         sign_p256_us,
         sign_rsa2048_us,
@@ -652,6 +680,11 @@ fn print(r: &FloorReport) {
     println!(
         "  the same, client cert from an RSA-2048 CA:             server {:>7.1} µs  client {:>7.1} µs",
         r.handshake_server_rsa_ca_us, r.handshake_client_rsa_ca_us
+    );
+    println!(
+        "  server side with 2 session tickets (as edge-est): {:.1} µs; no tickets, \
+         TLS13_AES_128_GCM_SHA256: {:.1} µs",
+        r.handshake_server_with_tickets_us, r.handshake_server_aes128_sha256_us
     );
     println!(
         "  P-256 CSR parse + verify:                               {:>7.1} µs  ({:.0}/s)",

@@ -308,6 +308,9 @@ pub struct LoadReport {
     pub client_cpu_us_per_unit: f64,
     /// The machine's 1-minute load average at the end of the run.
     pub load_average: Option<f64>,
+    /// CPU used during the run by other processes than this one and the `--server-pid`
+    /// ones, as a share of all the machine's CPUs: how disturbed the measurement was.
+    pub other_cpu_share: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -454,6 +457,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client_cpu_before = procfs::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let machine_before = procfs::machine_busy_seconds();
     let plan = Arc::new(Plan::new(
         args.requests,
         args.duration.map(Duration::from_secs_f64),
@@ -482,6 +486,10 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let client_cpu = procfs::cpu_seconds(std::process::id()).unwrap_or(0.0) - client_cpu_before;
+    let machine = match (machine_before, procfs::machine_busy_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
 
     let completed = tally.ok + tally.failed;
     let mut servers = Vec::new();
@@ -512,6 +520,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         .filter(|&us| us > 0.0)
         .map(|us| 1e6 / us);
 
+    let servers_cpu: f64 = servers.iter().map(|s| s.cpu_s).sum();
     tally.latencies_us.sort_unstable();
     let latency = latency(&tally.latencies_us);
     let report = LoadReport {
@@ -547,6 +556,11 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         servers,
         client_cpu_us_per_unit: client_cpu / completed.max(1) as f64 * 1e6,
         load_average: procfs::load_average(),
+        other_cpu_share: machine.map(|busy| {
+            let ours = client_cpu + servers_cpu;
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            ((busy - ours) / (elapsed * cpus as f64)).max(0.0)
+        }),
     };
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(path) = &args.json_out {
@@ -1033,10 +1047,11 @@ fn print_report(r: &LoadReport) {
         );
     }
     println!(
-        "  client (this process): {:.0} µs CPU per {}; load average {}",
+        "  client (this process): {:.0} µs CPU per {}; other processes used {} of the \
+         machine's CPU",
         r.client_cpu_us_per_unit,
         unit.trim_end_matches('s'),
-        r.load_average
-            .map_or_else(|| "unknown".to_owned(), |l| format!("{l:.2}"))
+        r.other_cpu_share
+            .map_or_else(|| "unknown".to_owned(), |l| format!("{:.0} %", l * 100.0))
     );
 }

@@ -37,6 +37,22 @@ pub fn thread_cpu_ns() -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds the whole machine has been busy (all CPUs: user, nice, system, irq, softirq,
+/// steal), from `/proc/stat`.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest times are inside user and nice).
+    if v.len() < 8 {
+        return None;
+    }
+    Some((v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / USER_HZ)
+}
+
 /// The 1-minute load average: how busy the machine was around a measurement.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")

@@ -1,0 +1,494 @@
+//! `edge-est check-manifest` against the deployment manifests in `deployment/`: every one of
+//! them passes (this test globs the folder, so CI checks each manifest added there), and
+//! manifests broken in one place fail with the JSON path of that place: edge-est desired
+//! properties the module's own validator refuses, createOptions above the enforced size, a
+//! proxy socket another module could reach, and the shapes edgeAgent and edgeHub refuse.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine;
+use edge_est::manifest::{check, check_file, CheckOptions, Parent, Report, Via};
+use serde_json::{json, Value};
+
+fn deployment_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deployment")
+}
+
+/// Every `.json` file under `deployment/`.
+fn manifests() -> Vec<PathBuf> {
+    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.extension().is_some_and(|e| e == "json") {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&deployment_dir(), &mut found);
+    found.sort();
+    found
+}
+
+fn load(name: &str) -> Value {
+    let text = std::fs::read_to_string(deployment_dir().join(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+const TOP: &str = "top-layer.deployment.template.json";
+const MIDDLE: &str = "middle-layer.deployment.template.json";
+const PROXY: &str = "middle-layer-api-proxy.deployment.template.json";
+const AGENT: &str = "modulesContent.$edgeAgent.properties.desired";
+const EST_DESIRED: &str = "modulesContent.edgeest.properties.desired";
+
+fn checked(manifest: &Value) -> Report {
+    check(manifest, &CheckOptions::default())
+}
+
+/// The manifest fails, and one error is at `path` and says `says`.
+fn fails_at(manifest: &Value, path: &str, says: &str) {
+    let report = checked(manifest);
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.path == path && e.message.contains(says)),
+        "expected an error at {path} saying {says:?}, got: {:#?}",
+        report.errors
+    );
+}
+
+#[test]
+fn every_manifest_in_deployment_passes() {
+    let files = manifests();
+    assert!(files.len() >= 3, "{files:?}");
+    for file in &files {
+        let report = check_file(file, &CheckOptions::default());
+        assert!(report.is_ok(), "{}: {:#?}", file.display(), report.errors);
+        assert!(
+            !report.edge_est.is_empty() && report.edge_est.iter().all(|m| m.config.is_some()),
+            "{}: no validated edge-est module",
+            file.display()
+        );
+    }
+    // What each serves, as the child configurations rely on.
+    let top = check_file(&deployment_dir().join(TOP), &CheckOptions::default());
+    assert_eq!(top.parent, None);
+    assert_eq!(
+        top.endpoints
+            .iter()
+            .map(|e| (e.host_port, e.via.clone()))
+            .collect::<Vec<_>>(),
+        vec![(8085, Via::Direct)]
+    );
+    let middle = check_file(&deployment_dir().join(MIDDLE), &CheckOptions::default());
+    assert!(middle.parent_inferred, "nested: images via $upstream");
+    let proxy = check_file(&deployment_dir().join(PROXY), &CheckOptions::default());
+    assert_eq!(
+        proxy
+            .endpoints
+            .iter()
+            .map(|e| (e.host_port, e.via.clone()))
+            .collect::<Vec<_>>(),
+        vec![(443, Via::ApiProxy("IoTEdgeAPIProxy".into()))]
+    );
+}
+
+#[test]
+fn the_command_checks_every_manifest_with_one_line_each() {
+    let files = manifests();
+    let output = Command::new(env!("CARGO_BIN_EXE_edge-est"))
+        .arg("check-manifest")
+        .args(&files)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.lines().count(), files.len(), "{stdout}");
+    assert!(stdout.lines().all(|l| l.contains(": ok: ")), "{stdout}");
+
+    // A broken one: non-zero, the field on stderr, still one line per manifest on stdout.
+    let dir = tempfile::tempdir().unwrap();
+    let mut broken = load(TOP);
+    broken["modulesContent"]["edgeest"]["properties.desired"]["users"] =
+        json!({ "bob": "hunter2" });
+    let path = dir.path().join("broken.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&broken).unwrap()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_edge-est"))
+        .arg("check-manifest")
+        .arg(&files[0])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{EST_DESIRED}.users.bob: must be an argon2 PHC hash"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 2);
+}
+
+#[test]
+fn invalid_edge_est_desired_properties_name_the_field() {
+    let base = load(TOP);
+    let edit = |f: &dyn Fn(&mut Value)| {
+        let mut manifest = base.clone();
+        f(&mut manifest["modulesContent"]["edgeest"]["properties.desired"]);
+        manifest
+    };
+    // A plaintext password where an argon2 hash belongs.
+    fails_at(
+        &edit(&|d| d["users"] = json!({ "bob": "hunter2" })),
+        &format!("{EST_DESIRED}.users.bob"),
+        "never a plaintext password",
+    );
+    // A rule matching a trust set the label does not have.
+    fails_at(
+        &edit(&|d| d["labels"][0]["rules"][0]["match"] = json!(["certificate:factroy"])),
+        &format!("{EST_DESIRED}.labels[0].rules"),
+        "factroy",
+    );
+    // forward with an issuer and (on the top layer) no upstream.
+    fails_at(
+        &edit(&|d| d["labels"][0]["mode"] = json!("forward")),
+        &format!("{EST_DESIRED}.labels[0].mode"),
+        "forward needs an upstream and no issuer",
+    );
+    // The default upstream exists only on nested devices.
+    fails_at(
+        &edit(&|d| {
+            d["labels"][0]["mode"] = json!("auto");
+            d["labels"][0]["upstream"] = json!("parent");
+        }),
+        &format!("{EST_DESIRED}.labels[0].upstream"),
+        "exists on nested devices only",
+    );
+    // A private key in the twin.
+    fails_at(
+        &edit(&|d| {
+            d["issuers"]["top"]["key"] =
+                json!("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+        }),
+        &format!("{EST_DESIRED}.issuers.top.key"),
+        "private key",
+    );
+    // An unknown field: serde's message, at the desired properties.
+    fails_at(
+        &edit(&|d| d["labelz"] = json!([])),
+        EST_DESIRED,
+        "unknown field `labelz`",
+    );
+    // A key file the container cannot see.
+    fails_at(
+        &edit(&|d| d["issuers"]["top"]["key"] = json!("/opt/keys/top-ca.key")),
+        &format!("{EST_DESIRED}.issuers.top.key"),
+        "is on no volume",
+    );
+    // A twin key IoT Hub refuses.
+    fails_at(
+        &edit(&|d| d["users"] = json!({ "bob.smith": d["labels"][0]["deny"].clone() })),
+        &format!("{EST_DESIRED}.users.bob.smith"),
+        "twin keys may not contain '.'",
+    );
+    // No desired properties at all: the module would wait forever.
+    let mut manifest = base.clone();
+    manifest["modulesContent"]
+        .as_object_mut()
+        .unwrap()
+        .remove("edgeest");
+    fails_at(
+        &manifest,
+        "modulesContent.edgeest",
+        "never opens its EST port",
+    );
+}
+
+#[test]
+fn the_middle_layer_needs_its_parent_and_says_so() {
+    let middle = load(MIDDLE);
+    let report = check(
+        &middle,
+        &CheckOptions {
+            parent: Parent::None,
+            ..CheckOptions::default()
+        },
+    );
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.path == format!("{EST_DESIRED}.labels[0].upstream")
+                && e.message.contains("no upstream named \"parent\"")),
+        "{:#?}",
+        report.errors
+    );
+    let report = check(
+        &middle,
+        &CheckOptions {
+            parent: Parent::Hostname("gw-top.plant.local".into()),
+            ..CheckOptions::default()
+        },
+    );
+    assert!(report.is_ok(), "{:#?}", report.errors);
+    let upstream = &report.edge_est[0].config.as_ref().unwrap().upstreams["parent"];
+    assert_eq!(
+        upstream.url,
+        "https://gw-top.plant.local:8085/.well-known/est"
+    );
+}
+
+#[test]
+fn create_options_above_4096_characters_fail() {
+    let create = format!("{AGENT}.modules.edgeest.settings.createOptions");
+    let with_env = |padding: usize| {
+        let mut manifest = load(TOP);
+        manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]
+            ["settings"]["createOptions"]["Env"] = json!([format!("PAD={}", "x".repeat(padding))]);
+        manifest
+    };
+    // Find the padding that makes the minified object exactly 4096 characters.
+    let length = |m: &Value| {
+        serde_json::to_string(
+            &m["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]
+                ["settings"]["createOptions"],
+        )
+        .unwrap()
+        .len()
+    };
+    let padding = 4096 - length(&with_env(0));
+    let at_limit = with_env(padding);
+    assert_eq!(length(&at_limit), 4096);
+    let report = checked(&at_limit);
+    assert!(report.is_ok(), "4096 is allowed: {:#?}", report.errors);
+    fails_at(
+        &with_env(padding + 1),
+        &create,
+        "4097 characters once minified",
+    );
+
+    // The string form counts as given, chunks included.
+    let mut manifest = load(TOP);
+    let settings = &mut manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
+        ["edgeest"]["settings"];
+    let text =
+        serde_json::to_string(&json!({ "Env": [format!("PAD={}", "x".repeat(5000))] })).unwrap();
+    settings["createOptions"] = json!(text[..512]);
+    let rest: Vec<&str> = text.as_bytes()[512..]
+        .chunks(512)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    for (i, chunk) in rest.iter().enumerate() {
+        settings[format!("createOptions{:02}", i + 1)] = json!(chunk);
+    }
+    fails_at(&manifest, &create, "the enforced limit is 4096");
+    // A gap in the chunks: edgeAgent would stop there.
+    settings_remove(&mut manifest, "createOptions02");
+    fails_at(
+        &manifest,
+        &format!("{AGENT}.modules.edgeest.settings.createOptions03"),
+        "createOptions02 is missing",
+    );
+
+    // A stringified createOptions must parse.
+    let mut manifest = load(TOP);
+    manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]
+        ["settings"]["createOptions"] = json!("{\"HostConfig\": {");
+    fails_at(&manifest, &create, "not JSON");
+}
+
+fn settings_remove(manifest: &mut Value, key: &str) {
+    manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]
+        ["settings"]
+        .as_object_mut()
+        .unwrap()
+        .remove(key);
+}
+
+#[test]
+fn edge_agent_and_edge_hub_shapes() {
+    let edit = |f: &dyn Fn(&mut Value)| {
+        let mut manifest = load(TOP);
+        f(&mut manifest["modulesContent"]);
+        manifest
+    };
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["status"] = json!("started")
+        }),
+        &format!("{AGENT}.modules.edgeest.status"),
+        "not one of running, stopped",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["restartPolicy"] =
+                json!("sometimes")
+        }),
+        &format!("{AGENT}.modules.edgeest.restartPolicy"),
+        "on-unhealthy",
+    );
+    fails_at(
+        &edit(&|c| c["$edgeAgent"]["properties.desired"]["schemaVersion"] = json!("1.0")),
+        &format!("{AGENT}.modules.edgeest.startupOrder"),
+        "needs $edgeAgent schemaVersion \"1.1\"",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["env"]["RUST_LOG"] =
+                json!("info")
+        }),
+        &format!("{AGENT}.modules.edgeest.env.RUST_LOG"),
+        "{\"value\"",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["settings"]
+                ["createOptions"]["HostConfig"]["PortBindings"]["8085/tcp"][0]["HostPort"] =
+                json!(8085)
+        }),
+        &format!(
+            "{AGENT}.modules.edgeest.settings.createOptions.HostConfig.PortBindings.8085/tcp[0].HostPort"
+        ),
+        "must be a string",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["systemModules"]["edgeHub"]["settings"]
+                ["createOptions"]["HostConfig"]["PortBindings"]["443/tcp"] =
+                json!([{ "HostPort": "443" }])
+        }),
+        &format!(
+            "{AGENT}.modules.IoTEdgeAPIProxy.settings.createOptions.HostConfig.PortBindings.443/tcp"
+        ),
+        "already published by edgeHub",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["settings"]
+                ["createOptions"]["HostConfig"]["Binds"] = json!(["/etc/edge-est:/etc/edge-est:ro"])
+        }),
+        &format!("{AGENT}.modules.edgeest.settings.createOptions"),
+        "no volume on /data",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["settings"]
+                ["createOptions"]["HostConfig"]["PortBindings"] =
+                json!({ "8443/tcp": [{ "HostPort": "8085" }] })
+        }),
+        &format!("{AGENT}.modules.edgeest.settings.createOptions.HostConfig.PortBindings.8443/tcp"),
+        "edge-est listens on 8085/tcp",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["settings"]["image"] =
+                json!("myacr.azurecr.io/Edge-Est:1")
+        }),
+        &format!("{AGENT}.modules.edgeest.settings.image"),
+        "lower-case",
+    );
+    fails_at(
+        &edit(&|c| {
+            c["$edgeHub"]["properties.desired"]["routes"]["bad"] = json!("SELECT * INTO $upstream")
+        }),
+        "modulesContent.$edgeHub.properties.desired.routes.bad",
+        "FROM <source>",
+    );
+    fails_at(
+        &edit(&|c| c["$edgeHub"]["properties.desired"]["schemaVersion"] = json!("1.0")),
+        "modulesContent.$edgeHub.properties.desired.routes.upstream",
+        "need $edgeHub schemaVersion 1.1",
+    );
+    fails_at(
+        &edit(&|c| c["ghost"] = json!({ "properties.desired": {} })),
+        "modulesContent.ghost",
+        "which $edgeAgent does not run",
+    );
+}
+
+#[test]
+fn the_api_proxy_variant_keeps_the_socket_to_itself() {
+    let base = load(PROXY);
+    let nginx = std::fs::read_to_string(deployment_dir().join("middle-layer-api-proxy.nginx.conf"))
+        .unwrap();
+    // The file next to the manifest is exactly what the twin holds.
+    let encoded = base["modulesContent"]["IoTEdgeAPIProxy"]["properties.desired"]["proxy_config"]
+        .as_str()
+        .unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap(), nginx);
+    assert!(encoded.len() <= 4096, "a twin string holds at most 4 KB");
+    assert!(nginx.contains("proxy_set_header x-ms-edge-clientcert $ssl_client_escaped_cert;"));
+
+    let config_path = "modulesContent.IoTEdgeAPIProxy.properties.desired.proxy_config";
+    let with_nginx = |text: &str| {
+        let mut manifest = base.clone();
+        manifest["modulesContent"]["IoTEdgeAPIProxy"]["properties.desired"]["proxy_config"] =
+            json!(base64::engine::general_purpose::STANDARD.encode(text));
+        manifest
+    };
+    // EST to the TLS port: the header could be forged there.
+    fails_at(
+        &with_nginx(&nginx.replace(
+            "http://unix:/var/run/edge-est/proxy.sock:",
+            "https://edgeest:8085",
+        )),
+        config_path,
+        "somewhere other than a unix socket",
+    );
+    // A socket nobody serves.
+    fails_at(
+        &with_nginx(&nginx.replace("proxy.sock", "other.sock")),
+        config_path,
+        "no edge-est module mounts that volume and has its proxy_socket there",
+    );
+    let mut manifest = base.clone();
+    manifest["modulesContent"]["IoTEdgeAPIProxy"]["properties.desired"]["proxy_config"] =
+        json!("not base64!");
+    fails_at(&manifest, config_path, "not base64");
+
+    // A third module mounting the socket's volume could forge client certificates.
+    let mut manifest = base.clone();
+    manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["sidecar"] = json!({
+        "type": "docker", "status": "running", "restartPolicy": "always",
+        "settings": { "image": "$upstream:443/sidecar:1",
+                      "createOptions": { "HostConfig": { "Binds": ["edge-est-proxy:/mnt"] } } }
+    });
+    fails_at(
+        &manifest,
+        &format!("{AGENT}.modules.sidecar.settings.createOptions"),
+        "can forge client certificates",
+    );
+    // edge-est's socket on no volume: the API proxy cannot reach it.
+    let mut manifest = base.clone();
+    manifest["modulesContent"]["edgeest"]["properties.desired"]["proxy_socket"] =
+        json!("/run/elsewhere/proxy.sock");
+    fails_at(
+        &manifest,
+        &format!("{EST_DESIRED}.proxy_socket"),
+        "is on no volume",
+    );
+    // And the API proxy must say which port nginx listens on.
+    let mut manifest = base.clone();
+    manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["IoTEdgeAPIProxy"]
+        ["env"]
+        .as_object_mut()
+        .unwrap()
+        .remove("NGINX_DEFAULT_PORT");
+    fails_at(
+        &manifest,
+        &format!("{AGENT}.modules.IoTEdgeAPIProxy.env"),
+        "NGINX_DEFAULT_PORT is not set",
+    );
+}
