@@ -119,6 +119,8 @@ certificate = "server.pem"
 key = "server.key"
 [trust.ras]
 certificates = ["ra-ca.pem"]
+[limits]
+unlimited_trust = ["ras"]
 [issuers.top]
 certificate = "top-ca.pem"
 key = "top-ca.key"
@@ -165,6 +167,8 @@ certificate = "server.pem"
 key = "server.key"
 [trust.ras]
 certificates = ["ra-ca.pem"]
+[limits]
+unlimited_trust = ["ras"]
 [users]
 estuser = "{hash}"
 [upstreams.parent]

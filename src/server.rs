@@ -280,8 +280,13 @@ impl App {
             trace.operation = Some(operation.as_str());
             trace.label = runtime.label(label).map(|l| l.display_name().to_owned());
         }
-        // Before anything that costs: no password check, no CSR parsing for a flood.
-        self.rate_limit(runtime, RateKey::Address(connection.remote.ip()))?;
+        // Before anything that costs: no password check, no CSR parsing for a flood. A client
+        // that proved a certificate's key in the handshake is checked against its identity's
+        // limit instead (after a chain check that costs far less than a handshake): a lower
+        // layer forwards a whole layer's enrollments from one address.
+        if connection.peer_chain.is_none() {
+            self.rate_limit(runtime, RateKey::Address(connection.remote.ip()))?;
+        }
         // Through the API proxy's socket: a forwarded client certificate that cannot be read
         // is refused, never taken for "no certificate".
         if let Some(reason) = connection
@@ -396,6 +401,13 @@ impl App {
         )
         .await?;
         trace.identity = Some(identity.to_string());
+        let unlimited = identity
+            .certificate
+            .as_ref()
+            .is_some_and(|c| runtime.limits.unlimited_trust.contains(&c.trust));
+        if unlimited {
+            return Ok(identity);
+        }
         let key = match (&identity.certificate, &identity.user) {
             (Some(cert), _) => format!("certificate {} {}", cert.trust, cert.serial),
             (None, Some(user)) => format!("user {user}"),

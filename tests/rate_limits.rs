@@ -166,6 +166,7 @@ async fn an_upper_layers_429_reaches_the_child_with_its_retry_after() {
     let mut top_config = demo::top_config();
     top_config.limits.rate_per_identity = 0.5;
     top_config.limits.burst_per_identity = 1.0;
+    top_config.limits.unlimited_trust.clear();
     let top = Layer::start("top", dir.path(), &top_config, any)
         .await
         .unwrap();
@@ -202,6 +203,44 @@ async fn an_upper_layers_429_reaches_the_child_with_its_retry_after() {
         ),
         1.0,
         "{bottom_metrics}"
+    );
+    bottom.stop().await;
+    top.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_authority_in_unlimited_trust_is_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    demo::write_pki(dir.path()).unwrap();
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    // The same tight limits as above, but the RAs' trust set is exempt (the demo's default).
+    let mut top_config = demo::top_config();
+    top_config.limits.rate_per_identity = 0.5;
+    top_config.limits.burst_per_identity = 1.0;
+    top_config.limits.rate_per_address = 0.5;
+    top_config.limits.burst_per_address = 1.0;
+    assert_eq!(top_config.limits.unlimited_trust, ["ras"]);
+    let top = Layer::start("top", dir.path(), &top_config, any)
+        .await
+        .unwrap();
+    let bottom_config = demo::forward_config("bottom", top.addr.port(), "layer2-ra", None);
+    let bottom = Layer::start("bottom", dir.path(), &bottom_config, any)
+        .await
+        .unwrap();
+    let root = std::fs::read_to_string(dir.path().join("root.pem")).unwrap();
+    let child = EstClient::new(bottom.addr, &root, None);
+    let password = [basic(CHILD_USER, CHILD_PASSWORD)];
+    for i in 0..6 {
+        let answer = enroll(&child, &password, &format!("child-{i}")).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(
+        metric(
+            &top.app.render_metrics(),
+            "edgeest_rate_limited_total",
+            &["scope=\"identity\""]
+        ),
+        0.0
     );
     bottom.stop().await;
     top.stop().await;

@@ -125,6 +125,10 @@ pub struct Limits {
     pub rate_per_identity: f64,
     /// Requests one identity may send at once after a quiet time.
     pub burst_per_identity: f64,
+    /// Trust sets whose client certificates are exempt from the per-identity limit: the
+    /// registration authorities of the layers below, whose one identity carries a whole
+    /// layer's enrollments.
+    pub unlimited_trust: Vec<String>,
 }
 
 impl Default for Limits {
@@ -141,6 +145,7 @@ impl Default for Limits {
             burst_per_address: 500.0,
             rate_per_identity: 20.0,
             burst_per_identity: 200.0,
+            unlimited_trust: Vec::new(),
         }
     }
 }

@@ -14,6 +14,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_no_secrets()?;
         check_limits(&self.limits)?;
+        for set in &self.limits.unlimited_trust {
+            if !self.trust.contains_key(set) {
+                return Err(ConfigError::invalid(
+                    "limits.unlimited_trust",
+                    format!("no trust set named {set:?}"),
+                ));
+            }
+        }
         if let Some(socket) = &self.proxy_socket {
             check_proxy_socket(socket)?;
         }

@@ -142,6 +142,7 @@ impl Op {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum KeyType {
     EcP256,
+    #[value(name = "rsa-2048")]
     Rsa2048,
 }
 

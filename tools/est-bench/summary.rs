@@ -59,11 +59,11 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
     println!();
     println!("== edge-est benchmark summary ==");
     let mut floor: FloorReport = read(dir, "floor.json")?.context("floor.json is missing")?;
-    // A second floor measured at the end of the run: the machine's speed drifts (a VM shares
-    // its host), and the ratios use the mean of both.
+    // A second floor measured right after the P-256 local-sign run: the machine's speed drifts
+    // (a VM shares its host), and the ratios use the mean of both.
     if let Some(end) = read::<FloorReport>(dir, "floor-end.json")? {
         println!(
-            "crypto floor at the start / end of the run: {:.0} / {:.0} µs all P-256, {:.0} / {:.0} µs \
+            "crypto floor before / after the P-256 local-sign run: {:.0} / {:.0} µs all P-256, {:.0} / {:.0} µs \
              RSA-2048 issuer; the mean is used below",
             floor.floor_p256_us, end.floor_p256_us, floor.floor_rsa2048_us, end.floor_rsa2048_us
         );
