@@ -158,24 +158,32 @@ async fn per_identity_limit_holds_back_one_identity_not_the_others() {
     server.stop().await;
 }
 
+/// The demo's top with `top_config`, a bottom layer forwarding to it, and a child client of
+/// the bottom layer.
+async fn two_layers(
+    dir: &std::path::Path,
+    top_config: &edge_est::config::Config,
+) -> (Layer, Layer, EstClient) {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let top = Layer::start("top", dir, top_config, any).await.unwrap();
+    let bottom_config = demo::forward_config("bottom", top.addr.port(), "layer2-ra", None);
+    let bottom = Layer::start("bottom", dir, &bottom_config, any)
+        .await
+        .unwrap();
+    let root = std::fs::read_to_string(dir.join("root.pem")).unwrap();
+    let child = EstClient::new(bottom.addr, &root, None);
+    (top, bottom, child)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upper_layers_429_reaches_the_child_with_its_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     demo::write_pki(dir.path()).unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut top_config = demo::top_config();
     top_config.limits.rate_per_identity = 0.5;
     top_config.limits.burst_per_identity = 1.0;
     top_config.limits.unlimited_trust.clear();
-    let top = Layer::start("top", dir.path(), &top_config, any)
-        .await
-        .unwrap();
-    let bottom_config = demo::forward_config("bottom", top.addr.port(), "layer2-ra", None);
-    let bottom = Layer::start("bottom", dir.path(), &bottom_config, any)
-        .await
-        .unwrap();
-    let root = std::fs::read_to_string(dir.path().join("root.pem")).unwrap();
-    let child = EstClient::new(bottom.addr, &root, None);
+    let (top, bottom, child) = two_layers(dir.path(), &top_config).await;
     let password = [basic(CHILD_USER, CHILD_PASSWORD)];
 
     let first = enroll(&child, &password, "child-1").await;
@@ -212,7 +220,6 @@ async fn an_upper_layers_429_reaches_the_child_with_its_retry_after() {
 async fn a_registration_authority_in_unlimited_trust_is_not_held_back() {
     let dir = tempfile::tempdir().unwrap();
     demo::write_pki(dir.path()).unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
     // The same tight limits as above, but the RAs' trust set is exempt (the demo's default).
     let mut top_config = demo::top_config();
     top_config.limits.rate_per_identity = 0.5;
@@ -220,15 +227,7 @@ async fn a_registration_authority_in_unlimited_trust_is_not_held_back() {
     top_config.limits.rate_per_address = 0.5;
     top_config.limits.burst_per_address = 1.0;
     assert_eq!(top_config.limits.unlimited_trust, ["ras"]);
-    let top = Layer::start("top", dir.path(), &top_config, any)
-        .await
-        .unwrap();
-    let bottom_config = demo::forward_config("bottom", top.addr.port(), "layer2-ra", None);
-    let bottom = Layer::start("bottom", dir.path(), &bottom_config, any)
-        .await
-        .unwrap();
-    let root = std::fs::read_to_string(dir.path().join("root.pem")).unwrap();
-    let child = EstClient::new(bottom.addr, &root, None);
+    let (top, bottom, child) = two_layers(dir.path(), &top_config).await;
     let password = [basic(CHILD_USER, CHILD_PASSWORD)];
     for i in 0..6 {
         let answer = enroll(&child, &password, &format!("child-{i}")).await;
