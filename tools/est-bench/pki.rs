@@ -22,10 +22,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType, SignatureAlgorithm,
+    CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType, SignatureAlgorithm,
 };
-use time::OffsetDateTime;
 
 #[derive(Args, Debug)]
 pub struct PkiArgs {
@@ -35,35 +33,11 @@ pub struct PkiArgs {
 }
 
 fn ca_params(cn: &str, path_len: Option<u8>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.is_ca = IsCa::Ca(match path_len {
-        Some(n) => BasicConstraints::Constrained(n),
-        None => BasicConstraints::Unconstrained,
-    });
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.key_identifier_method = KeyIdMethod::Sha256;
-    params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(3650);
-    params
+    edge_est::pki::ca_params(cn, path_len, time::Duration::days(3650))
 }
 
 fn leaf_params(cn: &str, eku: Vec<ExtendedKeyUsagePurpose>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.extended_key_usages = eku;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(365);
-    params
+    edge_est::pki::leaf_params(cn, eku, time::Duration::days(365))
 }
 
 pub fn run(args: &PkiArgs) -> anyhow::Result<()> {
