@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::transport::Listener;
+
 use crate::config::{Config, ConfigError};
 use crate::journal::{Journal, JournalError};
 use crate::runtime::Runtime;
@@ -27,7 +29,7 @@ pub fn build(config: &Config, base: &Path) -> Result<Arc<App>, StartError> {
 }
 
 /// Serves EST on `listener` until `shutdown` completes; in-flight requests are drained.
-pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let max_connections = app.runtime().limits.max_connections;
     crate::transport::serve(listener, app, max_connections, shutdown).await;
 }
@@ -59,7 +61,7 @@ pub fn bind_proxy_socket(config: &Config) -> std::io::Result<Option<UnixListener
 /// stops the metrics listener and closes the journal: every certificate handed out is on
 /// disk when this returns.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     metrics: Option<TcpListener>,
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
@@ -70,7 +72,7 @@ pub async fn serve(
 /// [`serve`], with the API proxy's socket listener too when `proxy` is given: both stop
 /// accepting at once when `shutdown` completes.
 pub async fn serve_with_proxy_socket(
-    listener: TcpListener,
+    listener: Listener,
     proxy: Option<UnixListener>,
     metrics: Option<TcpListener>,
     app: Arc<App>,

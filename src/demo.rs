@@ -18,7 +18,6 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, UpstreamConfig};
@@ -28,6 +27,7 @@ const TEN_YEARS: time::Duration = time::Duration::days(3650);
 const ONE_YEAR: time::Duration = time::Duration::days(365);
 use crate::issue::Upstream;
 use crate::server::App;
+use crate::transport::Listener;
 
 /// The Basic user children of the bottom layer use, and its password.
 pub const CHILD_USER: &str = "estuser";
@@ -225,10 +225,8 @@ impl Layer {
         addr: SocketAddr,
     ) -> Result<Layer, String> {
         let app = crate::app::build(config, dir).map_err(|e| format!("{name}: {e}"))?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("{name}: {e}"))?;
-        let addr = listener.local_addr().map_err(err)?;
+        let listener = Listener::bind(addr).map_err(|e| format!("{name}: {e}"))?;
+        let addr = listener.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crate::app::run(listener, app.clone(), async {
             let _ = stopped.await;

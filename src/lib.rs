@@ -18,6 +18,7 @@ pub mod health;
 pub mod issue;
 pub mod journal;
 pub mod limits;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod pki;

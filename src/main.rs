@@ -236,10 +236,9 @@ async fn serve(
         config.metrics_listen = Some(metrics_listen);
     }
     let app = edge_est::app::build(&config, &base)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = edge_est::transport::Listener::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let local = listener.local_addr()?;
+    let local = listener.local_addr();
     tracing::info!(listen = %local, labels = config.labels.len(), journal = %app.journal().path().display(), "edge-est serving EST");
     if let Some(setup) = &dev_setup {
         print_dev_instructions(setup, local);

@@ -433,6 +433,10 @@ impl App {
                 label_rt.display_name()
             )));
         }
+        // A local signing reaches the journal within a few hundred microseconds of CPU: a flush
+        // starting meanwhile may wait for its entry (see `journal`). Forwarded ones wait on
+        // the upstream for longer than that.
+        let expected = (label_rt.mode == Mode::Sign).then(|| self.journal.expect());
         let content_type = request
             .headers()
             .get(CONTENT_TYPE)
@@ -532,7 +536,7 @@ impl App {
             issued_by: issuance.issued_by.clone(),
             grace_renewal,
         };
-        self.journal.record(&entry).await?;
+        self.journal.record(&entry, expected).await?;
 
         let certs: Vec<&[u8]> = issuance.certs.iter().map(Vec::as_slice).collect();
         let pkcs7 = est::pkcs7::encode_certs_only(&certs)

@@ -114,7 +114,7 @@ async fn a_child_enrolls_through_nginx_and_cannot_forge_the_header() {
     let mut config = standard_config(&pki);
     config.proxy_socket = Some(socket.clone());
     let app = edge_est::app::build(&config, dir).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = edge_est::transport::Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let proxy = edge_est::app::bind_proxy_socket(&config).unwrap().unwrap();
     let (stop_tls, stopped_tls) = oneshot::channel::<()>();
     let (stop_proxy, stopped_proxy) = oneshot::channel::<()>();

@@ -143,10 +143,10 @@ async fn metrics_parse_as_prometheus_text_and_count_what_was_sent() {
     let config = standard_config(&pki);
     let app = edge_est::app::build(&config, dir.path()).unwrap();
     app.set_config_version(17);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = edge_est::transport::Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, metrics_addr) = (
-        listener.local_addr().unwrap(),
+        listener.local_addr(),
         metrics_listener.local_addr().unwrap(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -54,8 +54,8 @@ impl Both {
         config.proxy_socket = Some(socket.clone());
         config.validate().expect("valid with a proxy socket");
         let app = edge_est::app::build(&config, dir).expect("configuration loads");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tls = listener.local_addr().unwrap();
+        let listener = edge_est::transport::Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tls = listener.local_addr();
         let proxy = edge_est::app::bind_proxy_socket(&config)
             .unwrap()
             .expect("a socket");

@@ -34,6 +34,7 @@ use crate::config::{Config, PemSource, TlsConfig};
 use crate::journal::Journal;
 use crate::runtime::Runtime;
 use crate::server::App;
+use crate::transport::Listener;
 
 pub use desired::{module_config, ModuleDefaults};
 pub use env::EdgeEnv;
@@ -542,8 +543,7 @@ impl Controller {
         };
         let listener = if rebind {
             Some(
-                TcpListener::bind(config.listen)
-                    .await
+                Listener::bind(config.listen)
                     .map_err(|e| format!("listen: cannot listen on {}: {e}", config.listen))?,
             )
         } else {
@@ -579,7 +579,7 @@ impl Controller {
         };
         app.set_config_version(version.unwrap_or(0));
         if let Some(listener) = listener {
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let addr = listener.local_addr();
             let (stop, stopped) = oneshot::channel::<()>();
             let task = tokio::spawn(crate::app::run(listener, app.clone(), async {
                 let _ = stopped.await;

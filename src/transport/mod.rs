@@ -2,8 +2,11 @@
 //! handshake with a deadline, HTTP/1.1 with header and idle timeouts, graceful drain on
 //! shutdown. Knows nothing of EST.
 
+pub mod listener;
 pub mod proxy;
 pub mod tls;
+
+pub use self::listener::Listener;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -120,18 +123,105 @@ impl Drop for AddressSlot {
 /// How long in-flight requests get to finish after shutdown is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What every connection thread of one listener shares.
+struct Shared<S> {
+    service: Arc<S>,
+    /// One permit per open connection, `max_connections` in all.
+    slots: Arc<Semaphore>,
+    per_address: PerAddress,
+    max_connections: usize,
+    /// Turns true when open connections are to finish (graceful HTTP shutdown).
+    stop: watch::Receiver<bool>,
+    /// Turns false when the threads are to stop accepting.
+    accepting: watch::Receiver<bool>,
+    /// Turns true when the drain is over and the threads may end.
+    done: watch::Receiver<bool>,
+}
+
+impl<S> Clone for Shared<S> {
+    fn clone(&self) -> Self {
+        Shared {
+            service: self.service.clone(),
+            slots: self.slots.clone(),
+            per_address: self.per_address.clone(),
+            max_connections: self.max_connections,
+            stop: self.stop.clone(),
+            accepting: self.accepting.clone(),
+            done: self.done.clone(),
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` completes, then stops accepting and gives open
-/// connections [`DRAIN_TIMEOUT`] to finish their requests.
+/// connections [`DRAIN_TIMEOUT`] to finish their requests. Each of the listener's sockets is
+/// served by a thread of its own (see [`listener`]); the caller's runtime only waits.
 pub async fn serve<S: Service>(
-    listener: TcpListener,
+    listener: Listener,
     service: Arc<S>,
     max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
-    let per_address = PerAddress::default();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::pin!(shutdown);
+    let (stop_tx, stop) = watch::channel(false);
+    let (accepting_tx, accepting) = watch::channel(true);
+    let (done_tx, done) = watch::channel(false);
+    let shared = Shared {
+        service,
+        slots: slots.clone(),
+        per_address: PerAddress::default(),
+        max_connections,
+        stop,
+        accepting,
+        done,
+    };
+    let mut threads = 0;
+    for (i, socket) in listener.into_sockets().into_iter().enumerate() {
+        let shared = shared.clone();
+        // A thread that cannot start drops its socket: the kernel then stops routing
+        // connections to it.
+        match std::thread::Builder::new()
+            .name(format!("edge-est-conn-{i}"))
+            .spawn(move || connection_thread(socket, shared))
+        {
+            Ok(_) => threads += 1,
+            Err(e) => tracing::error!(error = %e, "cannot start a connection thread"),
+        }
+    }
+    if threads == 0 {
+        tracing::error!("no connection thread started: not serving");
+        return;
+    }
+    shutdown.await;
+    let _ = accepting_tx.send(false);
+    drain(stop_tx, slots, max_connections).await;
+    let _ = done_tx.send(true);
+}
+
+/// One connection thread: accepts on its socket and serves what it accepts, on a runtime of
+/// its own, until told to stop accepting; then waits for the end of the drain.
+fn connection_thread<S: Service>(socket: std::net::TcpListener, shared: Shared<S>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a connection thread's runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        match TcpListener::from_std(socket) {
+            Ok(listener) => accept_loop(listener, &shared).await,
+            Err(e) => tracing::error!(error = %e, "cannot use a listening socket"),
+        }
+        let mut done = shared.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    });
+}
+
+async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
+    let mut accepting = shared.accepting.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let (tcp, remote) = tokio::select! {
@@ -148,24 +238,28 @@ pub async fn serve<S: Service>(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            _ = accepting.wait_for(|a| !*a) => return,
         };
+        let service = &shared.service;
         let limits = service.connection_limits();
-        let Some(address_slot) = per_address.acquire(remote.ip(), limits.max_per_address) else {
+        let Some(address_slot) = shared
+            .per_address
+            .acquire(remote.ip(), limits.max_per_address)
+        else {
             tracing::warn!(%remote, max_per_address = limits.max_per_address, "connection refused: too many connections from this address");
             service.on_refused(RefusedBecause::PerAddress);
             drop(tcp);
             continue;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, max_connections, "connection refused: too many connections");
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, max_connections = shared.max_connections, "connection refused: too many connections");
             service.on_refused(RefusedBecause::Capacity);
             drop(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let service = service.clone();
-        let mut stop = stop_rx.clone();
+        let mut stop = shared.stop.clone();
         service.on_connection_open();
         let open = OpenConnection(service.clone());
         tokio::spawn(async move {
@@ -210,8 +304,6 @@ pub async fn serve<S: Service>(
             .await;
         });
     }
-    drop(listener);
-    drain(stop_tx, slots, max_connections).await;
 }
 
 /// Serves HTTP/1.1 on one connection until it ends or `stop` turns true (then gracefully).

@@ -36,10 +36,8 @@ impl TestServer {
 
     pub async fn start_on(dir: &Path, config: &Config, addr: SocketAddr) -> TestServer {
         let app = edge_est::app::build(config, dir).expect("configuration must load");
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().unwrap();
+        let listener = edge_est::transport::Listener::bind(addr).expect("bind loopback");
+        let addr = listener.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(edge_est::app::run(listener, app.clone(), async {
             let _ = stopped.await;
