@@ -401,10 +401,13 @@ impl App {
         )
         .await?;
         trace.identity = Some(identity.to_string());
+        // Registration authorities (lower layers) send a whole subtree's requests as one
+        // identity: a rule or their trust set exempts them.
         let unlimited = identity
             .certificate
             .as_ref()
-            .is_some_and(|c| runtime.limits.unlimited_trust.contains(&c.trust));
+            .is_some_and(|c| runtime.limits.unlimited_trust.contains(&c.trust))
+            || label_rt.policy.is_registration_authority(&identity);
         if unlimited {
             return Ok(identity);
         }

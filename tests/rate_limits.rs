@@ -245,6 +245,51 @@ async fn a_registration_authority_in_unlimited_trust_is_not_held_back() {
     top.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_marked_registration_authority_exempts_the_ra_from_the_identity_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    demo::write_pki(dir.path()).unwrap();
+    // As in the 429 test above (tight identity limit, no trust set exempt), but the rule that
+    // matches the RA says what it is. Deployments whose RAs share a trust set with devices
+    // (IoT Edge's trust bundle) cannot use unlimited_trust; the rule narrows by client_cn.
+    let mut top_config = demo::top_config();
+    top_config.limits.rate_per_identity = 0.5;
+    top_config.limits.burst_per_identity = 1.0;
+    top_config.limits.unlimited_trust.clear();
+    let ra_rule = &mut top_config.labels[0].rules[0];
+    assert_eq!(ra_rule.matches, ["certificate:ras"]);
+    assert!(!ra_rule.client_cn.is_empty(), "the RA rule names its RA");
+    ra_rule.registration_authority = true;
+    let (top, bottom, child) = two_layers(dir.path(), &top_config).await;
+    let password = [basic(CHILD_USER, CHILD_PASSWORD)];
+    for i in 0..6 {
+        let answer = enroll(&child, &password, &format!("child-{i}")).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(
+        metric(
+            &top.app.render_metrics(),
+            "edgeest_rate_limited_total",
+            &["scope=\"identity\""]
+        ),
+        0.0
+    );
+    bottom.stop().await;
+    top.stop().await;
+}
+
+#[test]
+fn registration_authority_reads_from_a_rule_and_is_off_by_default() {
+    let rule: edge_est::config::RuleConfig = toml::from_str(
+        "match = [\"certificate:ras\"]\nclient_cn = [\"edgeest\"]\nregistration_authority = true\n",
+    )
+    .unwrap();
+    assert!(rule.registration_authority);
+    let rule: edge_est::config::RuleConfig =
+        toml::from_str("match = [\"certificate:ras\"]\n").unwrap();
+    assert!(!rule.registration_authority);
+}
+
 #[test]
 fn limits_read_from_toml_with_whole_numbers_and_zero_turns_them_off() {
     let limits: edge_est::config::Limits = toml::from_str(

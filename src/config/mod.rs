@@ -379,6 +379,11 @@ pub struct RuleConfig {
     /// each with its value patterns. Any attribute not listed here (or CN) is refused.
     #[serde(default)]
     pub subject_attributes: BTreeMap<String, Vec<String>>,
+    /// The identities this rule matches are registration authorities: lower layers that
+    /// forward a whole subtree's requests under one identity. They are exempt from
+    /// `limits.rate_per_identity` (each child is limited where it enrolls).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub registration_authority: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -71,6 +71,7 @@ struct Rule {
     uris: Vec<Pattern>,
     emails: Vec<Pattern>,
     attributes: Vec<(String, Vec<Pattern>)>,
+    registration_authority: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -154,6 +155,7 @@ impl Policy {
                 uris: patterns(&field("uris"), &rule.uris)?,
                 emails: patterns(&field("emails"), &rule.emails)?,
                 attributes,
+                registration_authority: rule.registration_authority,
             });
         }
         let deny = deny
@@ -282,6 +284,22 @@ impl Policy {
             }
         }
         Err(first_refusal.unwrap_or(Refusal::NoRule(who)))
+    }
+
+    /// Whether a rule marked `registration_authority` applies to `identity` (and the deny
+    /// list does not name it, and it is not an expired certificate in its grace window).
+    /// Decided before the CSR is read: a rule applies by identity alone.
+    pub fn is_registration_authority(&self, identity: &Identity) -> bool {
+        if self.is_denied(identity) || identity.certificate.as_ref().is_some_and(|c| c.grace) {
+            return false;
+        }
+        let vars = Vars {
+            cn: identity.cn(),
+            user: identity.user.as_deref(),
+        };
+        self.rules
+            .iter()
+            .any(|r| r.registration_authority && r.applies_to(identity, vars))
     }
 
     fn is_denied(&self, identity: &Identity) -> bool {

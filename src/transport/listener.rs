@@ -33,12 +33,19 @@ impl Listener {
 
     /// Binds `addr` with `threads` sockets (at least one). Port 0 picks one port for all.
     pub fn bind_threads(addr: SocketAddr, threads: usize) -> io::Result<Listener> {
-        let first = bind_one(addr)?;
-        let local_addr = first.local_addr()?;
-        let mut sockets = vec![first];
-        for _ in 1..threads.max(1) {
-            sockets.push(bind_one(local_addr)?);
-        }
+        // SO_REUSEPORT would let a second edge-est of the same user share the address
+        // silently, each with its own journal: a plain bind first says "address in use".
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+        let local_addr = probe
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("not an IP socket address"))?;
+        drop(probe);
+        let sockets = (0..threads.max(1))
+            .map(|_| bind_one(local_addr))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Listener {
             sockets,
             local_addr,
@@ -82,7 +89,13 @@ mod tests {
         let sockets = listener.into_sockets();
         assert_eq!(sockets.len(), 3);
         assert!(sockets.iter().all(|s| s.local_addr().unwrap() == addr));
-        // A plain bind (no SO_REUSEPORT) of the same address is refused.
+        // A plain bind (no SO_REUSEPORT) of the same address is refused, and so is a second
+        // listener of this kind: two servers never share an address.
         assert!(std::net::TcpListener::bind(addr).is_err());
+        let second = Listener::bind_threads(addr, 2).unwrap_err();
+        assert_eq!(second.kind(), io::ErrorKind::AddrInUse);
+        drop(sockets);
+        // Once closed, the address is free again (positive control).
+        assert!(Listener::bind_threads(addr, 2).is_ok());
     }
 }
