@@ -492,3 +492,45 @@ fn the_api_proxy_variant_keeps_the_socket_to_itself() {
         "NGINX_DEFAULT_PORT is not set",
     );
 }
+
+/// The top layer's RAs and its devices share the trust bundle: only the rule narrowed to the
+/// RA's name may exempt from the identity rate limit.
+#[test]
+fn the_top_layer_exempts_its_ra_and_only_its_ra_from_the_identity_limit() {
+    use edge_est::auth::{CertIdentity, Identity};
+    use edge_est::config::RuleConfig;
+    use edge_est::est::name::{AttributeType, Subject};
+    use edge_est::policy::Policy;
+
+    let manifest = load("top-layer.deployment.template.json");
+    let label = &manifest["modulesContent"]["edgeest"]["properties.desired"]["labels"][0];
+    let rules: Vec<RuleConfig> = serde_json::from_value(label["rules"].clone()).unwrap();
+    let trust: Vec<String> = serde_json::from_value(label["client_trust"].clone()).unwrap();
+    let policy = Policy::new(&rules, &[], &trust).unwrap();
+    let who = |cn: &str, trust: &str| Identity {
+        certificate: Some(CertIdentity {
+            subject: Subject::from_attributes(vec![(
+                AttributeType::from_oid("2.5.4.3"),
+                cn.into(),
+            )]),
+            sans: vec![],
+            serial: "01".into(),
+            not_after: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+            trust: trust.into(),
+            ca: false,
+            grace: false,
+        }),
+        user: None,
+    };
+    assert!(policy.is_registration_authority(&who("edgeest", "edge-trust-bundle")));
+    assert!(!policy.is_registration_authority(&who("l3-gateway", "edge-trust-bundle")));
+    assert!(!policy.is_registration_authority(&who("edgeest", "factory")));
+    let mut unmarked = rules.clone();
+    unmarked
+        .iter_mut()
+        .for_each(|r| r.registration_authority = false);
+    let unmarked = Policy::new(&unmarked, &[], &trust).unwrap();
+    assert!(!unmarked.is_registration_authority(&who("edgeest", "edge-trust-bundle")));
+    let deny = Policy::new(&rules, &["cn:edgeest".to_owned()], &trust).unwrap();
+    assert!(!deny.is_registration_authority(&who("edgeest", "edge-trust-bundle")));
+}
