@@ -175,14 +175,21 @@ async fn two_layers(
     (top, bottom, child)
 }
 
+/// The demo's top with an identity limit a test reaches at once (burst 1, 0.5/s) and no trust
+/// set exempt from it.
+fn top_config_with_tight_identity_limit() -> edge_est::config::Config {
+    let mut config = demo::top_config();
+    config.limits.rate_per_identity = 0.5;
+    config.limits.burst_per_identity = 1.0;
+    config.limits.unlimited_trust.clear();
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upper_layers_429_reaches_the_child_with_its_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     demo::write_pki(dir.path()).unwrap();
-    let mut top_config = demo::top_config();
-    top_config.limits.rate_per_identity = 0.5;
-    top_config.limits.burst_per_identity = 1.0;
-    top_config.limits.unlimited_trust.clear();
+    let top_config = top_config_with_tight_identity_limit();
     let (top, bottom, child) = two_layers(dir.path(), &top_config).await;
     let password = [basic(CHILD_USER, CHILD_PASSWORD)];
 
@@ -227,7 +234,16 @@ async fn a_registration_authority_in_unlimited_trust_is_not_held_back() {
     top_config.limits.rate_per_address = 0.5;
     top_config.limits.burst_per_address = 1.0;
     assert_eq!(top_config.limits.unlimited_trust, ["ras"]);
-    let (top, bottom, child) = two_layers(dir.path(), &top_config).await;
+    six_enrollments_through_the_ra_all_pass(dir.path(), &top_config).await;
+}
+
+/// Six children enroll through the bottom layer's RA, above the top's identity limit of the
+/// tests (burst 1, 0.5/s): every one is served, none is limited at the top.
+async fn six_enrollments_through_the_ra_all_pass(
+    dir: &std::path::Path,
+    top_config: &edge_est::config::Config,
+) {
+    let (top, bottom, child) = two_layers(dir, top_config).await;
     let password = [basic(CHILD_USER, CHILD_PASSWORD)];
     for i in 0..6 {
         let answer = enroll(&child, &password, &format!("child-{i}")).await;
@@ -252,30 +268,12 @@ async fn a_rule_marked_registration_authority_exempts_the_ra_from_the_identity_l
     // As in the 429 test above (tight identity limit, no trust set exempt), but the rule that
     // matches the RA says what it is. Deployments whose RAs share a trust set with devices
     // (IoT Edge's trust bundle) cannot use unlimited_trust; the rule narrows by client_cn.
-    let mut top_config = demo::top_config();
-    top_config.limits.rate_per_identity = 0.5;
-    top_config.limits.burst_per_identity = 1.0;
-    top_config.limits.unlimited_trust.clear();
+    let mut top_config = top_config_with_tight_identity_limit();
     let ra_rule = &mut top_config.labels[0].rules[0];
     assert_eq!(ra_rule.matches, ["certificate:ras"]);
     assert!(!ra_rule.client_cn.is_empty(), "the RA rule names its RA");
     ra_rule.registration_authority = true;
-    let (top, bottom, child) = two_layers(dir.path(), &top_config).await;
-    let password = [basic(CHILD_USER, CHILD_PASSWORD)];
-    for i in 0..6 {
-        let answer = enroll(&child, &password, &format!("child-{i}")).await;
-        assert_eq!(answer.status, 200, "{}", answer.text());
-    }
-    assert_eq!(
-        metric(
-            &top.app.render_metrics(),
-            "edgeest_rate_limited_total",
-            &["scope=\"identity\""]
-        ),
-        0.0
-    );
-    bottom.stop().await;
-    top.stop().await;
+    six_enrollments_through_the_ra_all_pass(dir.path(), &top_config).await;
 }
 
 #[test]
