@@ -437,8 +437,10 @@ impl App {
             )));
         }
         // A local signing reaches the journal within a few hundred microseconds of CPU: a flush
-        // starting meanwhile may wait for its entry (see `journal`). Forwarded ones wait on
-        // the upstream for longer than that.
+        // starting meanwhile may wait for its entry (see `journal`). Announced this early (not
+        // after authentication or the body: measured, that lost most of the grouping), a
+        // slow body or an argon2 check can make a flush wait its whole window: bounded, and
+        // only while others are under way. Forwarded ones wait on the upstream for longer.
         let expected = (label_rt.mode == Mode::Sign).then(|| self.journal.expect());
         let content_type = request
             .headers()
