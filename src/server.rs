@@ -2,7 +2,7 @@
 //! issue → journal → answer. Errors of every step go through `error::RequestError`.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -16,7 +16,7 @@ use hyper::{Request, Response};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::auth::{self, Credentials, Identity};
+use crate::auth::{self, CertIdentity, Credentials, Identity, TrustSet};
 use crate::config::{Mode, ServerKeygen};
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
@@ -256,6 +256,36 @@ impl Service for App {
     }
 }
 
+/// A client certificate chain verified for a label, kept for the connection it came on: a
+/// kept-alive client (a lower layer's pooled RA connection above all) is not verified again
+/// on every request. It holds while the label is the one it was verified for (a
+/// configuration swap builds new labels), the upstream CA that vouched for it (if any) is the
+/// one cached then, and no certificate on its path has expired. Grace identities are never
+/// kept. The weak references keep the allocations, so an address is never that of another.
+struct VerifiedPeer {
+    label: Weak<LabelRuntime>,
+    upstream_issuer: Option<Weak<TrustSet>>,
+    identity: CertIdentity,
+}
+
+impl VerifiedPeer {
+    fn holds_for(
+        &self,
+        label: &Arc<LabelRuntime>,
+        upstream_issuer: Option<&Arc<TrustSet>>,
+        now: OffsetDateTime,
+    ) -> bool {
+        let same_upstream = match (&self.upstream_issuer, upstream_issuer) {
+            (None, None) => true,
+            (Some(kept), Some(now)) => std::ptr::eq(kept.as_ptr(), Arc::as_ptr(now)),
+            _ => false,
+        };
+        std::ptr::eq(self.label.as_ptr(), Arc::as_ptr(label))
+            && same_upstream
+            && now < self.identity.valid_until
+    }
+}
+
 /// What the request log line says about a request, filled in as it goes.
 #[derive(Default)]
 struct Trace {
@@ -346,18 +376,15 @@ impl App {
     async fn authenticate(
         &self,
         runtime: &Runtime,
-        label_rt: &LabelRuntime,
+        label_rt: &Arc<LabelRuntime>,
         request: &Request<Incoming>,
         connection: &Connection,
         trace: &mut Trace,
     ) -> Result<Identity, RequestError> {
-        let credentials = Credentials {
-            peer_chain: connection.peer_chain.as_deref(),
-            authorization: request
-                .headers()
-                .get(AUTHORIZATION)
-                .map(HeaderValue::as_bytes),
-        };
+        let authorization = request
+            .headers()
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
         // On a forwarding label, "issuer" is the upstream's issuing CA: its chain comes from
         // the cached upstream cacerts, and only matters when a certificate was presented.
         let upstream_chain = match (&label_rt.upstream, connection.peer_chain.is_some()) {
@@ -392,6 +419,16 @@ impl App {
                 std::borrow::Cow::Borrowed(label_rt.known_intermediates.as_slice()),
             ),
         };
+        let upstream_issuer = upstream_chain.as_ref().map(|c| &c.issuer_trust);
+        let remembered = connection
+            .memo
+            .get::<VerifiedPeer>()
+            .filter(|v| v.holds_for(label_rt, upstream_issuer, OffsetDateTime::now_utc()));
+        let credentials = Credentials {
+            peer_chain: connection.peer_chain.as_deref(),
+            peer_verified: remembered.as_ref().map(|v| &v.identity),
+            authorization,
+        };
         let identity = auth::authenticate(
             label_rt.auth,
             &trust,
@@ -400,6 +437,15 @@ impl App {
             credentials,
         )
         .await?;
+        if let Some(certificate) = identity.certificate.as_ref().filter(|c| !c.grace) {
+            if remembered.is_none() {
+                connection.memo.set(Arc::new(VerifiedPeer {
+                    label: Arc::downgrade(label_rt),
+                    upstream_issuer: upstream_issuer.map(Arc::downgrade),
+                    identity: certificate.clone(),
+                }));
+            }
+        }
         trace.identity = Some(identity.to_string());
         // Registration authorities (lower layers) send a whole subtree's requests as one
         // identity: a rule or their trust set exempts them.
@@ -423,7 +469,7 @@ impl App {
     async fn enroll(
         &self,
         runtime: &Runtime,
-        label_rt: &LabelRuntime,
+        label_rt: &Arc<LabelRuntime>,
         operation: Operation,
         request: Request<Incoming>,
         connection: &Connection,

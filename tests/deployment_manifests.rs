@@ -519,6 +519,7 @@ fn the_top_layer_exempts_its_ra_and_only_its_ra_from_the_identity_limit() {
             trust: trust.into(),
             ca: false,
             grace: false,
+            valid_until: time::OffsetDateTime::now_utc() + time::Duration::days(1),
         }),
         user: None,
     };

@@ -75,6 +75,9 @@ pub struct CertIdentity {
     /// It had expired, and was accepted within the label's grace window: it may only renew
     /// its own subject and subjectAltNames (see `policy`).
     pub grace: bool,
+    /// The earliest notAfter on the verified path (the leaf's or an intermediate's): the
+    /// verification holds until then, for the same trust sets.
+    pub valid_until: OffsetDateTime,
 }
 
 impl fmt::Display for CertIdentity {
@@ -200,7 +203,17 @@ fn verify_at(
             None,
             only_direct,
         ) {
-            Ok(_) => return describe(leaf, &set.name).map_err(Failure::Other),
+            Ok(path) => {
+                let mut identity = describe(leaf, &set.name).map_err(Failure::Other)?;
+                for intermediate in path.intermediate_certificates() {
+                    let not_after = X509Certificate::from_der(&intermediate.der())
+                        .map(|(_, c)| c.validity().not_after.to_datetime())
+                        // webpki read it; should x509-parser not, the result holds for no time.
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                    identity.valid_until = identity.valid_until.min(not_after);
+                }
+                return Ok(identity);
+            }
             // An unknown issuer from one set says less than, e.g., "expired" from the set
             // that knows the issuer: keep the most telling error.
             Err(e) => {
@@ -254,14 +267,16 @@ fn describe(leaf: &CertificateDer<'_>, trust: &str) -> Result<CertIdentity, Stri
         Ok(None) => Vec::new(),
         Err(e) => return Err(format!("malformed subjectAltName: {e}")),
     };
+    let not_after = cert.validity().not_after.to_datetime();
     Ok(CertIdentity {
         subject,
         sans,
         serial: hex(cert.raw_serial()),
-        not_after: cert.validity().not_after.to_datetime(),
+        not_after,
         trust: trust.to_owned(),
         ca: cert.is_ca(),
         grace: false,
+        valid_until: not_after,
     })
 }
 

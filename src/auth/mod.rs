@@ -69,6 +69,9 @@ pub enum AuthError {
 /// `Authorization` header.
 pub struct Credentials<'a> {
     pub peer_chain: Option<&'a [CertificateDer<'static>]>,
+    /// What an earlier verification of this same `peer_chain` found, for the same trust, and
+    /// still valid (the caller keeps it per connection): used instead of verifying again.
+    pub peer_verified: Option<&'a CertIdentity>,
     pub authorization: Option<&'a [u8]>,
 }
 
@@ -82,8 +85,9 @@ pub async fn authenticate(
     creds: Credentials<'_>,
 ) -> Result<Identity, AuthError> {
     let presented_cert = creds.peer_chain.filter(|c| !c.is_empty());
-    let certificate = match presented_cert {
-        Some(chain) if methods.certificate => Some(
+    let certificate = match (presented_cert, creds.peer_verified) {
+        (Some(_), Some(verified)) if methods.certificate => Some(verified.clone()),
+        (Some(chain), _) if methods.certificate => Some(
             client_cert::verify_with_grace(
                 chain,
                 trust,

@@ -8,6 +8,7 @@ pub mod tls;
 
 pub use self::listener::Listener;
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -37,6 +38,33 @@ pub struct Connection {
     pub peer_chain: Option<Vec<CertificateDer<'static>>>,
     /// Set on requests that came through the API proxy's socket, never on the TLS listener.
     pub forwarded: Option<proxy::Forwarded>,
+    /// What the application keeps about the connection between its requests. On the API
+    /// proxy's socket each request gets a fresh one: there every request is its own client.
+    pub memo: Memo,
+}
+
+/// One value of the application's choosing, kept for a connection's lifetime (the transport
+/// only holds it).
+#[derive(Default)]
+pub struct Memo(Mutex<Option<Arc<dyn Any + Send + Sync>>>);
+
+impl Memo {
+    /// The value kept, if there is one of type `T`.
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        kept.and_then(|value| value.downcast::<T>().ok())
+    }
+
+    /// Keeps `value` in place of what was kept.
+    pub fn set<T: Any + Send + Sync>(&self, value: Arc<T>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+    }
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
 }
 
 /// Per-connection settings, read at accept time from the running configuration.
@@ -290,6 +318,7 @@ async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
                 remote,
                 peer_chain,
                 forwarded: None,
+                memo: Memo::default(),
             });
             // The request's headers play no part here: a forwarded client certificate header
             // is read only on the API proxy's socket.

@@ -129,6 +129,7 @@ pub fn connection_for(headers: &HeaderMap) -> Connection {
             client_address,
             client_cert_error,
         }),
+        memo: super::Memo::default(),
     }
 }
 
