@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The edge-est benchmark, in one go on this machine (see BENCHMARKS.md):
 #   (a) the crypto floor of one enrollment on one core (est-bench floor, in memory);
-#   (b) local-sign enrollment, fresh mTLS connection each: P-256 issuer, RSA-2048 issuer, and
-#       the IoT Edge shape (simpleenroll + cacerts on two connections);
+#   (b) local-sign enrollment, fresh mTLS connection each: P-256 issuer (three rounds, each
+#       against the floors around it), RSA-2048 issuer, and the IoT Edge shape (simpleenroll +
+#       cacerts on two connections);
 #   (c) cacerts with keep-alive;
 #   (d) idle RSS of a fresh server, and RSS over 100,000 enrollments;
 #   (e) enrollment forwarded through one and two layers (when edge-est has mode = "forward");
@@ -85,15 +86,19 @@ echo "== (a) crypto floor, one core, no sockets"
 taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor.json"
 
 echo
-echo "== (b) local-sign enrollment, P-256 issuer, fresh mTLS connection per enrollment"
+echo "== (b) local-sign enrollment, P-256 issuer, fresh mTLS connection per enrollment: three"
+echo "   rounds, each followed by the crypto floor again (the machine's speed drifts: a VM"
+echo "   sharing its host); each round is set against the mean of the floors around it, and"
+echo "   the summary takes the median round"
 start_server sign-p256 sign-p256.toml
-bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
-  --concurrency 16 --warmup 500 --duration "$SECS" --server-pid "$PID" \
-  --name sign-p256 --json-out "$RES/sign-p256.json"
-echo
-echo "== (a) the crypto floor again: the machine's speed drifts (a VM sharing its host), so the"
-echo "   ratios use the mean of the floors measured just before and just after this run"
-taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor-end.json" | grep FLOOR
+for round in 1 2 3; do
+  suffix=$([ "$round" = 1 ] && echo "" || echo ".r$round")
+  echo "-- round $round"
+  bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+    --concurrency 16 --warmup 500 --duration "$SECS" --server-pid "$PID" \
+    --name sign-p256 --json-out "$RES/sign-p256$suffix.json"
+  taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor-end$suffix.json" | grep FLOOR
+done
 echo
 echo "== (b) the IoT Edge shape: simpleenroll + cacerts at once on two fresh mTLS connections"
 bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
