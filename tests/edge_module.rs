@@ -14,9 +14,9 @@ use base64::Engine;
 use common::client::{basic, certs_from_answer, iot_edge_body, Answer, EstClient};
 use common::mqtt::{free_port, served_certificate, ConnectCapture, Mosquitto, TwinResponder};
 use common::workload::{raw_request, WorkloadStandIn};
-use common::{Pki, PASSWORD, USER};
+use common::{csr, Pki, PASSWORD, USER};
 use edge_est::edge::{self, EdgeEnv, ModuleHandle, ModuleOptions};
-use rcgen::{CertificateParams, DnType, KeyPair};
+use rcgen::KeyPair;
 use serde_json::{json, Value};
 
 const DEVICE: &str = "gw1";
@@ -132,14 +132,6 @@ fn options() -> ModuleOptions {
         backoff_max: Duration::from_secs(2),
         ..ModuleOptions::default()
     }
-}
-
-fn csr(cn: &str) -> Vec<u8> {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.serialize_request(&key).unwrap().der().to_vec()
 }
 
 fn enroll_headers() -> Vec<(&'static str, String)> {

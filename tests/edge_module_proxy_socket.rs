@@ -12,24 +12,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::mqtt::{free_port, Mosquitto, TwinResponder};
 use common::workload::WorkloadStandIn;
-use common::Pki;
+use common::{csr, Pki};
 use edge_est::edge::{self, EdgeEnv, ModuleOptions};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rcgen::{CertificateParams, DnType, KeyPair};
 use serde_json::{json, Value};
 
 const DEVICE: &str = "gw1";
 const MODULE: &str = "edgeest";
 const GATEWAY: &str = "localhost";
-
-fn csr(cn: &str) -> Vec<u8> {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.serialize_request(&key).unwrap().der().to_vec()
-}
 
 /// A simpleenroll over the socket with the forwarded certificate `cert_pem`; the status.
 async fn enroll_via(socket: &Path, cert_pem: &str, cn: &str) -> (u16, String) {

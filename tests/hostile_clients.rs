@@ -15,18 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::client::{basic, certs_from_answer, iot_edge_body, EstClient};
-use common::{standard_config, Pki, TestServer, PASSWORD, USER};
-use rcgen::{CertificateParams, DnType, KeyPair};
+use common::{csr, standard_config, Pki, TestServer, PASSWORD, USER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-
-fn csr(cn: &str) -> Vec<u8> {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.serialize_request(&key).unwrap().der().to_vec()
-}
 
 /// A TCP connection from a chosen loopback address.
 async fn connect_from(source: &str, server: SocketAddr) -> std::io::Result<TcpStream> {

@@ -8,20 +8,12 @@ mod common;
 use ::time::{Duration, OffsetDateTime};
 use common::client::{iot_edge_body, Answer, EstClient};
 use common::pki::TestCa;
-use common::{standard_config, Pki, TestServer};
+use common::{csr, standard_config, start_standard, TestServer};
 use edge_est::runtime::Runtime;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
-use rcgen::{CertificateParams, DnType, KeyPair};
-
-fn csr(cn: &str) -> Vec<u8> {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.serialize_request(&key).unwrap().der().to_vec()
-}
+use rcgen::KeyPair;
 
 async fn enroll(
     connection: &mut SendRequest<Full<Bytes>>,
@@ -48,16 +40,9 @@ fn refused_as(answer: &Answer, says: &str) {
     );
 }
 
-async fn start() -> (tempfile::TempDir, Pki, TestServer) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate_p256(dir.path());
-    let server = TestServer::start(dir.path(), &standard_config(&pki)).await;
-    (dir, pki, server)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_swap_makes_a_kept_connection_verify_again() {
-    let (dir, pki, server) = start().await;
+    let (dir, pki, server) = start_standard().await;
     let device = pki.bootstrap.valid_client("dev-kept");
     let client = EstClient::new(
         server.addr,
@@ -114,7 +99,7 @@ async fn before_and_after(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_is_refused_once_its_certificate_has_expired() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let now = OffsetDateTime::now_utc();
     let expires_at = now + Duration::seconds(3);
     let device = pki
@@ -134,7 +119,7 @@ async fn a_kept_connection_is_refused_once_its_certificate_has_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_is_refused_once_an_intermediate_on_its_path_has_expired() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     // The leaf is valid for a year, the CA between it and the bootstrap anchor for seconds.
     let now = OffsetDateTime::now_utc();
     let expires_at = now + Duration::seconds(3);

@@ -10,20 +10,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::client::{basic, iot_edge_body, Answer, EstClient};
-use common::{standard_config, Pki, PASSWORD, USER};
+use common::{csr, standard_config, Pki, PASSWORD, USER};
 use edge_est::demo::{self, Layer, CHILD_PASSWORD, CHILD_USER};
 use prometheus_parse::{LineInfo, Scrape, Value};
-use rcgen::{CertificateParams, DnType, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn csr(cn: &str) -> Vec<u8> {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.serialize_request(&key).unwrap().der().to_vec()
-}
 
 async fn enroll(
     client: &EstClient,

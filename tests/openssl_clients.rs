@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::{
-    curl, openssl_verify, sh, standard_config, stderr, stdout, Pki, TestServer, PASSWORD, USER,
+    curl, openssl_verify, sh, start_standard, stderr, stdout, TestServer, PASSWORD, USER,
 };
 
 /// A curl answer with its headers (from `-D`; the last header block when there are several).
@@ -156,16 +156,9 @@ fn check_issued(server: &TestServer, reply: &Reply, name: &str, cn: &str) {
     );
 }
 
-async fn start() -> (tempfile::TempDir, Pki, TestServer) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate_p256(dir.path());
-    let server = TestServer::start(dir.path(), &standard_config(&pki)).await;
-    (dir, pki, server)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cacerts_is_the_issuing_ca_then_the_root() {
-    let (_dir, _pki, server) = start().await;
+    let (_dir, _pki, server) = start_standard().await;
     fetch_chain(&server);
     // The issuing CA is signed by the root, which is self-signed.
     assert!(
@@ -177,7 +170,7 @@ async fn cacerts_is_the_issuing_ca_then_the_root() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simpleenroll_with_openssl_csrs_in_every_body_encoding() {
-    let (_dir, _pki, server) = start().await;
+    let (_dir, _pki, server) = start_standard().await;
     let dir = server.dir.clone();
     fetch_chain(&server);
     for (alg, newkey) in [
@@ -235,7 +228,7 @@ async fn simpleenroll_with_openssl_csrs_in_every_body_encoding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simplereenroll_with_the_issued_certificate_as_curl_client_certificate() {
-    let (_dir, _pki, server) = start().await;
+    let (_dir, _pki, server) = start_standard().await;
     let dir = server.dir.clone();
     fetch_chain(&server);
     let p256 = "ec -pkeyopt ec_paramgen_curve:P-256";
@@ -302,7 +295,7 @@ async fn simplereenroll_with_the_issued_certificate_as_curl_client_certificate()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csrattrs_lists_the_configured_oids_and_strict_has_none() {
-    let (_dir, _pki, server) = start().await;
+    let (_dir, _pki, server) = start_standard().await;
     let reply = curl_full(&server, "csrattrs", &[&server.url("csrattrs")]);
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.header("content-type"), Some("application/csrattrs"));
@@ -369,7 +362,7 @@ fn multipart_parts(content_type: &str, body: &str) -> Vec<(Vec<(String, String)>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serverkeygen_returns_a_pkcs8_key_and_its_certificate() {
-    let (_dir, _pki, server) = start().await;
+    let (_dir, _pki, server) = start_standard().await;
     let dir = server.dir.clone();
     fetch_chain(&server);
     openssl_csr(&dir, "kg", "dev-kg", "ec -pkeyopt ec_paramgen_curve:P-256");
@@ -439,7 +432,7 @@ async fn serverkeygen_returns_a_pkcs8_key_and_its_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_below_1_2_is_refused() {
-    let (_dir, _pki, server) = start().await;
+    let (_dir, _pki, server) = start_standard().await;
     let connect = format!("127.0.0.1:{}", server.addr.port());
     let s_client = |version: &str| {
         let out = sh(

@@ -13,25 +13,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::client::{certs_from_answer, iot_edge_body, Answer, EstClient};
 use common::pki::Credential;
-use common::{standard_config, Pki};
+use common::{csr, standard_config, Pki};
 use edge_est::config::Config;
 use edge_est::server::App;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rcgen::{CertificateParams, DnType, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 
 const CLIENT_CERT: &str = "x-ms-edge-clientcert";
-
-fn csr(cn: &str) -> Vec<u8> {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.serialize_request(&key).unwrap().der().to_vec()
-}
 
 /// What nginx's `$ssl_client_escaped_cert` makes of a PEM certificate.
 fn escaped(pem: &str) -> String {

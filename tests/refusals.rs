@@ -9,7 +9,7 @@ use std::path::Path;
 use ::time::{Duration, OffsetDateTime};
 use base64::Engine;
 use common::client::{basic, certs_from_answer, iot_edge_body, to_pem, Answer, EstClient};
-use common::{curl, openssl_verify, run, standard_config, stdout, Pki, TestServer, PASSWORD, USER};
+use common::{curl, openssl_verify, run, start_standard, stdout, TestServer, PASSWORD, USER};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use x509_parser::prelude::*;
 
@@ -130,16 +130,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn start() -> (tempfile::TempDir, Pki, TestServer) {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate_p256(dir.path());
-    let server = TestServer::start(dir.path(), &standard_config(&pki)).await;
-    (dir, pki, server)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_credentials_missing_wrong_or_denied() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
 
     let answer = post(
@@ -212,7 +205,7 @@ async fn basic_credentials_missing_wrong_or_denied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_foreign_or_expired() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let root = &pki.root.cert_pem;
 
     let foreign = pki.foreign.valid_client("dev7");
@@ -309,7 +302,7 @@ fn curl_with_headers(server: &TestServer, tag: &str, args: &[&str]) -> (u16, Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_oversized_and_mistyped_bodies() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let dir = server.dir.clone();
     let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
     let user = format!("{USER}:{PASSWORD}");
@@ -452,7 +445,7 @@ async fn malformed_oversized_and_mistyped_bodies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simplereenroll_must_keep_the_subject_and_present_the_certificate() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let dir = server.dir.clone();
     let root = &pki.root.cert_pem;
     let client = EstClient::new(server.addr, root, None);
@@ -525,7 +518,7 @@ async fn simplereenroll_must_keep_the_subject_and_present_the_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_limits_ca_requests_common_names_and_alt_names() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let dir = server.dir.clone();
     let root = &pki.root.cert_pem;
     let client = EstClient::new(server.addr, root, None);
@@ -631,7 +624,7 @@ async fn policy_limits_ca_requests_common_names_and_alt_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_label_is_404_naming_the_label() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
 
     let answer = client
@@ -662,7 +655,7 @@ async fn unknown_label_is_404_naming_the_label() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_operations_and_wrong_methods() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
 
     let answer = client.request("GET", "bogus", &[], Vec::new()).await;
@@ -713,7 +706,7 @@ async fn unknown_operations_and_wrong_methods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_label_takes_certificates_only() {
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let root = &pki.root.cert_pem;
     let client = EstClient::new(server.addr, root, None);
 
@@ -837,7 +830,7 @@ async fn raw_tls(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_declared_body_gets_its_413_not_a_reset() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_dir, pki, server) = start().await;
+    let (_dir, pki, server) = start_standard().await;
     let (mut stream, socket) = raw_tls(&server, &pki.root.cert_pem).await;
     let body = vec![b'A'; 100 * 1024];
     let (_, authorization) = basic(USER, PASSWORD);

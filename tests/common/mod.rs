@@ -19,6 +19,25 @@ use tokio::task::JoinHandle;
 
 pub use pki::Pki;
 
+/// A PKCS#10 CSR (DER) for the common name `cn`, with a fresh P-256 key and nothing else.
+pub fn csr(cn: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+/// A fresh PKI in a temporary directory and a server on [`standard_config`].
+pub async fn start_standard() -> (tempfile::TempDir, Pki, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let server = TestServer::start(dir.path(), &standard_config(&pki)).await;
+    (dir, pki, server)
+}
+
 /// A running server on 127.0.0.1 with its files in a temporary directory.
 pub struct TestServer {
     pub addr: SocketAddr,
