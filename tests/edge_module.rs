@@ -296,6 +296,27 @@ async fn the_twin_configures_the_module_live() {
         .await;
     assert_eq!(reported["status"], "running");
 
+    // The listener moves with the twin: the new address serves, the old one is closed (its
+    // connection threads have stopped accepting).
+    let v8 = twin.patch_desired(json!({ "listen": "127.0.0.2:0" })).await;
+    twin.wait_reported("configVersion 8", |r| r["configVersion"] == v8)
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let moved = loop {
+        match module.addr() {
+            Some(new) if new != addr => break new,
+            _ if std::time::Instant::now() > deadline => panic!("the listener did not move"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(moved.ip(), std::net::IpAddr::from([127, 0, 0, 2]));
+    assert_eq!(enroll(&rig.client(moved), "v4-2").await.status, 200);
+    let mut closed = false;
+    while !closed && std::time::Instant::now() < deadline {
+        closed = tokio::net::TcpStream::connect(addr).await.is_err();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "the old address {addr} still accepts connections");
     // Counters arrive, throttled.
     let reported = twin
         .wait_reported("counters", |r| {
