@@ -317,6 +317,7 @@ async fn the_twin_configures_the_module_live() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(closed, "the old address {addr} still accepts connections");
+
     // Counters arrive, throttled.
     let reported = twin
         .wait_reported("counters", |r| {
