@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,8 @@ enum Message {
     Write(Vec<u8>, Done),
     /// Finish what was queued before, `fsync`, and stop.
     Close(Done),
+    /// An announced issuance failed: a flush waiting for it need not wait any more.
+    Withdrawn,
 }
 
 /// Handle to the journal; cheap to clone.
@@ -73,17 +75,24 @@ pub struct Journal {
     queue: mpsc::Sender<Message>,
     /// Issuances under way whose entries are not queued yet.
     expected: Arc<AtomicUsize>,
+    /// Disk flushes so far.
+    flushes: Arc<AtomicU64>,
 }
 
 /// An issuance under way: its entry is on its way to the journal. Hand it to
 /// [`Journal::record`]; dropping it (the request failed) says no entry will come.
 pub struct Expected {
     count: Arc<AtomicUsize>,
+    queue: mpsc::Sender<Message>,
+    recorded: bool,
 }
 
 impl Drop for Expected {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
+        if !self.recorded {
+            let _ = self.queue.send(Message::Withdrawn);
+        }
     }
 }
 
@@ -98,6 +107,11 @@ pub const GATHER_WINDOW: Duration = Duration::from_micros(700);
 impl Journal {
     /// Opens (creating if needed) the journal and starts its writer thread.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        Self::open_with_gather_window(path, GATHER_WINDOW)
+    }
+
+    /// [`Journal::open`] with another gathering window than [`GATHER_WINDOW`].
+    pub fn open_with_gather_window(path: &Path, window: Duration) -> Result<Journal, JournalError> {
         let fail = |e: std::io::Error| JournalError::Open(path.to_owned(), e.to_string());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(fail)?;
@@ -111,7 +125,12 @@ impl Journal {
         terminate_torn_line(&mut file).map_err(fail)?;
         let (queue, receiver) = mpsc::channel::<Message>();
         let expected = Arc::new(AtomicUsize::new(0));
-        let gathering = expected.clone();
+        let flushes = Arc::new(AtomicU64::new(0));
+        let gathering = Gathering {
+            expected: expected.clone(),
+            window,
+            flushes: flushes.clone(),
+        };
         std::thread::Builder::new()
             .name("edge-est-journal".into())
             .spawn(move || writer(file, receiver, &gathering))
@@ -120,6 +139,7 @@ impl Journal {
             path: path.to_owned(),
             queue,
             expected,
+            flushes,
         })
     }
 
@@ -128,11 +148,18 @@ impl Journal {
         self.expected.fetch_add(1, Ordering::AcqRel);
         Expected {
             count: self.expected.clone(),
+            queue: self.queue.clone(),
+            recorded: false,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many disk flushes the writer has made.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
     }
 
     /// Appends an entry and returns once it is on disk. `expected`, if the issuance was
@@ -144,7 +171,9 @@ impl Journal {
     ) -> Result<(), JournalError> {
         let mut line = serde_json::to_vec(entry).map_err(|e| JournalError::Write(e.to_string()))?;
         line.push(b'\n');
-        drop(expected);
+        if let Some(mut expected) = expected {
+            expected.recorded = true;
+        }
         let (done, wait) = oneshot::channel();
         self.queue
             .send(Message::Write(line, done))
@@ -195,7 +224,14 @@ fn terminate_torn_line(file: &mut File) -> std::io::Result<()> {
     Ok(())
 }
 
-fn writer(mut file: File, receiver: mpsc::Receiver<Message>, expected: &AtomicUsize) {
+/// What the writer needs to gather entries into one flush.
+struct Gathering {
+    expected: Arc<AtomicUsize>,
+    window: Duration,
+    flushes: Arc<AtomicU64>,
+}
+
+fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gathering) {
     while let Ok(first) = receiver.recv() {
         let first_at = Instant::now();
         let mut group = Vec::new();
@@ -208,13 +244,15 @@ fn writer(mut file: File, receiver: mpsc::Receiver<Message>, expected: &AtomicUs
                     close = Some(done);
                     break;
                 }
+                Message::Withdrawn => {}
             }
             if group.len() >= MAX_GROUP {
                 break;
             }
             next = receiver.try_recv().ok();
-            if next.is_none() && expected.load(Ordering::Acquire) > 0 {
-                let left = GATHER_WINDOW.saturating_sub(first_at.elapsed());
+            if next.is_none() && !group.is_empty() && gathering.expected.load(Ordering::Acquire) > 0
+            {
+                let left = gathering.window.saturating_sub(first_at.elapsed());
                 if !left.is_zero() {
                     next = receiver.recv_timeout(left).ok();
                 }
@@ -229,6 +267,7 @@ fn writer(mut file: File, receiver: mpsc::Receiver<Message>, expected: &AtomicUs
                 .write_all(&buffer)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| e.to_string());
+            gathering.flushes.fetch_add(1, Ordering::Relaxed);
             for (_, done) in group {
                 let _ = done.send(result.clone());
             }
@@ -265,12 +304,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn concurrent_records_all_land_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/journal.jsonl");
-        let journal = Journal::open(&path).unwrap();
-        let tasks: Vec<_> = (0..50)
+    /// Records entries with serials 00.. from `n` tasks at once; all must succeed.
+    async fn record_concurrently(journal: &Journal, n: usize) {
+        let tasks: Vec<_> = (0..n)
             .map(|i| {
                 let j = journal.clone();
                 tokio::spawn(async move { j.record(&entry(&format!("{i:02x}")), None).await })
@@ -279,6 +315,14 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_records_all_land_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/journal.jsonl");
+        let journal = Journal::open(&path).unwrap();
+        record_concurrently(&journal, 50).await;
         drop(journal);
         let mut serials: Vec<_> = Journal::read_all(&path)
             .unwrap()
@@ -297,15 +341,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.jsonl");
         let journal = Journal::open(&path).unwrap();
-        let tasks: Vec<_> = (0..20)
-            .map(|i| {
-                let j = journal.clone();
-                tokio::spawn(async move { j.record(&entry(&format!("{i:02x}")), None).await })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
+        record_concurrently(&journal, 20).await;
         let mut grace = entry("ff");
         grace.grace_renewal = true;
         let last = {
@@ -326,6 +362,57 @@ mod tests {
             1,
             "only written when true"
         );
+    }
+
+    /// Long enough that a test never sees the window run out.
+    const LONG: Duration = Duration::from_secs(10);
+
+    /// Announces two issuances, records the first in a task and checks that it waits; returns
+    /// that task and the second announcement.
+    async fn first_of_two_announced(
+        journal: &Journal,
+    ) -> (tokio::task::JoinHandle<Result<(), JournalError>>, Expected) {
+        let (a, b) = (journal.expect(), journal.expect());
+        let first = {
+            let j = journal.clone();
+            tokio::spawn(async move { j.record(&entry("0a"), Some(a)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished(), "the first entry waits for the second");
+        (first, b)
+    }
+
+    #[tokio::test]
+    async fn a_flush_waits_for_announced_entries_and_lone_ones_do_not_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open_with_gather_window(&dir.path().join("j.jsonl"), LONG).unwrap();
+        // Two issuances under way: the first entry waits for the second, one flush for both.
+        let (first, b) = first_of_two_announced(&journal).await;
+        journal.record(&entry("0b"), Some(b)).await.unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(journal.flushes(), 1);
+        // Control: nothing announced, each entry is flushed at once, on its own.
+        let started = Instant::now();
+        journal.record(&entry("0c"), None).await.unwrap();
+        journal.record(&entry("0d"), None).await.unwrap();
+        assert_eq!(journal.flushes(), 3);
+        assert!(started.elapsed() < LONG);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_announcement_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open_with_gather_window(&dir.path().join("j.jsonl"), LONG).unwrap();
+        let started = Instant::now();
+        let (first, b) = first_of_two_announced(&journal).await;
+        drop(b); // that request failed: no entry will come
+        first.await.unwrap().unwrap();
+        assert!(
+            started.elapsed() < LONG / 2,
+            "released at once, not by the window"
+        );
+        assert_eq!(journal.flushes(), 1);
+        assert_eq!(Journal::read_all(&journal.path).unwrap().len(), 1);
     }
 
     #[tokio::test]
