@@ -11,6 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::ServerConfig;
 
+use crate::auth::chain::CaKey;
 use crate::auth::{AuthMethods, TrustSet, UserDb};
 use crate::config::{Config, ConfigError, Limits, Mode, ServerKeygen};
 use crate::est::{self, Label};
@@ -25,6 +26,8 @@ pub struct Runtime {
     pub limits: Limits,
     pub users: UserDb,
     labels: HashMap<Option<Label>, Arc<LabelRuntime>>,
+    /// The CAs of every local issuer: a CA they issued is a device's own (`auth::chain`).
+    pub issuing_cas: Vec<CaKey>,
 }
 
 /// One label: how clients authenticate, what they may get, and who signs.
@@ -47,6 +50,12 @@ pub struct LabelRuntime {
     /// Whether `client_trust` names `issuer` and the issuer is upstream's: then the upstream's
     /// issuing CA (from its cached `/cacerts`) authenticates clients too.
     pub trust_upstream_issuer: bool,
+    /// The labels whose issuance (in the journal) counts as `issuer` here: this label, then
+    /// its `issuer_labels`.
+    pub issuer_labels: Vec<Option<String>>,
+    /// The trust sets against which a client certificate is looked at as a module of a
+    /// device (the label's `module:` rules); empty: never.
+    pub module_sets: Vec<String>,
     /// The local `/cacerts` answer, encoded once.
     pub cacerts_body: Option<Bytes>,
     /// The `/csrattrs` answer, encoded once; `None` answers 204.
@@ -110,7 +119,7 @@ impl Runtime {
                     })?;
                 certs.extend(found);
             }
-            let set = TrustSet::new(name, &certs)
+            let set = TrustSet::with_depth(name, &certs, set.depth)
                 .map_err(|e| ConfigError::invalid(format!("trust.{name}"), e))?;
             trust_sets.insert(name.clone(), Arc::new(set));
         }
@@ -190,6 +199,15 @@ impl Runtime {
             }
             let policy = Policy::new(&label.rules, &label.deny, &label.client_trust)
                 .map_err(|e| ConfigError::invalid(field("rules"), e))?;
+            let module_sets = policy.module_sets();
+            let issuer_labels = std::iter::once(label.name.clone())
+                .chain(
+                    label
+                        .issuer_labels
+                        .iter()
+                        .map(|l| crate::config::issuer_label_key(l)),
+                )
+                .collect();
 
             let cacerts_body = match &local {
                 Some(issuer) => {
@@ -236,6 +254,8 @@ impl Runtime {
                     upstream,
                     upstream_label: label.upstream_label.clone(),
                     trust_upstream_issuer,
+                    issuer_labels,
+                    module_sets,
                     cacerts_body,
                     csrattrs_body,
                     serverkeygen: label.serverkeygen,
@@ -243,12 +263,20 @@ impl Runtime {
             );
         }
 
+        let issuing_cas = issuers
+            .values()
+            .filter_map(|i| i.chain().first().and_then(CaKey::of))
+            .collect();
+        for warning in crate::auth::ra::warnings(config) {
+            tracing::warn!("configuration: {warning}");
+        }
         Ok(Runtime {
             tls: Arc::new(tls),
             tls_not_after,
             limits: config.limits.clone(),
             users,
             labels,
+            issuing_cas,
         })
     }
 }

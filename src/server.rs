@@ -16,7 +16,10 @@ use hyper::{Request, Response};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::auth::{self, CertIdentity, Credentials, Identity, TrustSet};
+use crate::auth::chain::CaKey;
+use crate::auth::{
+    self, CertIdentity, Credentials, Hierarchy, Identity, IssuanceIndex, LabelTrust, TrustSet,
+};
 use crate::config::{Mode, ServerKeygen};
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
@@ -47,12 +50,23 @@ pub struct App {
     /// rates come from the running configuration).
     address_limits: RateLimiter<IpAddr>,
     identity_limits: RateLimiter<String>,
+    /// Which label issued which certificate: what `issuer` means on a label (`auth::chain`).
+    issuance: IssuanceIndex,
 }
 
 impl App {
     pub fn new(runtime: Runtime, journal: Journal) -> App {
         let metrics = Arc::new(Metrics::new());
+        // Rebuilt from the journal, which records every issuance, local and forwarded.
+        let issuance = match Journal::read_all(journal.path()) {
+            Ok(entries) => IssuanceIndex::from_journal(&entries),
+            Err(e) => {
+                tracing::warn!(journal = %journal.path().display(), error = %e, "the journal cannot be read: no earlier certificate counts as issued by a label");
+                IssuanceIndex::new()
+            }
+        };
         App {
+            issuance,
             runtime: ArcSwap::from_pointee(runtime),
             journal,
             cacerts: CacertsCache::with_metrics(metrics.clone()),
@@ -420,6 +434,29 @@ impl App {
             ),
         };
         let upstream_issuer = upstream_chain.as_ref().map(|c| &c.issuer_trust);
+        // The hierarchy around this label: the issuing CAs whose CA certificates go to
+        // devices (ours, and the upstream's first), and `issuer` = this label's issuance.
+        let issuing_cas: std::borrow::Cow<'_, [CaKey]> = match upstream_chain
+            .as_ref()
+            .and_then(|c| c.chain.first().and_then(CaKey::of))
+        {
+            Some(upstream_ca) => {
+                let mut all = runtime.issuing_cas.clone();
+                all.push(upstream_ca);
+                std::borrow::Cow::Owned(all)
+            }
+            None => std::borrow::Cow::Borrowed(runtime.issuing_cas.as_slice()),
+        };
+        let label_trust = LabelTrust {
+            sets: &trust,
+            module_sets: &label_rt.module_sets,
+            intermediates: &intermediates,
+            hierarchy: Hierarchy {
+                issuing_cas: &issuing_cas,
+                index: Some(&self.issuance),
+                issuer_labels: &label_rt.issuer_labels,
+            },
+        };
         let remembered = connection
             .memo
             .get::<VerifiedPeer>()
@@ -429,14 +466,8 @@ impl App {
             peer_verified: remembered.as_ref().map(|v| &v.identity),
             authorization,
         };
-        let identity = auth::authenticate(
-            label_rt.auth,
-            &trust,
-            &intermediates,
-            &runtime.users,
-            credentials,
-        )
-        .await?;
+        let identity =
+            auth::authenticate(label_rt.auth, &label_trust, &runtime.users, credentials).await?;
         if let Some(certificate) = identity.certificate.as_ref().filter(|c| !c.grace) {
             if remembered.is_none() {
                 connection.memo.set(Arc::new(VerifiedPeer {
@@ -588,6 +619,8 @@ impl App {
             grace_renewal,
         };
         self.journal.record(&entry, expected).await?;
+        // From now on `issuer` on this label knows it (renewals, module Edge CAs).
+        self.issuance.record(&entry.sha256, entry.label.as_deref());
 
         let certs: Vec<&[u8]> = issuance.certs.iter().map(Vec::as_slice).collect();
         let pkcs7 = est::pkcs7::encode_certs_only(&certs)

@@ -493,8 +493,9 @@ fn the_api_proxy_variant_keeps_the_socket_to_itself() {
     );
 }
 
-/// The top layer's RAs and its devices share the trust bundle: only the rule narrowed to the
-/// RA's name may exempt from the identity rate limit.
+/// The top layer names its RA as a module of one device: only that identity is exempt from
+/// the identity rate limit; the same module name on another device, or the device itself, is
+/// not (the forging itself is refused on the wire in tests/identity.rs).
 #[test]
 fn the_top_layer_exempts_its_ra_and_only_its_ra_from_the_identity_limit() {
     use edge_est::auth::{CertIdentity, Identity};
@@ -506,8 +507,12 @@ fn the_top_layer_exempts_its_ra_and_only_its_ra_from_the_identity_limit() {
     let label = &manifest["modulesContent"]["edgeest"]["properties.desired"]["labels"][0];
     let rules: Vec<RuleConfig> = serde_json::from_value(label["rules"].clone()).unwrap();
     let trust: Vec<String> = serde_json::from_value(label["client_trust"].clone()).unwrap();
+    assert!(
+        rules.iter().all(|r| r.client_cn.is_empty()),
+        "no rule names an identity by CN alone"
+    );
     let policy = Policy::new(&rules, &[], &trust).unwrap();
-    let who = |cn: &str, trust: &str| Identity {
+    let who = |cn: &str, trust: &str, device: Option<&str>| Identity {
         certificate: Some(CertIdentity {
             subject: Subject::from_attributes(vec![(
                 AttributeType::from_oid("2.5.4.3"),
@@ -520,18 +525,22 @@ fn the_top_layer_exempts_its_ra_and_only_its_ra_from_the_identity_limit() {
             ca: false,
             grace: false,
             valid_until: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+            device: device.map(str::to_owned),
         }),
         user: None,
     };
-    assert!(policy.is_registration_authority(&who("edgeest", "edge-trust-bundle")));
-    assert!(!policy.is_registration_authority(&who("l3-gateway", "edge-trust-bundle")));
-    assert!(!policy.is_registration_authority(&who("edgeest", "factory")));
+    let ra = who("edgeest", "issuer", Some("l4-gw-01"));
+    assert!(policy.is_registration_authority(&ra));
+    assert!(!policy.is_registration_authority(&who("edgeest", "issuer", Some("l3-dev-01"))));
+    assert!(!policy.is_registration_authority(&who("edgeest", "issuer", None)));
+    assert!(!policy.is_registration_authority(&who("edgeest", "factory", None)));
+    assert!(!policy.is_registration_authority(&who("l4-gw-01", "issuer", None)));
     let mut unmarked = rules.clone();
     unmarked
         .iter_mut()
         .for_each(|r| r.registration_authority = false);
     let unmarked = Policy::new(&unmarked, &[], &trust).unwrap();
-    assert!(!unmarked.is_registration_authority(&who("edgeest", "edge-trust-bundle")));
+    assert!(!unmarked.is_registration_authority(&ra));
     let deny = Policy::new(&rules, &["cn:edgeest".to_owned()], &trust).unwrap();
-    assert!(!deny.is_registration_authority(&who("edgeest", "edge-trust-bundle")));
+    assert!(!deny.is_registration_authority(&ra));
 }

@@ -5,60 +5,19 @@
 //! the request is for. That gives each label its own anchors and gives clients an HTTP answer
 //! that says what was wrong instead of a bare TLS alert.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ::time::OffsetDateTime;
-use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::prelude::*;
 
+pub use super::chain::TrustSet;
+use super::chain::{self, Hierarchy};
 use crate::est::{SanEntry, Subject};
-
-/// A named set of trust anchors for client certificates.
-pub struct TrustSet {
-    pub name: String,
-    anchors: Vec<TrustAnchor<'static>>,
-    /// Only certificates issued directly by an anchor count. For the CA this server issues
-    /// from: below it sit the Edge CAs of devices, and their module certificates must not
-    /// pass for device identities.
-    direct_only: bool,
-}
-
-impl TrustSet {
-    pub fn new(name: &str, certificates: &[CertificateDer<'static>]) -> Result<TrustSet, String> {
-        let anchors = certificates
-            .iter()
-            .map(|c| {
-                webpki::anchor_from_trusted_cert(c)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| format!("trust set {name}: unusable CA certificate: {e:?}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if anchors.is_empty() {
-            return Err(format!("trust set {name} holds no certificate"));
-        }
-        Ok(TrustSet {
-            name: name.to_owned(),
-            anchors,
-            direct_only: false,
-        })
-    }
-
-    /// A set that accepts only certificates issued directly by its anchors.
-    pub fn direct(
-        name: &str,
-        certificates: &[CertificateDer<'static>],
-    ) -> Result<TrustSet, String> {
-        let mut set = Self::new(name, certificates)?;
-        set.direct_only = true;
-        Ok(set)
-    }
-}
-
-/// An extra check on a verified path (see `TrustSet::direct_only`).
-type PathCheck<'a> = dyn Fn(&webpki::VerifiedPath<'_>) -> Result<(), webpki::Error> + 'a;
 
 /// What a verified client certificate says about its holder.
 #[derive(Clone, Debug)]
@@ -68,50 +27,79 @@ pub struct CertIdentity {
     /// Serial number, lowercase hex.
     pub serial: String,
     pub not_after: OffsetDateTime,
-    /// The trust set that vouched for it.
+    /// The trust set that vouched for it (for a module: for its device's Edge CA).
     pub trust: String,
     /// Whether it is a CA certificate (basicConstraints CA:TRUE).
     pub ca: bool,
     /// It had expired, and was accepted within the label's grace window: it may only renew
     /// its own subject and subjectAltNames (see `policy`).
     pub grace: bool,
-    /// The earliest notAfter on the verified path (the leaf's or an intermediate's): the
-    /// verification holds until then, for the same trust sets.
+    /// The earliest notAfter on the verified path (the leaf's, an intermediate's or the
+    /// anchor's): the verification holds until then, for the same trust sets.
     pub valid_until: OffsetDateTime,
+    /// A module's certificate: issued by the Edge CA of this device (see `auth::ra`). Such an
+    /// identity matches `module:DEVICE/MODULE` rules only, never `certificate:` ones.
+    pub device: Option<String>,
 }
 
 impl fmt::Display for CertIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "certificate \"{}\" ({})", self.subject, self.trust)
+        match &self.device {
+            Some(device) => write!(
+                f,
+                "certificate \"{}\" (module of device {device}, {})",
+                self.subject, self.trust
+            ),
+            None => write!(f, "certificate \"{}\" ({})", self.subject, self.trust),
+        }
     }
 }
 
-/// Validates a presented chain (leaf first) for client authentication against the label's
-/// trust sets, with `known_intermediates` standing in for a chain the client did not send
-/// (IoT Edge often presents the leaf alone).
+/// What a label trusts, for one verification.
+#[derive(Clone, Copy, Default)]
+pub struct LabelTrust<'a> {
+    /// The label's trust sets, in the order of its `client_trust`.
+    pub sets: &'a [Arc<TrustSet>],
+    /// Names of the sets whose CAs issue devices' Edge CAs, for module identities (the label's
+    /// `module:` rules); empty: module identities are not looked for.
+    pub module_sets: &'a [String],
+    /// Certificates that may complete a chain the client did not send whole.
+    pub intermediates: &'a [CertificateDer<'static>],
+    pub hierarchy: Hierarchy<'a>,
+}
+
+/// Validates a presented chain (leaf first) for client authentication against trust sets,
+/// with `known_intermediates` standing in for a chain the client did not send (IoT Edge often
+/// presents the leaf alone). Nothing is known of the hierarchy here: no certificate counts
+/// as issued by a label (`issuer`), and no module identity is looked for.
 pub fn verify(
     chain: &[CertificateDer<'static>],
     trust: &[Arc<TrustSet>],
     known_intermediates: &[CertificateDer<'static>],
     now: SystemTime,
 ) -> Result<CertIdentity, String> {
-    verify_with_grace(chain, trust, known_intermediates, now, Duration::ZERO)
+    let label = LabelTrust {
+        sets: trust,
+        intermediates: known_intermediates,
+        ..LabelTrust::default()
+    };
+    verify_for_label(chain, &label, now, Duration::ZERO)
 }
 
-/// [`verify`], with a grace window for an expired leaf: when the chain fails only because the
-/// client's certificate expired less than `grace` ago, it is verified again as of its own
-/// notAfter, and if it was valid then, the identity is accepted marked [`CertIdentity::grace`].
-pub fn verify_with_grace(
+/// Validates a presented chain for a label, with a grace window for an expired leaf: when the
+/// chain fails only because the client's certificate expired less than `grace` ago, it is
+/// verified again as of its own notAfter, and if it was valid then, the identity is accepted
+/// marked [`CertIdentity::grace`]. Every CA on the path must be valid at `now` either way.
+pub fn verify_for_label(
     chain: &[CertificateDer<'static>],
-    trust: &[Arc<TrustSet>],
-    known_intermediates: &[CertificateDer<'static>],
+    trust: &LabelTrust<'_>,
     now: SystemTime,
     grace: Duration,
 ) -> Result<CertIdentity, String> {
     let now_unix = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
-    match verify_at(chain, trust, known_intermediates, now_unix) {
+    match verify_at(chain, trust, now_unix, now_unix) {
         Err(Failure::Chain(webpki::Error::CertExpired { not_after, .. })) if !grace.is_zero() => {
             let expired_for = now_unix.saturating_sub(Duration::from_secs(not_after.as_secs()));
             let leaf_not_after = chain
@@ -134,8 +122,9 @@ pub fn verify_with_grace(
                     expired
                 });
             }
+            // The leaf as of its own notAfter; every CA above it still as of now.
             let then = Duration::from_secs(not_after.as_secs());
-            match verify_at(chain, trust, known_intermediates, then) {
+            match verify_at(chain, trust, then, now_unix) {
                 Ok(mut identity) => {
                     identity.grace = true;
                     Ok(identity)
@@ -152,23 +141,47 @@ pub fn verify_with_grace(
 enum Failure {
     Chain(webpki::Error),
     Other(String),
+    /// A path webpki verified, refused by `chain` or `ra` (ranked: see [`rank`]).
+    Refused {
+        rank: u8,
+        reason: String,
+    },
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Chain(e) => f.write_str(&explain(e.clone())),
-            Failure::Other(text) => f.write_str(text),
+            Failure::Other(text) | Failure::Refused { reason: text, .. } => f.write_str(text),
         }
     }
 }
 
-/// Verifies the chain as of `time` (since the Unix epoch); the most telling error on failure.
+/// Ranks of refusals: a path that is no module's at all, a path a set refused, a module's
+/// path refused (an Edge CA not issued here, a CA on it expired).
+const NOT_A_MODULE: u8 = 1;
+const SET_REFUSED: u8 = 3;
+const MODULE_REFUSED: u8 = 4;
+
+/// How telling a failure is, to answer with the most telling one of all sets tried: an
+/// unknown issuer from one set says less than "expired" from the set that knows the issuer.
+fn rank(failure: &Failure) -> u8 {
+    match failure {
+        Failure::Chain(webpki::Error::UnknownIssuer) => 0,
+        Failure::Chain(_) => 2,
+        Failure::Other(_) => SET_REFUSED,
+        Failure::Refused { rank, .. } => *rank,
+    }
+}
+
+/// Verifies the chain with the leaf as of `time` and every CA as of `now` (both since the
+/// Unix epoch): first against each trust set as a client of it, then, for module rules, as a
+/// module of a device. The most telling error on failure.
 fn verify_at(
     chain: &[CertificateDer<'static>],
-    trust: &[Arc<TrustSet>],
-    known_intermediates: &[CertificateDer<'static>],
+    trust: &LabelTrust<'_>,
     time: Duration,
+    now: Duration,
 ) -> Result<CertIdentity, Failure> {
     let (leaf, presented_intermediates) = chain
         .split_first()
@@ -177,56 +190,93 @@ fn verify_at(
         .map_err(|e| Failure::Other(format!("unparseable certificate: {e:?}")))?;
     let intermediates: Vec<CertificateDer<'static>> = presented_intermediates
         .iter()
-        .chain(known_intermediates)
+        .chain(trust.intermediates)
         .cloned()
         .collect();
     let time = UnixTime::since_unix_epoch(time);
+    let now = now.as_secs() as i64;
     let algorithms = rustls::crypto::aws_lc_rs::default_provider()
         .signature_verification_algorithms
         .all;
 
-    let mut best_error: Option<webpki::Error> = None;
-    let direct = |path: &webpki::VerifiedPath<'_>| match path.intermediate_certificates().next() {
-        None => Ok(()),
-        // Reported as an unknown issuer: for this set, a deeper chain is not vouched for.
-        Some(_) => Err(webpki::Error::UnknownIssuer),
+    let mut best: Option<Failure> = None;
+    let mut keep = |failure: Failure| {
+        if best.as_ref().is_none_or(|b| rank(&failure) > rank(b)) {
+            best = Some(failure);
+        }
     };
-    for set in trust {
-        let only_direct: Option<&PathCheck<'_>> =
-            if set.direct_only { Some(&direct) } else { None };
+    // As a client of each set, then as a module (a module path is never a set's client).
+    let attempts = trust.sets.iter().map(|s| (s, false)).chain(
+        trust
+            .sets
+            .iter()
+            .filter(|s| trust.module_sets.contains(&s.name))
+            .map(|s| (s, true)),
+    );
+    for (set, as_module) in attempts {
+        // What the path check found: the device (modules), the earliest CA notAfter; or why
+        // it refused the path.
+        let found: RefCell<Option<(Option<String>, i64)>> = RefCell::new(None);
+        let refusal: RefCell<Option<(u8, String)>> = RefCell::new(None);
+        let check = |path: &webpki::VerifiedPath<'_>| {
+            let cas: Vec<CertificateDer<'_>> =
+                path.intermediate_certificates().map(|c| c.der()).collect();
+            let checked = if as_module {
+                super::ra::check_module_path(set, &cas, path.anchor(), &trust.hierarchy, now)
+                    .map(Some)
+                    .map_err(|e| {
+                        let rank = if e.is_module {
+                            MODULE_REFUSED
+                        } else {
+                            NOT_A_MODULE
+                        };
+                        (rank, e.reason)
+                    })
+            } else {
+                chain::check_path(set, leaf, &cas, path.anchor(), &trust.hierarchy, now)
+                    .map(|()| None)
+                    .map_err(|reason| (SET_REFUSED, reason))
+            };
+            match checked.and_then(|device| {
+                chain::earliest_not_after(set, &cas, path.anchor())
+                    .map(|t| (device, t))
+                    .map_err(|reason| (SET_REFUSED, reason))
+            }) {
+                Ok(facts) => {
+                    *found.borrow_mut() = Some(facts);
+                    Ok(())
+                }
+                Err(reason) => {
+                    *refusal.borrow_mut() = Some(reason);
+                    Err(webpki::Error::UnknownIssuer)
+                }
+            }
+        };
         match end_entity.verify_for_usage(
             algorithms,
-            &set.anchors,
+            set.anchors(),
             &intermediates,
             time,
             KeyUsage::client_auth(),
             None,
-            only_direct,
+            Some(&check),
         ) {
-            Ok(path) => {
-                let mut identity = describe(leaf, &set.name).map_err(Failure::Other)?;
-                for intermediate in path.intermediate_certificates() {
-                    let not_after = X509Certificate::from_der(&intermediate.der())
-                        .map(|(_, c)| c.validity().not_after.to_datetime())
-                        // webpki read it; should x509-parser not, the result holds for no time.
-                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-                    identity.valid_until = identity.valid_until.min(not_after);
-                }
+            Ok(_) => {
+                let (device, ca_not_after) = found.into_inner().unwrap_or((None, 0));
+                let mut identity = describe(leaf, &set.name, device).map_err(Failure::Other)?;
+                let ca_not_after = OffsetDateTime::from_unix_timestamp(ca_not_after)
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                identity.valid_until = identity.valid_until.min(ca_not_after);
                 return Ok(identity);
             }
-            // An unknown issuer from one set says less than, e.g., "expired" from the set
-            // that knows the issuer: keep the most telling error.
-            Err(e) => {
-                if best_error.is_none() || !matches!(e, webpki::Error::UnknownIssuer) {
-                    best_error = Some(e);
-                }
-            }
+            Err(e) => keep(match refusal.into_inner() {
+                Some((rank, reason)) => Failure::Refused { rank, reason },
+                None => Failure::Chain(e),
+            }),
         }
     }
-    Err(match best_error {
-        None => Failure::Other("this label trusts no client certificates".to_owned()),
-        Some(e) => Failure::Chain(e),
-    })
+    Err(best
+        .unwrap_or_else(|| Failure::Other("this label trusts no client certificates".to_owned())))
 }
 
 fn explain(error: webpki::Error) -> String {
@@ -248,16 +298,14 @@ fn explain(error: webpki::Error) -> String {
 }
 
 fn format_unix(secs: u64) -> String {
-    OffsetDateTime::from_unix_timestamp(secs as i64)
-        .ok()
-        .and_then(|t| {
-            t.format(&::time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
+    chain::format_unix(secs as i64)
 }
 
-fn describe(leaf: &CertificateDer<'_>, trust: &str) -> Result<CertIdentity, String> {
+fn describe(
+    leaf: &CertificateDer<'_>,
+    trust: &str,
+    device: Option<String>,
+) -> Result<CertIdentity, String> {
     let (_, cert) =
         X509Certificate::from_der(leaf).map_err(|e| format!("unparseable certificate: {e}"))?;
     let subject =
@@ -277,6 +325,7 @@ fn describe(leaf: &CertificateDer<'_>, trust: &str) -> Result<CertIdentity, Stri
         ca: cert.is_ca(),
         grace: false,
         valid_until: not_after,
+        device,
     })
 }
 

@@ -2,12 +2,15 @@
 //! [`Identity`]. What that identity may obtain is the policy's business, not ours.
 
 pub mod basic;
+pub mod chain;
 pub mod client_cert;
+pub mod ra;
 
 use std::fmt;
 
 pub use basic::UserDb;
-pub use client_cert::{CertIdentity, TrustSet};
+pub use chain::{Depth, Hierarchy, IssuanceIndex};
+pub use client_cert::{CertIdentity, LabelTrust, TrustSet};
 
 use rustls::pki_types::CertificateDer;
 
@@ -45,7 +48,7 @@ pub struct AuthMethods {
     pub basic: bool,
     pub require_both: bool,
     /// Grace window for expired client certificates (zero: none); see
-    /// [`client_cert::verify_with_grace`].
+    /// [`client_cert::verify_for_label`].
     pub grace_expired: std::time::Duration,
 }
 
@@ -79,8 +82,7 @@ pub struct Credentials<'a> {
 /// if another one would succeed: a client that shows a bad certificate learns so.
 pub async fn authenticate(
     methods: AuthMethods,
-    trust: &[std::sync::Arc<TrustSet>],
-    known_intermediates: &[CertificateDer<'static>],
+    trust: &LabelTrust<'_>,
     users: &UserDb,
     creds: Credentials<'_>,
 ) -> Result<Identity, AuthError> {
@@ -88,10 +90,9 @@ pub async fn authenticate(
     let certificate = match (presented_cert, creds.peer_verified) {
         (Some(_), Some(verified)) if methods.certificate => Some(verified.clone()),
         (Some(chain), _) if methods.certificate => Some(
-            client_cert::verify_with_grace(
+            client_cert::verify_for_label(
                 chain,
                 trust,
-                known_intermediates,
                 std::time::SystemTime::now(),
                 methods.grace_expired,
             )

@@ -155,6 +155,11 @@ impl Default for Limits {
 pub struct TrustConfig {
     /// CA certificates whose issued certificates authenticate clients (PEM, inline or files).
     pub certificates: Vec<PemSource>,
+    /// `direct` (default): only certificates these CAs issued directly authenticate. `any`:
+    /// also certificates below further CAs, except through a device's own CA (see
+    /// `auth::chain`).
+    #[serde(default, skip_serializing_if = "crate::auth::chain::Depth::is_direct")]
+    pub depth: crate::auth::chain::Depth,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -297,6 +302,18 @@ pub struct LabelConfig {
     /// such renewal is logged as a warning and journaled as a grace renewal. 0 (default): off.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub grace_expired_secs: u64,
+    /// Other labels whose issuance counts as `issuer` here (`"(unlabeled)"` for the
+    /// unlabeled path). By default `issuer` means certificates this label issued, nothing else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issuer_labels: Vec<String>,
+}
+
+/// How `issuer_labels` names the unlabeled path.
+pub const UNLABELED: &str = "(unlabeled)";
+
+/// The label an `issuer_labels` entry names, as the journal records it (`None`: unlabeled).
+pub fn issuer_label_key(name: &str) -> Option<String> {
+    (name != UNLABELED).then(|| name.to_owned())
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -354,10 +371,15 @@ pub enum ServerKeygen {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
-    /// `user:NAME`, `user:*`, `certificate:TRUSTSET`, `certificate:*`; optionally narrowed by
-    /// `client_cn`.
+    /// `user:NAME`, `user:*`, `certificate:TRUSTSET`, `certificate:*` (optionally narrowed by
+    /// `client_cn`), or `module:DEVICE/MODULE`: the IoT Edge module MODULE of device DEVICE, by
+    /// its certificate from that device's Edge CA (see `auth::ra`).
     #[serde(rename = "match")]
     pub matches: Vec<String>,
+    /// For `module:` matches: the trust set whose CAs issued the device's Edge CA directly
+    /// (default `issuer`: this label's issuance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_ca_issuer: Option<String>,
     /// Patterns the client certificate's CN must match for the rule to apply.
     #[serde(default)]
     pub client_cn: Vec<String>,

@@ -189,6 +189,19 @@ impl Config {
             }
             Policy::new(&label.rules, &label.deny, &label.client_trust)
                 .map_err(|e| ConfigError::invalid(field("rules"), e))?;
+            for other in &label.issuer_labels {
+                let key = super::issuer_label_key(other);
+                if !self.labels.iter().any(|l| l.name == key) || key == label.name {
+                    return Err(ConfigError::invalid(
+                        field("issuer_labels"),
+                        format!(
+                            "{other:?} is not another label of this configuration \
+                             (\"{}\" names the unlabeled path)",
+                            super::UNLABELED
+                        ),
+                    ));
+                }
+            }
             if label.grace_expired_secs > 366 * 86_400 {
                 return Err(ConfigError::invalid(
                     field("grace_expired_secs"),
@@ -206,7 +219,14 @@ impl Config {
                     .map_err(|e| ConfigError::invalid(field("csr_attributes"), e))?;
             }
         }
+        crate::auth::ra::check_config(self)?;
         Ok(())
+    }
+
+    /// What `check-config` and `check-manifest` warn about: the configuration loads, but a
+    /// rule may accept more than it seems to (see `auth::ra::warnings`).
+    pub fn warnings(&self) -> Vec<String> {
+        crate::auth::ra::warnings(self)
     }
 }
 

@@ -99,6 +99,7 @@ pub fn module_config(desired: &Value, defaults: &ModuleDefaults) -> Result<Confi
         if !trust.contains_key(TRUST_BUNDLE_SET) {
             let set = TrustConfig {
                 certificates: vec![bundle.clone()],
+                depth: Default::default(),
             };
             trust.insert(TRUST_BUNDLE_SET.into(), to_value(&set)?);
         }

@@ -58,6 +58,11 @@ enum Who {
     User(String),
     AnyCertificate,
     CertificateFrom(String),
+    /// `module:DEVICE/MODULE`, its device's Edge CA vouched for by trust set `via`.
+    Module {
+        module: crate::auth::ra::ModuleOf,
+        via: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -121,9 +126,29 @@ impl Policy {
                             field("match")
                         ))
                     }
+                    Some(("module", pin)) => {
+                        let module = crate::auth::ra::ModuleOf::parse(pin)
+                            .map_err(|e| format!("{}: {e}", field("match")))?;
+                        let via = crate::auth::ra::edge_ca_issuer(rule).to_owned();
+                        if !trust_sets.contains(&via) {
+                            return Err(format!(
+                                "{}: a module's device Edge CA is checked against trust set \
+                                 {via:?}, which is not in this label's client_trust",
+                                field("match")
+                            ));
+                        }
+                        if !rule.client_cn.is_empty() {
+                            return Err(format!(
+                                "{}: a module match names its module already; drop client_cn",
+                                field("client_cn")
+                            ));
+                        }
+                        Who::Module { module, via }
+                    }
                     _ => {
                         return Err(format!(
-                            "{}: {m:?} must be user:NAME, user:*, certificate:TRUSTSET or certificate:*",
+                            "{}: {m:?} must be user:NAME, user:*, certificate:TRUSTSET, \
+                             certificate:* or module:DEVICE/MODULE",
                             field("match")
                         ))
                     }
@@ -286,6 +311,22 @@ impl Policy {
         Err(first_refusal.unwrap_or(Refusal::NoRule(who)))
     }
 
+    /// The trust sets whose CAs issue the Edge CAs of the devices `module:` rules name: a
+    /// client certificate is looked at as a module's only against these.
+    pub fn module_sets(&self) -> Vec<String> {
+        let mut sets: Vec<String> = Vec::new();
+        for rule in &self.rules {
+            for who in &rule.who {
+                if let Who::Module { via, .. } = who {
+                    if !sets.contains(via) {
+                        sets.push(via.clone());
+                    }
+                }
+            }
+        }
+        sets
+    }
+
     /// Whether a rule marked `registration_authority` applies to `identity` (and the deny
     /// list does not name it, and it is not an expired certificate in its grace window).
     /// Decided before the CSR is read: a rule applies by identity alone.
@@ -323,14 +364,20 @@ fn join(sans: &[SanEntry]) -> String {
 
 impl Rule {
     fn applies_to(&self, identity: &Identity, vars: Vars<'_>) -> bool {
+        // A certificate from a device's Edge CA is a module of that device: it matches a
+        // `module:` rule naming both, never a `certificate:` one.
+        let client = identity.certificate.as_ref().filter(|c| c.device.is_none());
+        let module_of = identity.certificate.as_ref().filter(|c| c.device.is_some());
         let who_matches = self.who.iter().any(|w| match w {
             Who::AnyUser => identity.user.is_some(),
             Who::User(u) => identity.user.as_deref() == Some(u.as_str()),
-            Who::AnyCertificate => identity.certificate.is_some(),
-            Who::CertificateFrom(set) => identity
-                .certificate
-                .as_ref()
-                .is_some_and(|c| &c.trust == set),
+            Who::AnyCertificate => client.is_some(),
+            Who::CertificateFrom(set) => client.is_some_and(|c| &c.trust == set),
+            Who::Module { module, via } => module_of.is_some_and(|c| {
+                c.device.as_deref() == Some(module.device.as_str())
+                    && c.subject.common_name() == Some(module.module.as_str())
+                    && &c.trust == via
+            }),
         });
         let cn_matches = self.client_cn.is_empty()
             || identity

@@ -454,7 +454,7 @@ fn edge_est_costs(
 
     let (client_cert, _) = leaf(p256, "bench-device", false)?;
     let trust = vec![Arc::new(
-        TrustSet::direct("issuer", std::slice::from_ref(&p256.cert)).map_err(anyhow::Error::msg)?,
+        TrustSet::direct("bench", std::slice::from_ref(&p256.cert)).map_err(anyhow::Error::msg)?,
     )];
     let chain = vec![client_cert];
     let client_cert_verify_us = per_call(seconds, || {
