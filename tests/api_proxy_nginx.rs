@@ -115,6 +115,7 @@ async fn a_child_enrolls_through_nginx_and_cannot_forge_the_header() {
     config.proxy_socket = Some(socket.clone());
     let app = edge_est::app::build(&config, dir).unwrap();
     let listener = edge_est::transport::Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener_addr = listener.local_addr();
     let proxy = edge_est::app::bind_proxy_socket(&config).unwrap().unwrap();
     let (stop_tls, stopped_tls) = oneshot::channel::<()>();
     let (stop_proxy, stopped_proxy) = oneshot::channel::<()>();
@@ -161,10 +162,11 @@ async fn a_child_enrolls_through_nginx_and_cannot_forge_the_header() {
     }
 
     // The child: a device certificate from the issuing CA, a CSR, and curl.
-    let device = pki.issuing.valid_client("device-7");
+    let tls_addr = listener_addr;
+    let device = common::enrolled_at(tls_addr, &pki.root.cert_pem, "device-7").await;
     std::fs::write(dir.join("device.pem"), &device.cert_pem).unwrap();
     std::fs::write(dir.join("device.key"), &device.key_pem).unwrap();
-    let other = pki.issuing.valid_client("device-8");
+    let other = common::enrolled_at(tls_addr, &pki.root.cert_pem, "device-8").await;
     let forged =
         percent_encoding::utf8_percent_encode(&other.cert_pem, percent_encoding::NON_ALPHANUMERIC)
             .to_string();
@@ -206,11 +208,11 @@ async fn a_child_enrolls_through_nginx_and_cannot_forge_the_header() {
     ));
     assert_eq!(status, "200", "{body}");
     let journal = edge_est::journal::Journal::read_all(app.journal().path()).unwrap();
-    assert_eq!(journal.len(), 1);
+    assert_eq!(journal.len(), 3, "the two first enrollments, then this one");
     assert!(
-        journal[0].identity.contains("CN=device-7") && journal[0].subject.contains("device-7"),
+        journal[2].identity.contains("CN=device-7") && journal[2].subject.contains("device-7"),
         "{:?}",
-        journal[0]
+        journal[2]
     );
 
     // A client that forges the header itself (no certificate in TLS): nginx replaces it with
@@ -267,7 +269,7 @@ async fn a_child_enrolls_through_nginx_and_cannot_forge_the_header() {
         edge_est::journal::Journal::read_all(app.journal().path())
             .unwrap()
             .len(),
-        3
+        5
     );
 
     let _ = stop_tls.send(());

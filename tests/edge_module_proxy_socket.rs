@@ -22,6 +22,33 @@ const DEVICE: &str = "gw1";
 const MODULE: &str = "edgeest";
 const GATEWAY: &str = "localhost";
 
+/// A device's first certificate, enrolled over the socket with the Basic user: `issuer`
+/// accepts only certificates the label issued.
+async fn enrolled_via(socket: &Path, cn: &str) -> String {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("the socket accepts");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let body = common::client::iot_edge_body(&csr(cn));
+    let (name, value) = common::client::basic(common::USER, common::PASSWORD);
+    let request = http::Request::post("/.well-known/est/simpleenroll")
+        .header("host", GATEWAY)
+        .header("content-type", "application/pkcs10")
+        .header("content-length", body.len().to_string())
+        .header(name, value)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    common::client::to_pem(&common::client::certs_from_answer(&body)[0])
+}
+
 /// A simpleenroll over the socket with the forwarded certificate `cert_pem`; the status.
 async fn enroll_via(socket: &Path, cert_pem: &str, cn: &str) -> (u16, String) {
     let stream = tokio::net::UnixStream::connect(socket)
@@ -82,11 +109,14 @@ async fn the_twin_opens_moves_and_closes_the_api_proxy_socket() {
             "certificate": path.join("issuing-ca.pem"),
             "key": path.join("issuing-ca.key"),
         } },
+        "users": { (common::USER): pki.password_hash },
         "labels": [ {
             "issuer": "plant",
             "client_trust": ["issuer"],
-            "authentication": { "basic": false },
-            "rules": [ { "match": ["certificate:issuer"], "common_names": ["{cn}"] } ],
+            "rules": [
+                { "match": ["certificate:issuer"], "common_names": ["{cn}"] },
+                { "match": [format!("user:{}", common::USER)], "common_names": ["device-*"] },
+            ],
         } ],
     });
     let twin = TwinResponder::start(broker.port, &workload.state.trust_bundle, desired).await;
@@ -117,16 +147,16 @@ async fn the_twin_opens_moves_and_closes_the_api_proxy_socket() {
     twin.wait_reported("configVersion 1", |r: &Value| r["configVersion"] == 1)
         .await;
 
-    let device = pki.issuing.valid_client("device-1");
     assert!(is_socket(&first));
-    let (status, text) = enroll_via(&first, &device.cert_pem, "device-1").await;
+    let device = enrolled_via(&first, "device-1").await;
+    let (status, text) = enroll_via(&first, &device, "device-1").await;
     assert_eq!(status, 200, "{text}");
 
     // A patch moves the socket: the new one serves, the old one is gone.
     let v2 = twin.patch_desired(json!({ "proxy_socket": second })).await;
     twin.wait_reported("configVersion 2", |r: &Value| r["configVersion"] == v2)
         .await;
-    let (status, text) = enroll_via(&second, &device.cert_pem, "device-1").await;
+    let (status, text) = enroll_via(&second, &device, "device-1").await;
     assert_eq!(status, 200, "{text}");
     for _ in 0..50 {
         if !first.exists() {
@@ -151,7 +181,7 @@ async fn the_twin_opens_moves_and_closes_the_api_proxy_socket() {
         reason.starts_with("proxy_socket: cannot listen") && reason.contains("not a socket"),
         "{reason}"
     );
-    let (status, _) = enroll_via(&second, &device.cert_pem, "device-1").await;
+    let (status, _) = enroll_via(&second, &device, "device-1").await;
     assert_eq!(status, 200);
 
     // The twin drops it: closed and removed.

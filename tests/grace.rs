@@ -7,7 +7,8 @@ mod common;
 
 use ::time::{Duration, OffsetDateTime};
 use common::client::{certs_from_answer, iot_edge_body, to_pem, Answer, EstClient};
-use common::{label, openssl_verify, standard_config, Pki, TestServer};
+use common::pki::Credential;
+use common::{enrolled, label, openssl_verify, record_issued, standard_config, Pki, TestServer};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 
 const WEEK: u64 = 7 * 86_400;
@@ -43,23 +44,40 @@ fn refused(answer: &Answer, status: u16, says: &[&str]) {
     }
 }
 
-async fn start(grace_secs: u64) -> (tempfile::TempDir, Pki, TestServer) {
+/// A server with a grace window on the unlabeled path, which issued (on that path, by its
+/// journal) the certificates `issued_earlier` makes with the PKI's issuing CA: expired ones,
+/// which it cannot issue while the test runs.
+async fn start(
+    grace_secs: u64,
+    issued_earlier: impl FnOnce(&Pki) -> Vec<Credential>,
+) -> (tempfile::TempDir, Pki, TestServer, Vec<Credential>) {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate_p256(dir.path());
+    let earlier = issued_earlier(&pki);
+    for credential in &earlier {
+        record_issued(
+            &dir.path().join("journal.jsonl"),
+            &credential.cert_pem,
+            None,
+        );
+    }
     let mut config = standard_config(&pki);
     label(&mut config, None).grace_expired_secs = grace_secs;
     let server = TestServer::start(dir.path(), &config).await;
-    (dir, pki, server)
+    (dir, pki, server, earlier)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recently_expired_certificate_renews_itself_and_nothing_else() {
-    let (_dir, pki, server) = start(WEEK).await;
     let now = OffsetDateTime::now_utc();
     // A device certificate this server issued, expired yesterday.
-    let expired =
-        pki.issuing
-            .client_cert("dev-g", now - Duration::days(90), now - Duration::days(1));
+    let (_dir, pki, server, earlier) = start(WEEK, |pki| {
+        vec![pki
+            .issuing
+            .client_cert("dev-g", now - Duration::days(90), now - Duration::days(1))]
+    })
+    .await;
+    let expired = &earlier[0];
     let as_expired = EstClient::new(
         server.addr,
         &pki.root.cert_pem,
@@ -91,7 +109,7 @@ async fn a_recently_expired_certificate_renews_itself_and_nothing_else() {
     )
     .await;
     refused(&edge_ca, 403, &["grace window"]);
-    assert!(server.journal().is_empty());
+    assert_eq!(server.journal().len(), 1, "only the entry of its issuance");
 
     // Itself: renewed, by simpleenroll (as IoT Edge renews) and by simplereenroll.
     for operation in ["simpleenroll", "simplereenroll"] {
@@ -110,13 +128,13 @@ async fn a_recently_expired_certificate_renews_itself_and_nothing_else() {
             &file
         ));
     }
-    let journal = server.journal();
+    let journal = &server.journal()[1..];
     assert_eq!(journal.len(), 2);
     assert!(journal.iter().all(|e| e.grace_renewal), "{journal:?}");
     assert!(journal.iter().all(|e| e.subject == "CN=dev-g"));
 
     // A certificate that has not expired renews without the mark.
-    let valid = pki.issuing.valid_client("dev-v");
+    let valid = enrolled(&server, &pki.root.cert_pem, "dev-v").await;
     let as_valid = EstClient::new(
         server.addr,
         &pki.root.cert_pem,
@@ -124,7 +142,7 @@ async fn a_recently_expired_certificate_renews_itself_and_nothing_else() {
     );
     let renewed = post(&as_valid, "simpleenroll", csr("dev-v", |_| {})).await;
     assert_eq!(renewed.status, 200, "{}", renewed.text());
-    assert!(!server.journal()[2].grace_renewal);
+    assert!(!server.journal()[4].grace_renewal);
     let raw = std::fs::read_to_string(server.app.journal().path()).unwrap();
     assert_eq!(raw.matches("\"grace_renewal\":true").count(), 2);
     server.stop().await;
@@ -132,13 +150,20 @@ async fn a_recently_expired_certificate_renews_itself_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_longer_than_the_window_or_without_one_is_refused() {
-    let (_dir, pki, server) = start(WEEK).await;
     let now = OffsetDateTime::now_utc();
-    let long_ago = pki.issuing.client_cert(
-        "dev-old",
-        now - Duration::days(120),
-        now - Duration::days(30),
-    );
+    let (_dir, pki, server, earlier) = start(WEEK, |pki| {
+        vec![
+            pki.issuing.client_cert(
+                "dev-old",
+                now - Duration::days(120),
+                now - Duration::days(30),
+            ),
+            pki.issuing
+                .client_cert("dev-y", now - Duration::days(90), now - Duration::days(1)),
+        ]
+    })
+    .await;
+    let (long_ago, yesterday) = (&earlier[0], &earlier[1]);
     let as_long_ago = EstClient::new(
         server.addr,
         &pki.root.cert_pem,
@@ -155,9 +180,6 @@ async fn expired_longer_than_the_window_or_without_one_is_refused() {
     );
 
     // Label `strict` has no window: yesterday's certificate is refused there.
-    let yesterday =
-        pki.issuing
-            .client_cert("dev-y", now - Duration::days(90), now - Duration::days(1));
     let as_yesterday = EstClient::new(
         server.addr,
         &pki.root.cert_pem,
@@ -179,7 +201,11 @@ async fn expired_longer_than_the_window_or_without_one_is_refused() {
     // Positive control: on the unlabeled path (window of a week) the same device renews.
     let answer = post(&as_yesterday, "simpleenroll", csr("dev-y", |_| {})).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
-    assert_eq!(server.journal().len(), 1);
+    assert_eq!(
+        server.journal().len(),
+        3,
+        "the two issued earlier, and this renewal"
+    );
     server.stop().await;
 }
 

@@ -169,7 +169,7 @@ async fn basic_then_certificate_renewal_then_edge_ca() {
     assert!(
         refused
             .text()
-            .contains("not issued by a CA this label trusts"),
+            .contains("not issued directly by a CA of trust set issuer"),
         "{}",
         refused.text()
     );

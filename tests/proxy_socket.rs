@@ -138,18 +138,23 @@ fn common_name(der: &[u8]) -> String {
     cn
 }
 
-fn setup() -> (tempfile::TempDir, Pki, Credential) {
+fn setup() -> (tempfile::TempDir, Pki) {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate_p256(dir.path());
-    // A device that was issued its certificate by this server's issuing CA earlier.
-    let device = pki.issuing.valid_client("device-7");
-    (dir, pki, device)
+    (dir, pki)
+}
+
+/// A device that was issued its certificate by this server earlier (its first enrollment,
+/// with the Basic user over TLS).
+async fn enrolled_device(server: &Both, pki: &Pki, cn: &str) -> Credential {
+    common::enrolled_at(server.tls, &pki.root.cert_pem, cn).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_certificate_authenticates_on_the_socket_and_is_ignored_over_tls() {
-    let (dir, pki, device) = setup();
+    let (dir, pki) = setup();
     let server = Both::start(dir.path(), standard_config(&pki)).await;
+    let device = enrolled_device(&server, &pki, "device-7").await;
     let header = (CLIENT_CERT, escaped(&device.cert_pem));
 
     // Positive: label `strict` takes client certificates only; the forwarded one counts.
@@ -165,11 +170,11 @@ async fn a_forwarded_certificate_authenticates_on_the_socket_and_is_ignored_over
     let certs = certs_from_answer(&answer.body);
     assert_eq!(common_name(&certs[0]), "device-7");
     let journal = server.journal();
-    assert_eq!(journal.len(), 1);
+    assert_eq!(journal.len(), 2, "its first enrollment, then this one");
     assert!(
-        journal[0].identity.contains("CN=device-7") && journal[0].identity.contains("(issuer)"),
+        journal[1].identity.contains("CN=device-7") && journal[1].identity.contains("(issuer)"),
         "the journal names the forwarded certificate: {}",
-        journal[0].identity
+        journal[1].identity
     );
 
     // The same header on the TLS listener, without a TLS client certificate: ignored, 401.
@@ -189,7 +194,7 @@ async fn a_forwarded_certificate_authenticates_on_the_socket_and_is_ignored_over
         answer.text()
     );
     // ... and with a certificate in TLS, it is the TLS one that counts, not the header's.
-    let other = pki.issuing.valid_client("device-8");
+    let other = enrolled_device(&server, &pki, "device-8").await;
     let tls_with_cert = EstClient::new(
         server.tls,
         &pki.root.cert_pem,
@@ -229,14 +234,19 @@ async fn a_forwarded_certificate_authenticates_on_the_socket_and_is_ignored_over
         )
         .await;
     assert_eq!(answer.status, 401, "{}", answer.text());
-    assert_eq!(server.journal().len(), 2);
+    assert_eq!(
+        server.journal().len(),
+        4,
+        "two first enrollments, two renewals"
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_certificates_are_validated_and_malformed_headers_refused() {
-    let (dir, pki, device) = setup();
+    let (dir, pki) = setup();
     let server = Both::start(dir.path(), standard_config(&pki)).await;
+    let device = enrolled_device(&server, &pki, "device-7").await;
     let enroll = |value: String| {
         let headers = enroll_headers(&[(CLIENT_CERT, value)]);
         let server = &server;
@@ -308,13 +318,14 @@ async fn forwarded_certificates_are_validated_and_malformed_headers_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_keeps_the_limits_of_the_tls_listener() {
-    let (dir, pki, device) = setup();
+    let (dir, pki) = setup();
     let mut config = standard_config(&pki);
     config.limits.max_body_bytes = 2048;
     config.limits.header_timeout_secs = 2;
     config.limits.max_connections = 3;
     config.limits.max_connections_per_address = 3;
     let server = Both::start(dir.path(), config).await;
+    let device = enrolled_device(&server, &pki, "device-7").await;
     let header = (CLIENT_CERT, escaped(&device.cert_pem));
 
     // Body over the limit: 413, as over TLS.
@@ -377,7 +388,7 @@ async fn the_socket_keeps_the_limits_of_the_tls_listener() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_address_rate_limit_follows_the_forwarded_address_on_the_socket_only() {
-    let (dir, pki, _) = setup();
+    let (dir, pki) = setup();
     let mut config = standard_config(&pki);
     config.limits.rate_per_address = 0.01;
     config.limits.burst_per_address = 2.0;

@@ -144,6 +144,7 @@ dns_names = ["{{cn}}.plant.local"]
 name = "strict"
 issuer = "plant"
 client_trust = ["issuer"]
+issuer_labels = ["(unlabeled)"]
 
 [labels.authentication]
 basic = false
@@ -155,6 +156,84 @@ common_names = ["{{cn}}"]
         hash = pki.password_hash,
     );
     toml::from_str(&text).expect("standard config parses")
+}
+
+/// A certificate of this server's issuer obtained as a device obtains its first one: enrolled
+/// on the unlabeled path by the Basic user (`issuer` on a label accepts only certificates it
+/// issued, see `auth::chain`).
+pub async fn enrolled(server: &TestServer, root_pem: &str, cn: &str) -> pki::Credential {
+    enrolled_at(server.addr, root_pem, cn).await
+}
+
+/// [`enrolled`], from the server listening on `addr`.
+pub async fn enrolled_at(addr: SocketAddr, root_pem: &str, cn: &str) -> pki::Credential {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    let answer = client::EstClient::new(addr, root_pem, None)
+        .request(
+            "POST",
+            "simpleenroll",
+            &[
+                ("content-type", "application/pkcs10".to_owned()),
+                client::basic(USER, PASSWORD),
+            ],
+            client::iot_edge_body(&csr),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "enrolling {cn}: {}", answer.text());
+    pki::Credential {
+        cert_pem: client::to_pem(&client::certs_from_answer(&answer.body)[0]),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// Appends `cert_pem` to the journal at `journal` as issued on `label`, as the server records
+/// what it issues. For certificates a server cannot issue while the test runs (expired ones):
+/// written before the server starts, they count as its own (it rebuilds which label issued
+/// what from its journal at start).
+pub fn record_issued(journal: &Path, cert_pem: &str, label: Option<&str>) {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let rfc3339 = |t: ::time::OffsetDateTime| {
+        t.format(&::time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let hex = |b: &[u8]| edge_est::auth::client_cert::hex(b);
+    let entry = edge_est::journal::JournalEntry {
+        time: rfc3339(cert.validity().not_before.to_datetime()),
+        serial: hex(cert.raw_serial()),
+        subject: cert.subject().to_string(),
+        sans: Vec::new(),
+        label: label.map(str::to_owned),
+        operation: "simpleenroll".into(),
+        identity: "user estuser".into(),
+        profile: "identity".into(),
+        not_before: rfc3339(cert.validity().not_before.to_datetime()),
+        not_after: rfc3339(cert.validity().not_after.to_datetime()),
+        sha256: hex(edge_est::auth::chain::fingerprint(&der).as_ref()),
+        certificate: {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        },
+        issued_by: "local".into(),
+        grace_renewal: false,
+    };
+    let mut line = serde_json::to_string(&entry).unwrap();
+    line.push('\n');
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(journal)
+        .unwrap()
+        .write_all(line.as_bytes())
+        .unwrap();
 }
 
 pub fn label<'a>(config: &'a mut Config, name: Option<&str>) -> &'a mut LabelConfig {
