@@ -328,7 +328,7 @@ pub(crate) fn check_issued_here(der: &[u8], hierarchy: &Hierarchy<'_>) -> Result
     if here {
         Ok(())
     } else {
-        Err("not issued on this label (its journal has no record of it)".to_owned())
+        Err("not issued on this label (its journal records no such issuance here)".to_owned())
     }
 }
 
