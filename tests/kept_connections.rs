@@ -119,7 +119,12 @@ async fn a_kept_connection_is_refused_once_its_certificate_has_expired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_is_refused_once_an_intermediate_on_its_path_has_expired() {
-    let (_dir, pki, server) = start_standard().await;
+    // Bootstrap certificates from CAs below the anchor: a set of depth "any".
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::generate_p256(dir.path());
+    let mut config = common::standard_config(&pki);
+    config.trust.get_mut("bootstrap").unwrap().depth = edge_est::auth::Depth::Any;
+    let server = common::TestServer::start(dir.path(), &config).await;
     // The leaf is valid for a year, the CA between it and the bootstrap anchor for seconds.
     let now = OffsetDateTime::now_utc();
     let expires_at = now + Duration::seconds(3);

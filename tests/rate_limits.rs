@@ -266,8 +266,8 @@ async fn a_rule_marked_registration_authority_exempts_the_ra_from_the_identity_l
     let dir = tempfile::tempdir().unwrap();
     demo::write_pki(dir.path()).unwrap();
     // As in the 429 test above (tight identity limit, no trust set exempt), but the rule that
-    // matches the RA says what it is. Deployments whose RAs share a trust set with devices
-    // (IoT Edge's trust bundle) cannot use unlimited_trust; the rule narrows by client_cn.
+    // matches the RA says what it is. Deployments whose RAs have no trust set of their own
+    // (IoT Edge modules, `module:DEVICE/MODULE`) cannot use unlimited_trust.
     let mut top_config = top_config_with_tight_identity_limit();
     let ra_rule = &mut top_config.labels[0].rules[0];
     assert_eq!(ra_rule.matches, ["certificate:ras"]);
