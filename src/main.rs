@@ -119,6 +119,9 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let (config, base) = load(&config)?;
             edge_est::runtime::Runtime::build(&config, &base)?;
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             println!("configuration is valid: {} label(s)", config.labels.len());
             Ok(())
         }
@@ -142,6 +145,15 @@ fn main() -> anyhow::Result<()> {
                 let report = check_file(file, &options);
                 for error in &report.errors {
                     eprintln!("{}: {error}", file.display());
+                }
+                for module in &report.edge_est {
+                    for warning in module.config.iter().flat_map(|c| c.warnings()) {
+                        eprintln!(
+                            "{}: warning: modulesContent.{}.properties.desired.{warning}",
+                            file.display(),
+                            module.name
+                        );
+                    }
                 }
                 println!("{}: {}", file.display(), report.summary());
                 if !report.is_ok() {

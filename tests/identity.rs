@@ -846,3 +846,78 @@ common_names = ["{cn}"]
     assert!(server.journal()[0].grace_renewal);
     server.stop().await;
 }
+
+/// The binary's checks: `check-config` refuses a CN under a deep set and warns about a rule
+/// that uses a set of depth "any"; `check-manifest` refuses the old RA form of the top-layer
+/// manifest and passes the shipped one without warning.
+#[test]
+fn check_config_and_check_manifest_refuse_and_warn() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let _pki = Pki::generate_p256(dir);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-est"))
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config = |rule: &str| {
+        format!(
+            r#"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[trust.hierarchy]
+certificates = ["root.pem"]
+depth = "any"
+[issuers.plant]
+certificate = "issuing-ca.pem"
+key = "issuing-ca.key"
+[[labels]]
+issuer = "plant"
+client_trust = ["hierarchy"]
+[[labels.rules]]
+match = ["certificate:hierarchy"]
+{rule}
+"#
+        )
+    };
+    std::fs::write(dir.join("cn.toml"), config("client_cn = [\"edgeest\"]")).unwrap();
+    let (ok, stderr) = run(&["check-config", "cn.toml"]);
+    assert!(!ok);
+    assert!(stderr.contains("labels[0].rules[0].client_cn"), "{stderr}");
+    std::fs::write(dir.join("deep.toml"), config("common_names = [\"{cn}\"]")).unwrap();
+    let (ok, stderr) = run(&["check-config", "deep.toml"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning: labels[0].rules[0]: trust set \"hierarchy\" has depth \"any\""),
+        "{stderr}"
+    );
+
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deployment/top-layer.deployment.template.json");
+    let (ok, stderr) = run(&["check-manifest", shipped.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    // The RA rule as the manifest had it before: any device could be the RA.
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let mut manifest: Value = serde_json::from_str(&text).unwrap();
+    let label = &mut manifest["modulesContent"]["edgeest"]["properties.desired"]["labels"][0];
+    label["client_trust"] = serde_json::json!(["factory", "issuer", "edge-trust-bundle"]);
+    label["rules"][2] = serde_json::json!({
+        "match": ["certificate:edge-trust-bundle"], "client_cn": ["edgeest"],
+        "common_names": ["l3-*"], "registration_authority": true
+    });
+    std::fs::write(dir.join("old.json"), manifest.to_string()).unwrap();
+    let (ok, stderr) = run(&["check-manifest", "old.json"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("labels[0].rules[2].client_cn: narrows trust set \"edge-trust-bundle\""),
+        "{stderr}"
+    );
+}
