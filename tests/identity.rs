@@ -560,19 +560,43 @@ common_names = ["{cn}"]
     );
 
     // Positive control: the same shape below a CA the root issued (a factory's sub-CA).
-    let factory_ca = ca_below(&pki.root, "factory sub-CA", now + Duration::days(30));
+    let factory_ca = ca_below_with(&pki.root, "factory sub-CA", now + Duration::days(30), None);
     let device = factory_ca.valid_client("dev-victim");
     let chain = format!("{}{}", device.cert_pem, factory_ca.cert_pem);
     let as_device = client(server.addr, &root, Some((&chain, &device.key_pem)));
     let answer = post(&as_device, "simpleenroll", &[], plain("dev-victim")).await;
     leaf_of(&answer);
+    // Below that sub-CA, a CA shaped and named like an Edge CA (a device issued elsewhere
+    // under the same root): refused by its shape and name.
+    let edge_ca = ca_below(&factory_ca, "aziot-edge CA dev-x", now + Duration::days(30));
+    let forged = edge_ca.valid_client("dev-victim");
+    let chain = format!(
+        "{}{}{}",
+        forged.cert_pem, edge_ca.cert_pem, factory_ca.cert_pem
+    );
+    let as_forged = client(server.addr, &root, Some((&chain, &forged.key_pem)));
+    let answer = post(&as_forged, "simpleenroll", &[], plain("dev-victim")).await;
+    refused(
+        &answer,
+        401,
+        "issued below \"aziot-edge CA dev-x\", a device's own CA",
+    );
     server.stop().await;
 }
 
 /// A CA (pathlen 0) below `parent`, valid until `not_after`.
 fn ca_below(parent: &TestCa, cn: &str, not_after: OffsetDateTime) -> TestCa {
+    ca_below_with(parent, cn, not_after, Some(0))
+}
+
+fn ca_below_with(
+    parent: &TestCa,
+    cn: &str,
+    not_after: OffsetDateTime,
+    path_len: Option<u8>,
+) -> TestCa {
     let key = KeyPair::generate().unwrap();
-    let mut params = edge_est::pki::ca_params(cn, Some(0), Duration::days(3650));
+    let mut params = edge_est::pki::ca_params(cn, path_len, Duration::days(3650));
     params.not_before = OffsetDateTime::now_utc() - Duration::days(400);
     params.not_after = not_after;
     let cert = params.signed_by(&key, &parent.issuer).unwrap();
@@ -608,6 +632,9 @@ match = ["certificate:issuer"]
 common_names = ["{cn}"]
 ca_common_names = ["aziot-edge CA {cn}"]
 dns_names = ["{cn}.plant.local"]
+[[labels.rules]]
+match = ["module:b-1/edgeest"]
+common_names = ["ra-*"]
 [[labels]]
 name = "narrow"
 issuer = "plant"
@@ -616,6 +643,7 @@ certificate = false
 [[labels.rules]]
 match = ["user:estuser"]
 common_names = ["b-*"]
+ca_common_names = ["aziot-edge CA b-*"]
 [[labels]]
 name = "group"
 issuer = "plant"
@@ -624,6 +652,9 @@ issuer_labels = ["narrow"]
 [[labels.rules]]
 match = ["certificate:issuer"]
 common_names = ["{cn}"]
+[[labels.rules]]
+match = ["module:b-1/edgeest"]
+common_names = ["ra-*"]
 "#,
     );
     let mut server = TestServer::start(dir, &config).await;
@@ -658,7 +689,39 @@ common_names = ["{cn}"]
         key_pem: key.serialize_pem(),
     };
 
+    // b-1's Edge CA, from the narrow label, and a module certificate below it.
+    let key = KeyPair::generate().unwrap();
+    let narrow_edge_ca = leaf_of(
+        &post(
+            &anonymous,
+            "narrow/simpleenroll",
+            &installer,
+            edge_ca_csr("b-1", &key),
+        )
+        .await,
+    );
+    let narrow_edge_ca = EdgeCa {
+        issuer: Issuer::from_ca_cert_der(&narrow_edge_ca.clone().into(), key).unwrap(),
+        der: narrow_edge_ca,
+    };
+    let module = narrow_edge_ca.mint("edgeest");
+
     for round in ["running", "restarted"] {
+        // module:b-1/edgeest on the default label: b-1's Edge CA was not issued here.
+        let as_module = client(
+            server.addr,
+            &root,
+            Some((&module.cert_pem, &module.key_pem)),
+        );
+        let answer = post(&as_module, "simpleenroll", &[], plain("ra-1")).await;
+        refused(
+            &answer,
+            401,
+            "a module of b-1, whose Edge CA was not issued on this label",
+        );
+        // Positive control: on the label whose group holds `narrow`, the same request passes.
+        leaf_of(&post(&as_module, "group/simpleenroll", &[], plain("ra-1")).await);
+
         // The escalation: b-1's certificate asks the default label for an Edge CA, a DNS name.
         let as_narrow = client(
             server.addr,
