@@ -984,3 +984,62 @@ match = ["certificate:hierarchy"]
         "{stderr}"
     );
 }
+
+/// The same for a module: its certificate expired within the grace window, its device's Edge
+/// CA (issued on this label) expired an hour ago: refused; below an Edge CA valid now, the
+/// grace renewal passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_never_covers_an_expired_edge_ca_of_a_module() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let now = OffsetDateTime::now_utc();
+    // Edge CAs this server issued earlier (in its journal): one expired, one valid.
+    let expired_ca = ca_below(&pki.issuing, "aziot-edge CA gw-1", now - Duration::hours(1));
+    let valid_ca = ca_below(&pki.issuing, "aziot-edge CA gw-1", now + Duration::days(30));
+    for ca in [&expired_ca, &valid_ca] {
+        common::record_issued(&dir.join("journal.jsonl"), &ca.cert_pem, None);
+    }
+    let config = config_text(
+        &pki,
+        r#"
+[[labels]]
+issuer = "plant"
+client_trust = ["issuer"]
+grace_expired_secs = 86400
+[[labels.rules]]
+match = ["module:gw-1/edgeest"]
+common_names = ["edgeest"]
+"#,
+    );
+    let server = TestServer::start(dir, &config).await;
+    let expired_module_below = |ca: &TestCa| {
+        let leaf = ca.client_cert(
+            "edgeest",
+            now - Duration::days(30),
+            now - Duration::hours(12),
+        );
+        let chain = format!("{}{}", leaf.cert_pem, ca.cert_pem);
+        client(server.addr, &root, Some((&chain, &leaf.key_pem)))
+    };
+    let answer = post(
+        &expired_module_below(&expired_ca),
+        "simpleenroll",
+        &[],
+        plain("edgeest"),
+    )
+    .await;
+    refused(&answer, 401, "expired at");
+    // Positive control: the same module certificate's renewal below the valid Edge CA.
+    let answer = post(
+        &expired_module_below(&valid_ca),
+        "simpleenroll",
+        &[],
+        plain("edgeest"),
+    )
+    .await;
+    openssl_verified(dir, &leaf_of(&answer), "edgeest", "issuing-ca.pem");
+    assert!(server.journal().last().unwrap().grace_renewal);
+    server.stop().await;
+}
