@@ -1043,3 +1043,55 @@ common_names = ["edgeest"]
     assert!(server.journal().last().unwrap().grace_renewal);
     server.stop().await;
 }
+
+/// A trust anchor that has expired vouches for nothing, even for a certificate still valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_trust_anchor_vouches_for_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let now = OffsetDateTime::now_utc();
+    let key = KeyPair::generate().unwrap();
+    let mut params = edge_est::pki::ca_params("old factory CA", None, Duration::days(1));
+    params.not_before = now - Duration::days(400);
+    params.not_after = now - Duration::hours(1);
+    let old_factory = TestCa {
+        cert_pem: params.self_signed(&key).unwrap().pem(),
+        issuer: Issuer::new(params, key),
+    };
+    std::fs::write(dir.join("old-factory.pem"), &old_factory.cert_pem).unwrap();
+    let config = config_text(
+        &pki,
+        r#"
+[trust.old]
+certificates = ["old-factory.pem"]
+[trust.factory]
+certificates = ["bootstrap-ca.pem"]
+[[labels]]
+issuer = "plant"
+client_trust = ["old", "factory"]
+[[labels.rules]]
+match = ["certificate:old", "certificate:factory"]
+common_names = ["{cn}"]
+"#,
+    );
+    let server = TestServer::start(dir, &config).await;
+    let device = old_factory.valid_client("dev-o");
+    let as_device = client(
+        server.addr,
+        &root,
+        Some((&device.cert_pem, &device.key_pem)),
+    );
+    let answer = post(&as_device, "simpleenroll", &[], plain("dev-o")).await;
+    refused(&answer, 401, "the trust anchor of trust set old expired at");
+    // Positive control: the same request with a certificate of the valid factory CA.
+    let device = pki.bootstrap.valid_client("dev-o");
+    let as_device = client(
+        server.addr,
+        &root,
+        Some((&device.cert_pem, &device.key_pem)),
+    );
+    leaf_of(&post(&as_device, "simpleenroll", &[], plain("dev-o")).await);
+    server.stop().await;
+}
