@@ -983,6 +983,17 @@ match = ["certificate:hierarchy"]
         stderr.contains("labels[0].rules[2].client_cn: narrows trust set \"edge-trust-bundle\""),
         "{stderr}"
     );
+    // Bootstrap certificates from below the factory CA: loads, with a warning.
+    let mut manifest: Value = serde_json::from_str(&text).unwrap();
+    manifest["modulesContent"]["edgeest"]["properties.desired"]["trust"]["factory"]["depth"] =
+        serde_json::json!("any");
+    std::fs::write(dir.join("deep.json"), manifest.to_string()).unwrap();
+    let (ok, stderr) = run(&["check-manifest", "deep.json"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning: modulesContent.edgeest.properties.desired.labels[0].rules[0]: trust set \"factory\" has depth \"any\""),
+        "{stderr}"
+    );
 }
 
 /// The same for a module: its certificate expired within the grace window, its device's Edge
