@@ -142,14 +142,16 @@ impl MethodCaller {
     async fn call_raw(&mut self, method: &str, payload: Vec<u8>) -> (u16, Value) {
         self.next += 1;
         let rid = format!("{:x}", self.next);
-        self.publish(format!("$iothub/methods/POST/{method}/?$rid={rid}"), payload)
-            .await;
+        self.publish(
+            format!("$iothub/methods/POST/{method}/?$rid={rid}"),
+            payload,
+        )
+        .await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some((status, body)) = self.answers.lock().unwrap().remove(&rid) {
-                let value = serde_json::from_slice(&body).unwrap_or_else(|e| {
-                    panic!("{method}: answer is not JSON ({e}): {body:?}")
-                });
+                let value = serde_json::from_slice(&body)
+                    .unwrap_or_else(|e| panic!("{method}: answer is not JSON ({e}): {body:?}"));
                 return (status, value);
             }
             assert!(Instant::now() < deadline, "no answer to {method}");
@@ -158,7 +160,8 @@ impl MethodCaller {
     }
 
     async fn call(&mut self, method: &str, payload: Value) -> (u16, Value) {
-        self.call_raw(method, payload.to_string().into_bytes()).await
+        self.call_raw(method, payload.to_string().into_bytes())
+            .await
     }
 
     fn answered(&self) -> usize {
@@ -196,19 +199,9 @@ impl Rig {
         .unwrap();
         let workload = WorkloadStandIn::start(dir.path(), MODULE, &pki.root).await;
         let broker_cert = workload.issue_server(GATEWAY, Duration::from_secs(86_400));
-        let username = edge_est::edge::sas::username(
-            GATEWAY,
-            DEVICE,
-            MODULE,
-            &edge_est::edge::sas::product(),
-        );
-        let broker = Mosquitto::start(
-            &mosquitto,
-            dir.path(),
-            free_port(),
-            &broker_cert,
-            &username,
-        );
+        let username =
+            edge_est::edge::sas::username(GATEWAY, DEVICE, MODULE, &edge_est::edge::sas::product());
+        let broker = Mosquitto::start(&mosquitto, dir.path(), free_port(), &broker_cert, &username);
         let est_port = free_port();
         let desired = json!({
             "listen": format!("127.0.0.1:{est_port}"),
@@ -351,7 +344,10 @@ async fn the_module_answers_direct_methods_over_edgehub() {
     assert_eq!(body["reported"]["configVersion"], 1);
     let plant = &body["issuers"]["plant"];
     assert_eq!(plant["subject"], "CN=edge-est test issuing CA", "{body:#}");
-    assert!(plant["expiresInSecs"].as_i64().unwrap() > 86_400, "{body:#}");
+    assert!(
+        plant["expiresInSecs"].as_i64().unwrap() > 86_400,
+        "{body:#}"
+    );
     assert!(plant["chain"]["notAfter"].is_string(), "{body:#}");
     assert_eq!(plant["labels"], json!(["(unlabeled)"]));
     assert!(body["serverCertificate"]["expiresInSecs"].as_i64().unwrap() > 0);
@@ -378,9 +374,7 @@ async fn the_module_answers_direct_methods_over_edgehub() {
     let (_, nothing) = caller.call("queryJournal", json!({"cn": "dev"})).await;
     assert_eq!(nothing["matched"], 0);
     let serial = dev2["serial"].as_str().unwrap().to_uppercase();
-    let (_, by_serial) = caller
-        .call("queryJournal", json!({"serial": serial}))
-        .await;
+    let (_, by_serial) = caller.call("queryJournal", json!({"serial": serial})).await;
     assert_eq!(by_serial["entries"], json!([dev2]));
     let fingerprint = dev2["sha256"].as_str().unwrap();
     let (_, by_fingerprint) = caller
@@ -416,17 +410,67 @@ async fn the_module_answers_direct_methods_over_edgehub() {
 
     // Hostile or mistaken calls: a status and a reason, and the module goes on.
     for (method, payload, want, says) in [
-        ("rotateKeys", b"{}".to_vec(), 404, "unknown method \"rotateKeys\""),
-        ("queryJournal", br#"{"limit": 1000}"#.to_vec(), 400, "must be 1 to 100"),
-        ("queryJournal", br#"{"limit": 0}"#.to_vec(), 400, "must be 1 to 100"),
-        ("queryJournal", br#"{"serial": "zz"}"#.to_vec(), 400, "not hexadecimal"),
-        ("queryJournal", br#"{"fingerprint": "ab"}"#.to_vec(), 400, "SHA-256"),
-        ("queryJournal", br#"{"from": "last week"}"#.to_vec(), 400, "RFC 3339"),
-        ("queryJournal", br#"{"commonName": "x"}"#.to_vec(), 400, "unknown field"),
-        ("queryJournal", b"[1, 2]".to_vec(), 400, "must be a JSON object"),
+        (
+            "rotateKeys",
+            b"{}".to_vec(),
+            404,
+            "unknown method \"rotateKeys\"",
+        ),
+        (
+            "queryJournal",
+            br#"{"limit": 1000}"#.to_vec(),
+            400,
+            "must be 1 to 100",
+        ),
+        (
+            "queryJournal",
+            br#"{"limit": 0}"#.to_vec(),
+            400,
+            "must be 1 to 100",
+        ),
+        (
+            "queryJournal",
+            br#"{"serial": "zz"}"#.to_vec(),
+            400,
+            "not hexadecimal",
+        ),
+        (
+            "queryJournal",
+            br#"{"fingerprint": "ab"}"#.to_vec(),
+            400,
+            "SHA-256",
+        ),
+        (
+            "queryJournal",
+            br#"{"from": "last week"}"#.to_vec(),
+            400,
+            "RFC 3339",
+        ),
+        (
+            "queryJournal",
+            br#"{"commonName": "x"}"#.to_vec(),
+            400,
+            "unknown field",
+        ),
+        (
+            "queryJournal",
+            b"[1, 2]".to_vec(),
+            400,
+            "must be a JSON object",
+        ),
         ("getStatus", b"{not json".to_vec(), 400, "not JSON"),
-        ("getStatus", br#"{"verbose": true}"#.to_vec(), 400, "takes no parameters"),
-        ("reloadFiles", br#"{"path": "/etc/shadow"}"#.to_vec(), 400, "takes no parameters"),
+        (
+            "getStatus",
+            br#"{"verbose": true}"#.to_vec(),
+            400,
+            "takes no parameters",
+        ),
+        (
+            "reloadFiles",
+            br#"{"path": "/etc/shadow"}"#.to_vec(),
+            400,
+            "takes no parameters",
+        ),
         (
             "queryJournal",
             format!("{{\"cn\": \"{}\"}}", "x".repeat(140 * 1024)).into_bytes(),
@@ -465,10 +509,10 @@ async fn the_module_answers_direct_methods_over_edgehub() {
 
     // A rotation gone wrong (the key does not belong to the certificate) is refused with the
     // reason; the CA read before keeps signing.
-    let (_, stray_key) =
-        rig.pki
-            .root
-            .sub_ca("stray", Some(1), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (_, stray_key) = rig
+        .pki
+        .root
+        .sub_ca("stray", Some(1), &rcgen::PKCS_ECDSA_P256_SHA256);
     std::fs::write(rig.path().join("etc/issuing-ca.key"), stray_key).unwrap();
     let (status, body) = caller.call("reloadFiles", json!({})).await;
     assert_eq!(status, 400, "{body:#}");
@@ -551,10 +595,7 @@ fn journal_pages_stay_under_the_payload_limit() {
         &query(json!({"limit": 100, "certificates": true, "before": next})),
     )
     .unwrap();
-    assert_eq!(
-        rest["entries"][0]["serial"],
-        format!("{:04x}", 100 - n - 1)
-    );
+    assert_eq!(rest["entries"][0]["serial"], format!("{:04x}", 100 - n - 1));
     // Without certificates all 100 fit.
     let slim = query_journal(&path, &query(json!({"limit": 100}))).unwrap();
     assert_eq!(slim["entries"].as_array().unwrap().len(), 100);
