@@ -602,3 +602,41 @@ fn modules_rotate_logs_and_images_are_pinned_or_placeholders() {
         );
     }
 }
+
+/// The README's metrics-collector module (deployment section, 8.): valid in each manifest by
+/// `check-manifest`'s rules, and its scrape endpoint is the manifests' edge-est module on the
+/// port the module serves metrics on by default.
+#[test]
+fn the_readme_metrics_collector_snippet_fits_the_manifests() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("### 8. Metrics in Azure Monitor")
+        .nth(1)
+        .expect("the README's metrics section");
+    let block = section
+        .split("```json\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a json block");
+    let snippet: Value = serde_json::from_str(&format!("{{{block}}}")).unwrap();
+    let collector = &snippet["metricscollector"];
+    let endpoints = collector["env"]["MetricsEndpointsCSV"]["value"]
+        .as_str()
+        .unwrap();
+    assert!(endpoints.split(',').any(|e| e
+        == format!(
+            "http://edgeest:{}/metrics",
+            edge_est::metrics::MODULE_DEFAULT_LISTEN.port()
+        )));
+    assert_eq!(collector["env"]["UploadTarget"]["value"], "AzureMonitor");
+    for name in [TOP, MIDDLE, PROXY] {
+        let mut manifest = load(name);
+        let modules =
+            &mut manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"];
+        assert!(modules.get("edgeest").is_some(), "{name}");
+        modules["metricscollector"] = collector.clone();
+        let report = checked(&manifest);
+        assert!(report.is_ok(), "{name}: {:#?}", report.errors);
+    }
+}
