@@ -485,8 +485,14 @@ mod tests {
         // No rid, an empty rid, or one that would make another topic: not answered.
         assert_eq!(parse_topic("$iothub/methods/POST/getStatus/"), None);
         assert_eq!(parse_topic("$iothub/methods/POST/getStatus/?$rid="), None);
-        assert_eq!(parse_topic("$iothub/methods/POST/getStatus/?$rid=1/#"), None);
-        assert_eq!(parse_topic("$iothub/methods/POST/getStatus/?$rid=a+b"), None);
+        assert_eq!(
+            parse_topic("$iothub/methods/POST/getStatus/?$rid=1/#"),
+            None
+        );
+        assert_eq!(
+            parse_topic("$iothub/methods/POST/getStatus/?$rid=a+b"),
+            None
+        );
         assert_eq!(
             parse_topic(&format!("$iothub/methods/POST/x/?$rid={}", "1".repeat(65))),
             None

@@ -129,14 +129,13 @@ impl ModuleHandle {
 /// (like the `reloadFiles` direct method).
 pub async fn run(env: EdgeEnv, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
     let handle = start(env, ModuleOptions::default()).await?;
-    let mut hangup =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => Some(signal),
-            Err(e) => {
-                tracing::warn!(error = %e, "SIGHUP cannot be handled: reloadFiles only");
-                None
-            }
-        };
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP cannot be handled: reloadFiles only");
+            None
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -270,10 +269,7 @@ struct Applied {
 /// Requests to the controller from the process (not the twin).
 enum Control {
     /// Read the configuration's files again; `&str` says who asked (for the log).
-    Reload(
-        &'static str,
-        oneshot::Sender<Result<Value, MethodError>>,
-    ),
+    Reload(&'static str, oneshot::Sender<Result<Value, MethodError>>),
 }
 
 /// The outcome of the last `reloadFiles` or SIGHUP.
@@ -848,7 +844,11 @@ impl Controller {
         self.report();
         match result {
             Ok(()) => {
-                tracing::info!(trigger, version, "configuration files read again and in force");
+                tracing::info!(
+                    trigger,
+                    version,
+                    "configuration files read again and in force"
+                );
                 let status = self.status();
                 Ok(serde_json::json!({
                     "reloaded": true,
