@@ -89,4 +89,18 @@ fn the_scripts_refuse_what_they_cannot_build() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no Cargo.toml in /nonexistent"));
+    // iotedgedev's layout: the module folder linked into a solution as modules/edge-est; the
+    // script still finds the sources (and gets as far as the platform).
+    let solution = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(solution.path().join("modules")).unwrap();
+    std::os::unix::fs::symlink(module_dir(), solution.path().join("modules/edge-est")).unwrap();
+    let out = Command::new("bash")
+        .arg("modules/edge-est/build-image.sh")
+        .args(["--platform", "arm32v7", "--context-only"])
+        .current_dir(solution.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unsupported platform arm32v7"), "{stderr}");
 }
