@@ -525,7 +525,10 @@ async fn the_api_proxy_variables_keep_their_routes() {
         );
         stdout(&out)
     };
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<(&str, &str, &str)>)> = vec![
+    // (what, the module's variables, [(path, curl options, the stand-in's answer)])
+    type Route<'a> = (&'a str, &'a str, &'a str);
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<Route<'a>>);
+    let cases: Vec<Case> = vec![
         (
             "blob and registry modules on this layer",
             vec![

@@ -62,10 +62,13 @@ impl Drop for Module {
     }
 }
 
+/// Answers by `$rid`: status and payload.
+type Answers = Arc<Mutex<HashMap<String, (u16, Vec<u8>)>>>;
+
 /// Publishes direct-method calls as edgeHub does and collects the answers by `$rid`.
 struct MethodCaller {
     client: AsyncClient,
-    answers: Arc<Mutex<HashMap<String, (u16, Vec<u8>)>>>,
+    answers: Answers,
     next: u64,
     _task: tokio::task::JoinHandle<()>,
 }
@@ -93,7 +96,7 @@ impl MethodCaller {
             .subscribe("$iothub/methods/res/#", QoS::AtLeastOnce)
             .await
             .unwrap();
-        let answers = Arc::new(Mutex::new(HashMap::new()));
+        let answers: Answers = Arc::new(Mutex::new(HashMap::new()));
         let (ready_tx, mut ready) = mpsc::channel(1);
         let collected = answers.clone();
         let task = tokio::spawn(async move {
