@@ -544,3 +544,108 @@ fn the_top_layer_exempts_its_ra_and_only_its_ra_from_the_identity_limit() {
     let deny = Policy::new(&rules, &["cn:edgeest".to_owned()], &trust).unwrap();
     assert!(!deny.is_registration_authority(&ra));
 }
+
+/// What an IoT Edge operator checks first in each manifest: every module (edgeAgent and
+/// edgeHub included) rotates its logs (json-file with max-size and max-file, as Azure/iotedge's
+/// nested e2e manifests set); edge-est's image is iotedgedev's platform placeholder (an arm64
+/// gateway gets the arm64 image), never a fixed `…-amd64` tag; the registry module is pinned
+/// and starts before the API proxy that routes `/v2` to it; the API proxy starts after
+/// edge-est (the volume they share gets edge-est's ownership).
+#[test]
+fn modules_rotate_logs_and_images_are_pinned_or_placeholders() {
+    for file in manifests() {
+        let manifest: Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let agent = &manifest["modulesContent"]["$edgeAgent"]["properties.desired"];
+        let name = file.display();
+        let mut all: Vec<(&String, &Value)> = Vec::new();
+        for group in ["systemModules", "modules"] {
+            all.extend(agent[group].as_object().unwrap().iter());
+        }
+        assert!(all.len() >= 4, "{name}");
+        for (module, spec) in &all {
+            let log = &spec["settings"]["createOptions"]["HostConfig"]["LogConfig"];
+            assert_eq!(log["Type"], "json-file", "{name}: {module} rotates no logs");
+            for key in ["max-size", "max-file"] {
+                assert!(
+                    log["Config"][key].as_str().is_some_and(|v| !v.is_empty()),
+                    "{name}: {module}: LogConfig.Config.{key} (a string)"
+                );
+            }
+            let image = spec["settings"]["image"].as_str().unwrap();
+            assert!(
+                !image.ends_with(":latest") && (image.contains(':') || image.starts_with("${")),
+                "{name}: {module}: image {image} is not pinned"
+            );
+        }
+        let modules = agent["modules"].as_object().unwrap();
+        assert_eq!(
+            modules["edgeest"]["settings"]["image"], "${MODULES.edge-est}",
+            "{name}: edge-est's image must follow the platform iotedgedev builds for"
+        );
+        let order = |m: &str| modules[m]["startupOrder"].as_u64().unwrap();
+        assert!(order("edgeest") < order("IoTEdgeAPIProxy"), "{name}");
+        if let Some(registry) = modules.get("registry") {
+            assert!(
+                registry["settings"]["image"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("registry:2.")),
+                "{name}"
+            );
+            assert!(order("registry") < order("IoTEdgeAPIProxy"), "{name}");
+            assert_eq!(
+                modules["IoTEdgeAPIProxy"]["env"]["DOCKER_REQUEST_ROUTE_ADDRESS"]["value"],
+                "registry:5000",
+                "{name}"
+            );
+        }
+    }
+    // No file in deployment/ or module/ hard-codes an edge-est image tag.
+    let version = env!("CARGO_PKG_VERSION");
+    for file in manifests() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains(&format!("edge-est:{version}-")),
+            "{}: a fixed edge-est image tag",
+            file.display()
+        );
+    }
+}
+
+/// The README's metrics-collector module (deployment section, 8.): valid in each manifest by
+/// `check-manifest`'s rules, and its scrape endpoint is the manifests' edge-est module on the
+/// port the module serves metrics on by default.
+#[test]
+fn the_readme_metrics_collector_snippet_fits_the_manifests() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("### 8. Metrics in Azure Monitor")
+        .nth(1)
+        .expect("the README's metrics section");
+    let block = section
+        .split("```json\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a json block");
+    let snippet: Value = serde_json::from_str(&format!("{{{block}}}")).unwrap();
+    let collector = &snippet["metricscollector"];
+    let endpoints = collector["env"]["MetricsEndpointsCSV"]["value"]
+        .as_str()
+        .unwrap();
+    assert!(endpoints.split(',').any(|e| e
+        == format!(
+            "http://edgeest:{}/metrics",
+            edge_est::metrics::MODULE_DEFAULT_LISTEN.port()
+        )));
+    assert_eq!(collector["env"]["UploadTarget"]["value"], "AzureMonitor");
+    for name in [TOP, MIDDLE, PROXY] {
+        let mut manifest = load(name);
+        let modules =
+            &mut manifest["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"];
+        assert!(modules.get("edgeest").is_some(), "{name}");
+        modules["metricscollector"] = collector.clone();
+        let report = checked(&manifest);
+        assert!(report.is_ok(), "{name}: {:#?}", report.errors);
+    }
+}

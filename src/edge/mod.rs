@@ -3,7 +3,8 @@
 //! and a last-known-good configuration on the data volume for starts while edgeHub is away.
 //!
 //! Pieces: [`env`] (the `IOTEDGE_*` environment), [`workload`] (the workload API client),
-//! [`sas`] (client id, user name, SAS token), [`twin`] (MQTT to edgeHub), [`desired`] (twin →
+//! [`sas`] (client id, user name, SAS token), [`twin`] (MQTT to edgeHub), [`methods`] (direct
+//! methods over the same connection), [`desired`] (twin →
 //! `Config`, the one pure function [`module_config`]), [`reported`], [`certs`] (workload
 //! certificates as files, renewal) and [`lkg`]. This module runs them: one controller task
 //! owns the running configuration and applies every change in turn (twin, renewals), so a
@@ -13,6 +14,7 @@ pub mod certs;
 pub mod desired;
 pub mod env;
 pub mod lkg;
+pub mod methods;
 pub mod reported;
 pub mod sas;
 pub mod twin;
@@ -41,6 +43,7 @@ pub use env::EdgeEnv;
 
 use certs::{CertFiles, Material};
 use lkg::LastKnownGood;
+use methods::{MethodCall, MethodError};
 use reported::{Counters, Rejection, ReportInput, Reporter};
 use twin::{TwinCommand, TwinEvent, TwinSettings};
 use workload::WorkloadClient;
@@ -81,6 +84,7 @@ pub enum EdgeError {
 /// A running module.
 pub struct ModuleHandle {
     addr: watch::Receiver<Option<SocketAddr>>,
+    control: mpsc::Sender<Control>,
     app: watch::Receiver<Option<Arc<App>>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -102,6 +106,18 @@ impl ModuleHandle {
         self.app.borrow().clone()
     }
 
+    /// Reads the files of the running configuration again (what `reloadFiles` and SIGHUP
+    /// do): the answer `reloadFiles` would give.
+    pub async fn reload_files(&self, trigger: &'static str) -> Result<Value, MethodError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Reload(trigger, tx))
+            .await
+            .map_err(|_| MethodError::NotReady("the module is stopping".into()))?;
+        rx.await
+            .map_err(|_| MethodError::NotReady("the module is stopping".into()))?
+    }
+
     /// Stops: disconnects from edgeHub, drains the EST listener, closes the journal.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -109,10 +125,27 @@ impl ModuleHandle {
     }
 }
 
-/// Runs the module until `shutdown` completes.
+/// Runs the module until `shutdown` completes; SIGHUP reads the configuration's files again
+/// (like the `reloadFiles` direct method).
 pub async fn run(env: EdgeEnv, shutdown: impl Future<Output = ()>) -> Result<(), EdgeError> {
     let handle = start(env, ModuleOptions::default()).await?;
-    shutdown.await;
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP cannot be handled: reloadFiles only");
+            None
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = async { match &mut hangup { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                // The controller logs the outcome.
+                let _ = handle.reload_files("SIGHUP").await;
+            }
+        }
+    }
     tracing::info!("edge-est module stopping");
     handle.stop().await;
     Ok(())
@@ -131,6 +164,7 @@ pub async fn start(env: EdgeEnv, options: ModuleOptions) -> Result<ModuleHandle,
     let (stop, stop_rx) = watch::channel(false);
     let (events_tx, events) = mpsc::channel(16);
     let (commands, commands_rx) = mpsc::channel(4);
+    let (control, control_rx) = mpsc::channel(4);
     let reporter = Arc::new(Reporter::default());
 
     tracing::info!(device = %env.device_id, module = %env.module_id, gateway = %env.gateway_hostname, parent = env.parent_hostname.as_deref().unwrap_or("-"), "edge-est running as an IoT Edge module");
@@ -154,6 +188,7 @@ pub async fn start(env: EdgeEnv, options: ModuleOptions) -> Result<ModuleHandle,
         proxy: None,
         metrics: None,
         metrics_configured: None,
+        last_reload: None,
         reporter: reporter.clone(),
         commands,
         addr_tx,
@@ -206,9 +241,10 @@ pub async fn start(env: EdgeEnv, options: ModuleOptions) -> Result<ModuleHandle,
         commands_rx,
         stop_rx.clone(),
     ));
-    let task = tokio::spawn(controller.run(events, stop_rx, twin_task));
+    let task = tokio::spawn(controller.run(events, control_rx, stop_rx, twin_task));
     Ok(ModuleHandle {
         addr,
+        control,
         app,
         stop,
         task,
@@ -228,6 +264,19 @@ struct Applied {
     version: Option<i64>,
     config: Config,
     source: Source,
+}
+
+/// Requests to the controller from the process (not the twin).
+enum Control {
+    /// Read the configuration's files again; `&str` says who asked (for the log).
+    Reload(&'static str, oneshot::Sender<Result<Value, MethodError>>),
+}
+
+/// The outcome of the last `reloadFiles` or SIGHUP.
+struct Reload {
+    time: OffsetDateTime,
+    trigger: &'static str,
+    error: Option<String>,
 }
 
 struct Serving {
@@ -269,6 +318,7 @@ struct Controller {
     metrics: Option<Serving>,
     /// The metrics address configured when the listener started (changes need a restart).
     metrics_configured: Option<SocketAddr>,
+    last_reload: Option<Reload>,
     reporter: Arc<Reporter>,
     commands: mpsc::Sender<TwinCommand>,
     addr_tx: watch::Sender<Option<SocketAddr>>,
@@ -282,6 +332,7 @@ impl Controller {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<TwinEvent>,
+        mut control: mpsc::Receiver<Control>,
         mut stop: watch::Receiver<bool>,
         twin_task: JoinHandle<()>,
     ) {
@@ -293,8 +344,12 @@ impl Controller {
                 event = events.recv() => match event {
                     Some(TwinEvent::Desired(desired)) => self.on_desired(desired).await,
                     Some(TwinEvent::DesiredPatch(patch)) => self.on_patch(patch).await,
+                    Some(TwinEvent::Method(call)) => self.on_method(call).await,
                     None => break,
                 },
+                Some(Control::Reload(trigger, reply)) = control.recv() => {
+                    let _ = reply.send(self.reload_files(trigger).await);
+                }
                 () = tokio::time::sleep_until(renewal) => {
                     tracing::debug!("workload certificates: renewal due");
                     self.renew().await;
@@ -633,6 +688,184 @@ impl Controller {
         Ok(())
     }
 
+    /// Answers a direct method. `queryJournal` reads the journal off the controller (it
+    /// answers when done); the others answer at once.
+    async fn on_method(&mut self, call: MethodCall) {
+        let request = match call.object() {
+            Ok(request) => request,
+            Err(e) => return call.answer(Err(e)),
+        };
+        match call.name.as_str() {
+            "getStatus" => {
+                let answer = if request.is_empty() {
+                    Ok(self.status())
+                } else {
+                    Err(MethodError::BadRequest(
+                        "getStatus takes no parameters (send {} or nothing)".into(),
+                    ))
+                };
+                call.answer(answer);
+            }
+            "reloadFiles" => {
+                let answer = if request.is_empty() {
+                    self.reload_files("reloadFiles").await
+                } else {
+                    Err(MethodError::BadRequest(
+                        "reloadFiles takes no parameters (send {} or nothing)".into(),
+                    ))
+                };
+                call.answer(answer);
+            }
+            "queryJournal" => {
+                let query = match methods::JournalQuery::parse(request) {
+                    Ok(query) => query,
+                    Err(e) => return call.answer(Err(e)),
+                };
+                let Some(app) = &self.app else {
+                    return call.answer(Err(MethodError::NotReady(
+                        "no configuration in force yet: the journal is not open".into(),
+                    )));
+                };
+                let path = app.journal().path().to_path_buf();
+                tokio::spawn(async move {
+                    let answer =
+                        tokio::task::spawn_blocking(move || methods::query_journal(&path, &query))
+                            .await
+                            .unwrap_or_else(|e| Err(MethodError::Failed(e.to_string())));
+                    call.answer(answer);
+                });
+            }
+            other => {
+                let name = other.to_owned();
+                call.answer(Err(MethodError::Unknown(name)));
+            }
+        }
+    }
+
+    /// `getStatus`: the reported document as of now, each issuer's certificate (and the
+    /// earliest expiry on its chain), the TLS server certificate, each upstream's health and
+    /// the last reload.
+    fn status(&self) -> Value {
+        self.report();
+        let now = OffsetDateTime::now_utc();
+        let mut status = serde_json::Map::new();
+        status.insert("reported".into(), Value::Object(self.reporter.wanted()));
+        let mut issuers = serde_json::Map::new();
+        let mut upstreams = serde_json::Map::new();
+        let runtime = self.app.as_ref().map(|a| a.runtime());
+        if let (Some(applied), Some(runtime)) = (&self.applied, &runtime) {
+            for label in &applied.config.labels {
+                let route = match &label.name {
+                    None => None,
+                    Some(name) => match crate::est::Label::new(name) {
+                        Ok(l) => Some(l),
+                        Err(_) => continue,
+                    },
+                };
+                let Some(rt) = runtime.label(&route) else {
+                    continue;
+                };
+                let label_name = rt.display_name().to_owned();
+                if let (Some(issuer), Some(name)) = (&rt.local, &label.issuer) {
+                    let entry = issuers.entry(name.clone()).or_insert_with(|| {
+                        let mut e = methods::expiry(issuer.not_after(), now);
+                        e["subject"] = Value::String(issuer.subject().to_string());
+                        if let Some(earliest) = earliest_not_after(issuer.chain()) {
+                            e["chain"] = methods::expiry(earliest, now);
+                        }
+                        e["labels"] = Value::Array(Vec::new());
+                        e
+                    });
+                    if let Some(labels) = entry["labels"].as_array_mut() {
+                        labels.push(Value::String(label_name.clone()));
+                    }
+                }
+                if let (Some(upstream), Some(name)) = (&rt.upstream, &label.upstream) {
+                    let entry = upstreams.entry(name.clone()).or_insert_with(|| {
+                        serde_json::json!({
+                            "url": applied.config.upstreams.get(name).map(|u| u.url.clone()),
+                            "reachable": upstream.is_reachable(),
+                            "labels": [],
+                        })
+                    });
+                    if let Some(labels) = entry["labels"].as_array_mut() {
+                        labels.push(Value::String(label_name));
+                    }
+                }
+            }
+        }
+        status.insert("issuers".into(), Value::Object(issuers));
+        status.insert("upstreams".into(), Value::Object(upstreams));
+        status.insert(
+            "serverCertificate".into(),
+            runtime
+                .as_ref()
+                .and_then(|r| r.tls_not_after)
+                .map_or(Value::Null, |t| methods::expiry(t, now)),
+        );
+        status.insert(
+            "lastReload".into(),
+            self.last_reload.as_ref().map_or(Value::Null, |r| {
+                serde_json::json!({
+                    "time": r.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                    "trigger": r.trigger,
+                    "ok": r.error.is_none(),
+                    "error": r.error,
+                })
+            }),
+        );
+        status.insert(
+            "time".into(),
+            Value::String(
+                now.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            ),
+        );
+        Value::Object(status)
+    }
+
+    /// `reloadFiles` and SIGHUP: builds the running configuration again from its files
+    /// (issuers, TLS, trust sets), validated like a twin change; if anything is wrong the
+    /// running configuration keeps serving and the answer says why.
+    async fn reload_files(&mut self, trigger: &'static str) -> Result<Value, MethodError> {
+        let Some(applied) = &self.applied else {
+            return Err(MethodError::NotReady(
+                "no configuration in force yet: nothing to reload".into(),
+            ));
+        };
+        let (doc, source, version) = (applied.doc.clone(), applied.source, applied.version);
+        let result = self.apply(doc, source).await;
+        let time = OffsetDateTime::now_utc();
+        self.last_reload = Some(Reload {
+            time,
+            trigger,
+            error: result.as_ref().err().cloned(),
+        });
+        self.report();
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    trigger,
+                    version,
+                    "configuration files read again and in force"
+                );
+                let status = self.status();
+                Ok(serde_json::json!({
+                    "reloaded": true,
+                    "configVersion": version,
+                    "issuers": status["issuers"],
+                    "serverCertificate": status["serverCertificate"],
+                }))
+            }
+            Err(reason) => {
+                tracing::warn!(trigger, version, %reason, "configuration files refused; the running configuration keeps serving");
+                Err(MethodError::BadRequest(format!(
+                    "{reason} (the files read before keep serving)"
+                )))
+            }
+        }
+    }
+
     /// Sets the reported document (sent when edgeHub is connected).
     fn report(&self) {
         let status = match (&self.applied, self.desired_rejected) {
@@ -657,6 +890,17 @@ impl Controller {
         });
         self.reporter.set(document);
     }
+}
+
+/// The earliest notAfter of a certificate chain (DER).
+fn earliest_not_after(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<OffsetDateTime> {
+    chain
+        .iter()
+        .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+        .filter_map(|(_, cert)| {
+            OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()
+        })
+        .min()
 }
 
 /// Issued, forwarded and refused counts of the running server.

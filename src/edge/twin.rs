@@ -1,6 +1,7 @@
 //! The module twin over MQTT 3.1.1 to edgeHub (rumqttc over rustls): connect with a SAS token
 //! signed by the workload API, subscribe to twin responses and desired patches, GET the twin,
-//! send reported patches. Reconnects with back-off after any disconnect, and proactively before
+//! send reported patches, and take direct-method calls ([`super::methods`]) and send their
+//! answers. Reconnects with back-off after any disconnect, and proactively before
 //! the token expires; every new connection re-GETs the whole twin (patches may have been
 //! missed) and re-sends the reported state.
 
@@ -18,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::methods::{self, MethodCall, MethodReply};
 use super::reported::Reporter;
 use super::sas;
 use super::workload::WorkloadClient;
@@ -31,9 +33,10 @@ const DESIRED_PREFIX: &str = "$iothub/twin/PATCH/properties/desired/";
 const GET_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before asking again after a failed GET or a refused reported patch.
 const RETRY_PAUSE: Duration = Duration::from_secs(10);
-/// edgeHub's largest inbound message is 256 KiB; reported patches are at most 32 KB.
+/// edgeHub's largest inbound message is 256 KiB; reported patches are at most 32 KB and
+/// direct-method answers at most 128 KB (plus the topic).
 const MAX_INCOMING: usize = 256 * 1024;
-const MAX_OUTGOING: usize = 64 * 1024;
+const MAX_OUTGOING: usize = methods::MAX_PAYLOAD + 1024;
 
 /// Where and who: everything a connection needs besides the token.
 #[derive(Clone, Debug)]
@@ -57,6 +60,8 @@ pub enum TwinEvent {
     Desired(Value),
     /// A desired-properties patch (with `$version`).
     DesiredPatch(Value),
+    /// A direct-method call, to be answered on the connection it came on.
+    Method(MethodCall),
 }
 
 /// What the module asks of the twin link.
@@ -156,6 +161,8 @@ async fn session(
         .set_max_packet_size(MAX_INCOMING, MAX_OUTGOING)
         .set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(tls))));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
+    // Answers to direct methods of this connection; those of a closed one are dropped.
+    let (replies_tx, mut replies) = mpsc::unbounded_channel::<MethodReply>();
     let mut network = eventloop.network_options();
     network.set_connection_timeout(10);
     eventloop.set_network_options(network);
@@ -187,12 +194,13 @@ async fn session(
                         link.client
                             .try_subscribe(TOPIC_RESPONSES, QoS::AtMostOnce)
                             .and_then(|()| link.client.try_subscribe(TOPIC_DESIRED, QoS::AtMostOnce))
+                            .and_then(|()| link.client.try_subscribe(methods::TOPIC_METHODS, QoS::AtLeastOnce))
                             .map_err(|e| e.to_string())?;
-                        link.subacks = 2;
+                        link.subacks = 3;
                     }
                     Event::Incoming(Packet::SubAck(ack)) => {
                         if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
-                            return Err("edgeHub refused the twin subscriptions".into());
+                            return Err("edgeHub refused the twin or method subscriptions".into());
                         }
                         link.subacks = link.subacks.saturating_sub(1);
                         if link.subacks == 0 && link.get_rid.is_none() && !link.synced {
@@ -206,6 +214,15 @@ async fn session(
                             if link.synced {
                                 *synced = true;
                             }
+                        } else if let Some((name, rid)) = methods::parse_topic(&topic) {
+                            tracing::debug!(method = %name, rid = %rid, bytes = publish.payload.len(), "direct method called");
+                            let call = MethodCall::new(name, rid, publish.payload.to_vec(), replies_tx.clone());
+                            events
+                                .send(TwinEvent::Method(call))
+                                .await
+                                .map_err(|_| "module stopped")?;
+                        } else if topic.starts_with(methods::TOPIC_METHODS.trim_end_matches('#')) {
+                            tracing::warn!(topic = %topic.chars().take(200).collect::<String>(), "direct method call without a usable $rid: not answered");
                         } else if topic.starts_with(DESIRED_PREFIX) {
                             match desired_patch(&topic, &publish.payload) {
                                 // Before the GET answered: kept until it has (the module
@@ -224,6 +241,16 @@ async fn session(
                     }
                     _ => {}
                 }
+            }
+            Some(reply) = replies.recv() => {
+                link.client
+                    .try_publish(
+                        methods::reply_topic(reply.status, &reply.rid),
+                        QoS::AtLeastOnce,
+                        false,
+                        reply.payload,
+                    )
+                    .map_err(|e| e.to_string())?;
             }
             () = reporter.changed(), if link.synced => {
                 for patch in reporter.take_patches() {
