@@ -184,6 +184,7 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
             csr_attributes: vec!["ecdsa-with-SHA256".to_owned()],
             serverkeygen: ServerKeygen::EcP256,
             grace_expired_secs: 0,
+            fallback: None,
         }],
     };
     Ok(DevSetup {
