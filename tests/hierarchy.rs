@@ -289,13 +289,24 @@ async fn upstream_away_then_back() {
     assert_eq!(auto_answer.status, 200, "{}", auto_answer.text());
     let leaf = certs_from_answer(&auto_answer.body).remove(0);
     let auto_cacerts = child.request("GET", "auto/cacerts", &[], Vec::new()).await;
+    // cacerts names every CA that may sign for the label: the top's (learned before the
+    // outage) and the bottom's own, so either's certificates verify with it.
     let chain = certs_from_answer(&auto_cacerts.body);
-    assert!(x509_parser::parse_x509_certificate(&chain[0])
-        .unwrap()
-        .1
-        .subject()
-        .to_string()
-        .contains("lower layer issuing CA"));
+    let subjects: Vec<String> = chain
+        .iter()
+        .map(|c| {
+            x509_parser::parse_x509_certificate(c)
+                .unwrap()
+                .1
+                .subject()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        subjects.iter().any(|s| s.contains("lower layer issuing CA"))
+            && subjects.iter().any(|s| s.contains("top layer issuing CA")),
+        "{subjects:?}"
+    );
     std::fs::write(dir.path().join("auto.pem"), to_pem(&leaf)).unwrap();
     std::fs::write(
         dir.path().join("auto-chain.pem"),
@@ -314,6 +325,19 @@ async fn upstream_away_then_back() {
     let top = Layer::start("top", dir.path(), &demo::top_config(), top_addr)
         .await
         .unwrap();
+    // Meanwhile the bottom answered from what it knew (503 at once, local signing on
+    // `auto`); its background probe finds the top back within `probe_max_secs`.
+    let upstream = bottom
+        .app
+        .runtime()
+        .labels()
+        .find_map(|l| l.upstream.clone())
+        .unwrap();
+    let waited = Instant::now();
+    while upstream.health.state() != edge_est::issue::health::State::Up {
+        assert!(waited.elapsed() < Duration::from_secs(10), "never probed back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let back = enroll(&child, &password, &csr("after", &key)).await;
     verified_leaf(dir.path(), &child, &back, "after").await;
     assert_eq!(

@@ -260,7 +260,7 @@ fn default_retry_after() -> u64 {
     30
 }
 fn default_probe_max() -> u64 {
-    30
+    5
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
