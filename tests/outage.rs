@@ -123,7 +123,18 @@ struct Hung(tokio::task::JoinHandle<()>);
 
 impl Hung {
     async fn on(addr: SocketAddr) -> Hung {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        // The port was just given up by a stopped layer: its threads may hold it a moment.
+        let started = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot bind {addr}: {e}"),
+            }
+        };
         Hung(tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((socket, _)) = listener.accept().await {
@@ -374,4 +385,161 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     for layer in [bottom_layer, middle, top] {
         layer.stop().await;
     }
+}
+
+/// A child of the middle itself (Basic), enrolling `cn`.
+async fn enroll_at(addr: SocketAddr, dir: &Path, cn: &str) -> Answer {
+    let key = KeyPair::generate().unwrap();
+    EstClient::new(addr, &root(dir), None)
+        .request(
+            "POST",
+            "simpleenroll",
+            &[
+                ("content-type", "application/pkcs10".into()),
+                basic(CHILD_USER, CHILD_PASSWORD),
+            ],
+            iot_edge_body(&csr(cn, &key, false)),
+        )
+        .await
+}
+
+fn metrics_line(layer: &Layer, starts: &str) -> Option<String> {
+    layer
+        .app
+        .render_metrics()
+        .lines()
+        .find(|l| l.starts_with(starts) || l.contains(starts))
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn a_misconfigured_upstream_is_never_signed_for_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    demo::write_pki(dir).unwrap();
+    let top = Layer::start("top", dir, &top_config(), any_port())
+        .await
+        .unwrap();
+    let port = top.addr.port();
+    // Three ways to be wrong: the upstream's TLS certificate checked against the wrong
+    // anchor (UnknownIssuer), a URL whose EST path answers 404, no RA credential (401).
+    let mut wrong_anchor = middle_config(port);
+    wrong_anchor.upstreams.get_mut("parent").unwrap().trust = vec![PemSource("ra-ca.pem".into())];
+    let mut wrong_path = middle_config(port);
+    wrong_path.upstreams.get_mut("parent").unwrap().url =
+        format!("https://localhost:{port}/.well-known/est/nosuchlabel");
+    let mut no_credential = middle_config(port);
+    let parent = no_credential.upstreams.get_mut("parent").unwrap();
+    parent.certificate = None;
+    parent.key = None;
+    for (case, config, says) in [
+        ("wrong anchor", wrong_anchor, "TLS certificate is not trusted here"),
+        ("wrong path", wrong_path, "EST path answers 404"),
+        ("no credential", no_credential, "does not accept this layer's RA credentials"),
+    ] {
+        let middle = Layer::start("middle", dir, &config, any_port()).await.unwrap();
+        for _ in 0..2 {
+            let answer = enroll_at(middle.addr, dir, "l3-misconfigured").await;
+            assert_eq!(answer.status, 502, "{case}: {}", answer.text());
+            assert!(answer.text().contains(says), "{case}: {}", answer.text());
+            assert!(
+                answer.text().contains(&format!("localhost:{port}")),
+                "{case}: names the upstream by host: {}",
+                answer.text()
+            );
+        }
+        assert!(journal(&middle).is_empty(), "{case}: nothing signed locally");
+        assert_eq!(upstream_of(&middle).health.state(), State::Misconfigured, "{case}");
+        let gauge = metrics_line(&middle, "upstream=\"parent\",state=\"misconfigured\"").unwrap();
+        assert!(gauge.ends_with(" 1"), "{case}: {gauge}");
+        middle.stop().await;
+    }
+    // Positive control: the same middle with the right configuration forwards.
+    let middle = Layer::start("middle", dir, &middle_config(port), any_port())
+        .await
+        .unwrap();
+    let answer = enroll_at(middle.addr, dir, "l3-configured").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(journal(&middle)[0].issued_by, "upstream parent");
+    assert_eq!(upstream_of(&middle).health.state(), State::Up);
+    middle.stop().await;
+    top.stop().await;
+}
+
+#[tokio::test]
+async fn the_fallback_grants_nothing_the_top_refuses_the_ra() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    demo::write_pki(dir).unwrap();
+    let top = Layer::start("top", dir, &top_config(), any_port())
+        .await
+        .unwrap();
+    let top_addr = top.addr;
+    // The middle's own rules let its Basic user ask for any name; the top allows the
+    // middle's RA l3-* only, and the middle's fallback says the same.
+    let middle = Layer::start("middle", dir, &middle_config(top_addr.port()), any_port())
+        .await
+        .unwrap();
+    let refused_above = enroll_at(middle.addr, dir, "plc-07").await;
+    assert_eq!(refused_above.status, 403, "{}", refused_above.text());
+    assert!(refused_above.text().contains("refused by the layer above"));
+    top.stop().await;
+    // The top away: the same name refused by the fallback, a name within it signed here.
+    let refused_here = enroll_at(middle.addr, dir, "plc-07").await;
+    assert_eq!(refused_here.status, 403, "{}", refused_here.text());
+    assert!(
+        refused_here.text().contains("fallback allowance"),
+        "{}",
+        refused_here.text()
+    );
+    let allowed = enroll_at(middle.addr, dir, "l3-plc-07").await;
+    assert_eq!(allowed.status, 200, "{}", allowed.text());
+    let entries = journal(&middle);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].issued_by, "local");
+    middle.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_the_client_abandons_is_logged_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    demo::write_pki(dir).unwrap();
+    let listener = std::net::TcpListener::bind(any_port()).unwrap();
+    let hung_addr = listener.local_addr().unwrap();
+    drop(listener);
+    let hung = Hung::on(hung_addr).await;
+    let bottom = Layer::start("bottom", dir, &bottom_config(hung_addr.port()), any_port())
+        .await
+        .unwrap();
+    let client = EstClient::new(bottom.addr, &root(dir), None);
+    let key = KeyPair::generate().unwrap();
+    let headers = [
+        ("content-type", "application/pkcs10".to_owned()),
+        basic(CHILD_USER, CHILD_PASSWORD),
+    ];
+    let body = iot_edge_body(&csr("l3-gone", &key, false));
+    // The client gives up after half a second, well before the layer would answer.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.request("POST", "simpleenroll", &headers, body),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    let started = Instant::now();
+    loop {
+        let counted = metrics_line(&bottom, "status=\"499\"");
+        if let Some(line) = counted {
+            assert!(line.contains("operation=\"simpleenroll\""), "{line}");
+            assert!(line.ends_with(" 1"), "{line}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the abandoned request was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bottom.stop().await;
+    hung.stop().await;
 }

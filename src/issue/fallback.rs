@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{FallbackConfig, LabelConfig, RuleConfig};
+use crate::config::{Config, FallbackConfig, LabelConfig, Mode, RuleConfig};
 use crate::est::name::AttributeType;
 use crate::est::SanEntry;
 use crate::policy::{Grant, Pattern, Vars};
@@ -172,6 +172,66 @@ pub fn within_upper_allowance(fallback: &FallbackConfig, ra_rules: &[&RuleConfig
                     "fallback.subject_attributes.{name}: {pattern:?} is wider than what the upper \
                      layer allows this RA"
                 ));
+            }
+        }
+    }
+    problems
+}
+
+/// One edge-est of a deployment, for [`across_layers`].
+pub struct LayerConfig<'a> {
+    /// Where it comes from (a manifest file), for messages.
+    pub source: &'a str,
+    /// The name of its RA credential's common name above: the module name, when it forwards
+    /// with its workload identity certificate (the module default).
+    pub ra_cn: &'a str,
+    pub config: &'a Config,
+    /// Whether it has a layer above (it may forward).
+    pub nested: bool,
+}
+
+/// Checks, for every pair of layers where one may forward to the other, that each `auto`
+/// label's fallback allowance is within the upper layer's RA rule for it. A pair where the
+/// upper configuration has no RA rule for that RA (a sibling, not a parent) is skipped:
+/// only a relation both sides show is checked. Returns (source of the lower layer, message).
+pub fn across_layers<'a>(layers: &[LayerConfig<'a>]) -> Vec<(&'a str, String)> {
+    let mut problems = Vec::new();
+    for lower in layers.iter().filter(|l| l.nested) {
+        for upper in layers {
+            if std::ptr::eq(upper, lower) {
+                continue;
+            }
+            for (i, label) in lower.config.labels.iter().enumerate() {
+                let (Mode::Auto, Some(fallback), Some(upstream)) =
+                    (label.mode, &label.fallback, &label.upstream)
+                else {
+                    continue;
+                };
+                // The upper label: the configured one, or the one the upstream URL names.
+                let url_label = lower.config.upstreams.get(upstream).and_then(|u| {
+                    u.url
+                        .trim_end_matches('/')
+                        .split_once("/.well-known/est/")
+                        .map(|(_, l)| l.to_owned())
+                });
+                let wanted = label.upstream_label.clone().or(url_label);
+                let Some(upper_label) = upper.config.labels.iter().find(|l| l.name == wanted)
+                else {
+                    continue;
+                };
+                let rules = ra_rules(upper_label, lower.ra_cn);
+                if rules.is_empty() {
+                    continue;
+                }
+                for problem in within_upper_allowance(fallback, &rules) {
+                    problems.push((
+                        lower.source,
+                        format!(
+                            "labels[{i}].{problem}, whose RA rule for {:?} is in {}",
+                            lower.ra_cn, upper.source
+                        ),
+                    ));
+                }
             }
         }
     }

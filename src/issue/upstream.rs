@@ -580,15 +580,14 @@ fn tls_failure(error: &hyper_util::client::legacy::Error) -> Option<&rustls::Err
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        // io::Error's `source` skips the error it wraps: look inside.
-        if let Some(tls) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        current = e.source();
+        // io::Error's `source` skips the error it wraps (itself often an io::Error around
+        // rustls's): look inside instead.
+        current = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
 }
