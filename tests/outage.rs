@@ -301,6 +301,19 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     let mut devices = vec![bottom.new_device("up", "l3-up").await];
     assert!(issuer_cn(&devices[0].cert).contains("top layer issuing CA"));
     bottom.renew_all("up", &mut devices).await;
+    // A name the top refuses the middle's RA: relayed twice, with its status and one
+    // neutral reason, naming no RA.
+    let refused = enroll_at(bottom.addr, dir, "plc-07").await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(
+        refused.text().matches("refused by the layer above").count(),
+        1,
+        "{}",
+        refused.text()
+    );
+    for secret in ["layer2-ra", "layer3-ra", "ras"] {
+        assert!(!refused.text().contains(secret), "{}", refused.text());
+    }
 
     // 2. The top refuses connections: the middle signs with its own CA.
     top.stop().await;

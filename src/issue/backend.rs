@@ -394,3 +394,32 @@ fn sign_locally(
         issued_by: "local".to_owned(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstream_always_gets_less_than_the_client_gives() {
+        let started = Instant::now();
+        let mut headers = HeaderMap::new();
+        let device = Deadline::from_request(&headers, started, Duration::from_secs(30));
+        assert!(device.remaining() <= Duration::from_secs(30));
+        // A forwarding layer keeps a tenth; an auto layer a fifth (at least 0.5 s), so the
+        // one that can fall back decides first, whatever the depth.
+        let forward = device.upstream_budget(false);
+        assert!(forward < device.remaining() && forward > Duration::from_secs(26));
+        headers.insert(BUDGET_HEADER, forward.as_millis().to_string().parse().unwrap());
+        let middle = Deadline::from_request(&headers, Instant::now(), Duration::from_secs(30));
+        assert!(middle.remaining() <= forward);
+        let auto = middle.upstream_budget(true);
+        assert!(auto < middle.remaining() && auto > Duration::from_secs(20));
+        // Short budgets keep their reserve; nothing is left below it.
+        assert_eq!(Deadline::after(Duration::from_millis(400)).upstream_budget(true), Duration::ZERO);
+        // A budget is never taken beyond two minutes, and garbage is the default.
+        headers.insert(BUDGET_HEADER, "999999999".parse().unwrap());
+        assert!(Deadline::from_request(&headers, started, Duration::from_secs(30)).remaining() <= MAX_BUDGET);
+        headers.insert(BUDGET_HEADER, "soon".parse().unwrap());
+        assert!(Deadline::from_request(&headers, started, Duration::from_secs(3)).remaining() <= Duration::from_secs(3));
+    }
+}

@@ -834,3 +834,48 @@ impl CacertsCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PemSource;
+
+    fn config(url: &str) -> UpstreamConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = crate::pki::ca_params("anchor", None, time::Duration::days(1))
+            .self_signed(&key)
+            .unwrap();
+        serde_json::from_value(serde_json::json!({
+            "url": url,
+            "trust": [PemSource(ca.pem())],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_url_must_be_an_est_path() {
+        for good in [
+            "https://gw:8085/.well-known/est",
+            "https://gw:8085/.well-known/est/",
+            "https://gw/.well-known/est/plant",
+        ] {
+            let upstream = Upstream::new("parent", &config(good), Path::new(".")).unwrap();
+            assert!(upstream.host.starts_with("gw"));
+        }
+        for bad in [
+            "https://gw:8085/",
+            "https://gw:8085/est",
+            "https://gw:8085/.well-known/estx",
+            "https://gw:8085/.well-known/est/a/b",
+            "https://gw:8085/api/.well-known/est",
+        ] {
+            let error = Upstream::new("parent", &config(bad), Path::new("."))
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(
+                error.to_string().contains("upstreams.parent.url: the path must be /.well-known/est"),
+                "{bad}: {error}"
+            );
+        }
+    }
+}
