@@ -114,6 +114,22 @@ async fn wait_for_state(layer: &Layer, state: State) {
     }
 }
 
+/// `upstreams.parent` of the layer's reported properties (as the module reports them).
+fn reported_upstream(layer: &Layer, config: &Config) -> serde_json::Value {
+    let runtime = layer.app.runtime();
+    let document = edge_est::edge::reported::document(&edge_est::edge::reported::ReportInput {
+        status: "running",
+        config_version: None,
+        config_source: None,
+        rejection: None,
+        config: Some(config),
+        runtime: Some(&runtime),
+        counters: None,
+        pending_restart: &[],
+    });
+    document["upstreams"]["parent"].clone()
+}
+
 fn journal(layer: &Layer) -> Vec<JournalEntry> {
     Journal::read_all(layer.app.journal().path()).unwrap()
 }
@@ -294,8 +310,13 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     };
     // Reachability is not claimed before any contact; the middle learns the chain above at
     // once (its upstream serves an auto label).
-    assert_ne!(upstream_of(&bottom_layer).health.state(), State::Up);
+    let reported = reported_upstream(&bottom_layer, &bottom_config(middle_addr.port()));
+    assert_eq!(reported["state"], "unknown", "{reported}");
+    assert_eq!(reported["reachable"], false, "{reported}");
     wait_for_state(&middle, State::Up).await;
+    let reported = reported_upstream(&middle, &middle_config(top_addr.port()));
+    assert_eq!(reported["state"], "up", "{reported}");
+    assert_eq!(reported["reachable"], true, "{reported}");
 
     // 1. The top up: the top signs.
     let mut devices = vec![bottom.new_device("up", "l3-up").await];
@@ -450,7 +471,9 @@ async fn a_misconfigured_upstream_is_never_signed_for_locally() {
         ("wrong path", wrong_path, "EST path answers 404"),
         ("no credential", no_credential, "does not accept this layer's RA credentials"),
     ] {
-        let middle = Layer::start("middle", dir, &config, any_port()).await.unwrap();
+        let middle = Layer::start("middle", dir, &config, any_port())
+            .await
+            .unwrap();
         for _ in 0..2 {
             let answer = enroll_at(middle.addr, dir, "l3-misconfigured").await;
             assert_eq!(answer.status, 502, "{case}: {}", answer.text());
@@ -462,7 +485,9 @@ async fn a_misconfigured_upstream_is_never_signed_for_locally() {
             );
         }
         assert!(journal(&middle).is_empty(), "{case}: nothing signed locally");
-        assert_eq!(upstream_of(&middle).health.state(), State::Misconfigured, "{case}");
+        let reported = reported_upstream(&middle, &config);
+        assert_eq!(reported["state"], "misconfigured", "{case}: {reported}");
+        assert_eq!(reported["reachable"], false, "{case}: {reported}");
         let gauge = metrics_line(&middle, "upstream=\"parent\",state=\"misconfigured\"").unwrap();
         assert!(gauge.ends_with(" 1"), "{case}: {gauge}");
         middle.stop().await;
