@@ -25,6 +25,7 @@ use edge_est::issue::health::State;
 use edge_est::issue::Upstream;
 use edge_est::journal::{Journal, JournalEntry};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::CertificateDer;
 
 /// What IoT Edge gives one attempt.
 const ATTEMPT: Duration = Duration::from_secs(30);
@@ -580,4 +581,85 @@ async fn a_request_the_client_abandons_is_logged_and_counted() {
     }
     bottom.stop().await;
     hung.stop().await;
+}
+
+/// An upstream that answers every request with 200 and one certificate: not the one asked
+/// for (the top's CA certificate, whose key is another).
+async fn wrong_key_upstream(dir: &Path) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(dir.join("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let top_ca = CertificateDer::pem_file_iter(dir.join("top-ca.pem"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let pkcs7 = edge_est::est::pkcs7::encode_certs_only(&[top_ca.as_ref()]).unwrap();
+    let body = edge_est::est::body::encode_base64_lines(&pkcs7);
+    let listener = tokio::net::TcpListener::bind(any_port()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // One request per connection: its headers, then any body (small), then answer.
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/pkcs7-mime\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+                    body.len(),
+                    body
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn an_answer_for_another_key_is_a_bad_gateway_never_a_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    demo::write_pki(dir).unwrap();
+    let (stub, task) = wrong_key_upstream(dir).await;
+    let middle = Layer::start("middle", dir, &middle_config(stub.port()), any_port())
+        .await
+        .unwrap();
+    let answer = enroll_at(middle.addr, dir, "l3-wrong-key").await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert!(
+        answer.text().contains("not for the requested key"),
+        "{}",
+        answer.text()
+    );
+    assert!(journal(&middle).is_empty(), "nothing recorded, nothing signed here");
+    middle.stop().await;
+    task.abort();
 }
