@@ -319,9 +319,14 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     assert_eq!(reported["state"], "up", "{reported}");
     assert_eq!(reported["reachable"], true, "{reported}");
 
-    // 1. The top up: the top signs.
+    // 1. The top up: the top signs. Two devices keep their top-issued certificates until
+    // the middle has restarted during the outage.
     let mut devices = vec![bottom.new_device("up", "l3-up").await];
     assert!(issuer_cn(&devices[0].cert).contains("top layer issuing CA"));
+    let mut keepers = [
+        bottom.new_device("up", "l3-keeper-1").await,
+        bottom.new_device("up", "l3-keeper-2").await,
+    ];
     bottom.renew_all("up", &mut devices).await;
     // A name the top refuses the middle's RA: relayed twice, with its status and one
     // neutral reason, naming no RA.
@@ -393,6 +398,17 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     );
     devices.push(bottom.new_device("restarted", "l3-restarted").await);
     bottom.renew_all("restarted", &mut devices).await;
+    // Certificates the top issued before the outage still authenticate: at the restarted
+    // middle itself, and at the bottom (which learns the chain from the middle).
+    let at_middle = Bottom {
+        dir,
+        addr: middle_addr,
+    };
+    at_middle
+        .renew_all("restarted at the middle", &mut keepers[..1])
+        .await;
+    bottom.renew_all("restarted", &mut keepers[1..]).await;
+    devices.extend(keepers);
 
     // 5. The top back: the middle's probe finds it, the top signs again, and renewals of
     // certificates the middle issued during the outage go through it.
