@@ -688,8 +688,14 @@ mod tests {
             server_certificate_expiry: Some(99.0),
             upstream_states: vec![("parent".into(), "away")],
         });
-        assert!(text.contains("upstream=\"parent\",state=\"away\"} 1\n"), "{text}");
-        assert!(text.contains("upstream=\"parent\",state=\"up\"} 0\n"), "{text}");
+        assert!(
+            text.contains("upstream=\"parent\",state=\"away\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("upstream=\"parent\",state=\"up\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains(
             "edgeest_requests_total{iothub=\"hub.azure-devices.net\",edge_device=\"gw\\\"1\",instance_number=\"id\",label=\"(unlabeled)\",operation=\"simpleenroll\",status=\"200\"} 2"
         ), "{text}");

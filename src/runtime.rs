@@ -14,8 +14,8 @@ use rustls::ServerConfig;
 use crate::auth::{AuthMethods, TrustSet, UserDb};
 use crate::config::{Config, ConfigError, Limits, Mode, ServerKeygen};
 use crate::est::{self, Label};
-use crate::issue::profile::{self, ProfileClass};
 use crate::issue::fallback::Fallback;
+use crate::issue::profile::{self, ProfileClass};
 use crate::issue::{LocalIssuer, Profile, Upstream};
 use crate::policy::Policy;
 
@@ -193,27 +193,26 @@ impl Runtime {
             }
             let policy = Policy::new(&label.rules, &label.deny, &label.client_trust)
                 .map_err(|e| ConfigError::invalid(field("rules"), e))?;
-            let fallback = match (label.mode, &label.fallback) {
-                (Mode::Auto, Some(allowance)) => Some(
-                    Fallback::new(allowance)
-                        .map_err(|e| ConfigError::invalid(field("fallback"), e))?,
-                ),
-                (Mode::Auto, None) => {
-                    return Err(ConfigError::invalid(
+            let fallback =
+                match (label.mode, &label.fallback) {
+                    (Mode::Auto, Some(allowance)) => Some(
+                        Fallback::new(allowance)
+                            .map_err(|e| ConfigError::invalid(field("fallback"), e))?,
+                    ),
+                    (Mode::Auto, None) => return Err(ConfigError::invalid(
                         field("fallback"),
                         "an auto label signs locally only within a fallback allowance: the names \
                          the layer above allows this layer's RA (copy its RA rule's common_names, \
                          ca_common_names, ...)",
-                    ))
-                }
-                (_, Some(_)) => {
-                    return Err(ConfigError::invalid(
-                        field("fallback"),
-                        "only an auto label signs in its upstream's stead",
-                    ))
-                }
-                (_, None) => None,
-            };
+                    )),
+                    (_, Some(_)) => {
+                        return Err(ConfigError::invalid(
+                            field("fallback"),
+                            "only an auto label signs in its upstream's stead",
+                        ))
+                    }
+                    (_, None) => None,
+                };
 
             let cacerts_body = match &local {
                 Some(issuer) => {

@@ -11,7 +11,9 @@ use edge_est::auth::{Identity, TrustSet};
 use edge_est::config::Config;
 use edge_est::est::name::AttributeType;
 use edge_est::est::{Csr, Subject};
-use edge_est::issue::fallback::{across_layers, ra_rules, within_upper_allowance, Fallback, LayerConfig};
+use edge_est::issue::fallback::{
+    across_layers, ra_rules, within_upper_allowance, Fallback, LayerConfig,
+};
 use edge_est::manifest::{check, check_file, CheckOptions};
 use edge_est::policy::{Grant, Policy};
 use rcgen::{
@@ -53,11 +55,8 @@ fn middle_ra_identity(module: &str) -> Identity {
     let root = root_params.self_signed(&root_key).unwrap();
     let root_issuer = Issuer::new(root_params, root_key);
     let edge_key = KeyPair::generate().unwrap();
-    let mut edge_params = edge_est::pki::ca_params(
-        "aziot-edge CA gw-middle",
-        Some(0),
-        time::Duration::days(30),
-    );
+    let mut edge_params =
+        edge_est::pki::ca_params("aziot-edge CA gw-middle", Some(0), time::Duration::days(30));
     edge_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     let edge = edge_params.signed_by(&edge_key, &root_issuer).unwrap();
     let edge_issuer = Issuer::new(edge_params, edge_key);
@@ -100,8 +99,8 @@ fn csr(cn: &str, ca: bool) -> Csr {
 fn a_name_the_top_refuses_the_middles_ra_the_middles_fallback_refuses_too() {
     let (_, top) = config_of(&load(TOP));
     let top_label = &top.labels[0];
-    let top_policy = Policy::new(&top_label.rules, &top_label.deny, &top_label.client_trust)
-        .unwrap();
+    let top_policy =
+        Policy::new(&top_label.rules, &top_label.deny, &top_label.client_trust).unwrap();
     for middle_file in MIDDLES {
         let (module, middle) = config_of(&load(middle_file));
         let label = &middle.labels[0];
@@ -171,7 +170,9 @@ fn check_manifest_refuses_a_fallback_wider_than_the_tops_ra_rule() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert_eq!(problems[0].0, "middle");
     assert!(
-        problems[0].1.contains("fallback.common_names: \"*\" is wider"),
+        problems[0]
+            .1
+            .contains("fallback.common_names: \"*\" is wider"),
         "{problems:?}"
     );
 
@@ -187,7 +188,11 @@ fn check_manifest_refuses_a_fallback_wider_than_the_tops_ra_rule() {
         .args(&shipped)
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let refused = Command::new(bin)
         .arg("check-manifest")
         .arg(deployment(TOP))
@@ -196,7 +201,10 @@ fn check_manifest_refuses_a_fallback_wider_than_the_tops_ra_rule() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(stderr.contains("is wider than what the upper layer allows this RA"), "{stderr}");
+    assert!(
+        stderr.contains("is wider than what the upper layer allows this RA"),
+        "{stderr}"
+    );
     // Alone, the widened manifest is not refused for it: the top's rule is not known.
     let alone = check_file(&widened, &CheckOptions::default());
     assert!(alone.is_ok(), "{:#?}", alone.errors);

@@ -198,7 +198,9 @@ async fn the_upper_layer_bounds_what_a_lower_layer_may_request() {
     let refused = enroll(&child, &password, &csr("office-1", &key)).await;
     assert_eq!(refused.status, 403, "{}", refused.text());
     assert!(
-        refused.text().contains("refused by the layer above (403 Forbidden)"),
+        refused
+            .text()
+            .contains("refused by the layer above (403 Forbidden)"),
         "{}",
         refused.text()
     );
@@ -303,7 +305,9 @@ async fn upstream_away_then_back() {
         })
         .collect();
     assert!(
-        subjects.iter().any(|s| s.contains("lower layer issuing CA"))
+        subjects
+            .iter()
+            .any(|s| s.contains("lower layer issuing CA"))
             && subjects.iter().any(|s| s.contains("top layer issuing CA")),
         "{subjects:?}"
     );
@@ -335,7 +339,10 @@ async fn upstream_away_then_back() {
         .unwrap();
     let waited = Instant::now();
     while upstream.health.state() != edge_est::issue::health::State::Up {
-        assert!(waited.elapsed() < Duration::from_secs(10), "never probed back");
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "never probed back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let back = enroll(&child, &password, &csr("after", &key)).await;

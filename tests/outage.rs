@@ -302,9 +302,14 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
         .await
         .unwrap();
     let middle_addr = middle.addr;
-    let bottom_layer = Layer::start("bottom", dir, &bottom_config(middle_addr.port()), any_port())
-        .await
-        .unwrap();
+    let bottom_layer = Layer::start(
+        "bottom",
+        dir,
+        &bottom_config(middle_addr.port()),
+        any_port(),
+    )
+    .await
+    .unwrap();
     let bottom = Bottom {
         dir,
         addr: bottom_layer.addr,
@@ -350,7 +355,9 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     bottom.renew_all("refused", &mut devices).await;
 
     // Back briefly, so the middle sees the top up when it hangs.
-    let top = Layer::start("top", dir, &top_config(), top_addr).await.unwrap();
+    let top = Layer::start("top", dir, &top_config(), top_addr)
+        .await
+        .unwrap();
     wait_for_state(&middle, State::Up).await;
     top.stop().await;
 
@@ -393,7 +400,9 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
         .collect();
     assert!(
         subjects.iter().any(|s| s.contains("top layer issuing CA"))
-            && subjects.iter().any(|s| s.contains("lower layer issuing CA")),
+            && subjects
+                .iter()
+                .any(|s| s.contains("lower layer issuing CA")),
         "{subjects:?}"
     );
     devices.push(bottom.new_device("restarted", "l3-restarted").await);
@@ -413,7 +422,9 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     // 5. The top back: the middle's probe finds it, the top signs again, and renewals of
     // certificates the middle issued during the outage go through it.
     hung.stop().await;
-    let top = Layer::start("top", dir, &top_config(), top_addr).await.unwrap();
+    let top = Layer::start("top", dir, &top_config(), top_addr)
+        .await
+        .unwrap();
     wait_for_state(&middle, State::Up).await;
     devices.push(bottom.new_device("back", "l3-back").await);
     assert!(issuer_cn(&devices.last().unwrap().cert).contains("top layer issuing CA"));
@@ -432,7 +443,10 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
         .iter()
         .filter(|e| e.issued_by == "local")
         .count();
-    assert!(local >= 10, "{local} signed by the middle during the outage");
+    assert!(
+        local >= 10,
+        "{local} signed by the middle during the outage"
+    );
     for layer in [bottom_layer, middle, top] {
         layer.stop().await;
     }
@@ -484,9 +498,17 @@ async fn a_misconfigured_upstream_is_never_signed_for_locally() {
     parent.certificate = None;
     parent.key = None;
     for (case, config, says) in [
-        ("wrong anchor", wrong_anchor, "TLS certificate is not trusted here"),
+        (
+            "wrong anchor",
+            wrong_anchor,
+            "TLS certificate is not trusted here",
+        ),
         ("wrong path", wrong_path, "EST path answers 404"),
-        ("no credential", no_credential, "does not accept this layer's RA credentials"),
+        (
+            "no credential",
+            no_credential,
+            "does not accept this layer's RA credentials",
+        ),
     ] {
         let middle = Layer::start("middle", dir, &config, any_port())
             .await
@@ -501,7 +523,10 @@ async fn a_misconfigured_upstream_is_never_signed_for_locally() {
                 answer.text()
             );
         }
-        assert!(journal(&middle).is_empty(), "{case}: nothing signed locally");
+        assert!(
+            journal(&middle).is_empty(),
+            "{case}: nothing signed locally"
+        );
         let reported = reported_upstream(&middle, &config);
         assert_eq!(reported["state"], "misconfigured", "{case}: {reported}");
         assert_eq!(reported["reachable"], false, "{case}: {reported}");
@@ -605,11 +630,10 @@ async fn wrong_key_upstream(dir: &Path) -> (SocketAddr, tokio::task::JoinHandle<
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::PrivateKeyDer;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(dir.join("server.pem"))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -675,7 +699,10 @@ async fn an_answer_for_another_key_is_a_bad_gateway_never_a_fallback() {
         "{}",
         answer.text()
     );
-    assert!(journal(&middle).is_empty(), "nothing recorded, nothing signed here");
+    assert!(
+        journal(&middle).is_empty(),
+        "nothing recorded, nothing signed here"
+    );
     middle.stop().await;
     task.abort();
 }

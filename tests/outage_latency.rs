@@ -86,7 +86,8 @@ enum Shape {
 enum Held {
     None,
     Tokio(tokio::task::JoinHandle<()>),
-    Sockets(Vec<socket2::Socket>),
+    /// Kept open until dropped.
+    Sockets(#[allow(dead_code)] Vec<socket2::Socket>),
 }
 
 async fn make(shape: &Shape, addr: SocketAddr) -> Held {
@@ -140,9 +141,14 @@ async fn measure(name: &str, shape: Shape) {
     let middle = Layer::start("middle", dir, &middle_config(top_addr.port()), any_port())
         .await
         .unwrap();
-    let bottom = Layer::start("bottom", dir, &bottom_config(middle.addr.port()), any_port())
-        .await
-        .unwrap();
+    let bottom = Layer::start(
+        "bottom",
+        dir,
+        &bottom_config(middle.addr.port()),
+        any_port(),
+    )
+    .await
+    .unwrap();
     let root = std::fs::read_to_string(dir.join("root.pem")).unwrap();
     let client = EstClient::new(bottom.addr, &root, None);
     // Warm: the chain above cached everywhere, connections pooled.

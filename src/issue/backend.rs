@@ -361,7 +361,10 @@ fn no_ca() -> RequestError {
 }
 
 /// Local signing in an `auto` label's fallback: never beyond its `fallback` allowance.
-fn fall_back(label_rt: &LabelRuntime, request: &IssueRequest<'_>) -> Result<Issuance, RequestError> {
+fn fall_back(
+    label_rt: &LabelRuntime,
+    request: &IssueRequest<'_>,
+) -> Result<Issuance, RequestError> {
     let bound: &Fallback = label_rt.fallback.as_ref().ok_or_else(|| {
         IssueError::Sign("an auto label without a fallback allowance never signs locally".into())
     })?;
@@ -409,17 +412,29 @@ mod tests {
         // one that can fall back decides first, whatever the depth.
         let forward = device.upstream_budget(false);
         assert!(forward < device.remaining() && forward > Duration::from_secs(26));
-        headers.insert(BUDGET_HEADER, forward.as_millis().to_string().parse().unwrap());
+        headers.insert(
+            BUDGET_HEADER,
+            forward.as_millis().to_string().parse().unwrap(),
+        );
         let middle = Deadline::from_request(&headers, Instant::now(), Duration::from_secs(30));
         assert!(middle.remaining() <= forward);
         let auto = middle.upstream_budget(true);
         assert!(auto < middle.remaining() && auto > Duration::from_secs(20));
         // Short budgets keep their reserve; nothing is left below it.
-        assert_eq!(Deadline::after(Duration::from_millis(400)).upstream_budget(true), Duration::ZERO);
+        assert_eq!(
+            Deadline::after(Duration::from_millis(400)).upstream_budget(true),
+            Duration::ZERO
+        );
         // A budget is never taken beyond two minutes, and garbage is the default.
         headers.insert(BUDGET_HEADER, "999999999".parse().unwrap());
-        assert!(Deadline::from_request(&headers, started, Duration::from_secs(30)).remaining() <= MAX_BUDGET);
+        assert!(
+            Deadline::from_request(&headers, started, Duration::from_secs(30)).remaining()
+                <= MAX_BUDGET
+        );
         headers.insert(BUDGET_HEADER, "soon".parse().unwrap());
-        assert!(Deadline::from_request(&headers, started, Duration::from_secs(3)).remaining() <= Duration::from_secs(3));
+        assert!(
+            Deadline::from_request(&headers, started, Duration::from_secs(3)).remaining()
+                <= Duration::from_secs(3)
+        );
     }
 }

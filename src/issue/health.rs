@@ -163,7 +163,12 @@ impl Health {
                     "the layer above is away: auto labels sign locally and forward labels answer 503 at once, until a background probe reaches it"
                 ),
                 State::Up if previous != State::Unknown => {
-                    tracing::info!(upstream, host, was = previous.as_str(), "the layer above answers again")
+                    tracing::info!(
+                        upstream,
+                        host,
+                        was = previous.as_str(),
+                        "the layer above answers again"
+                    )
                 }
                 _ => tracing::debug!(upstream, host, "the layer above answers"),
             }
@@ -177,7 +182,10 @@ impl Health {
     /// it is for the same configuration and nothing was learned yet in this one. A kept `up`
     /// is not taken: reachability is only claimed after contact.
     pub(crate) fn keep_in(&self, dir: &Path, name: &str) {
-        let path = dir.join(format!("upstream-{}.health.json", super::store::file_key(name)));
+        let path = dir.join(format!(
+            "upstream-{}.health.json",
+            super::store::file_key(name)
+        ));
         if self.store.set(path.clone()).is_err() {
             return;
         }

@@ -10,7 +10,7 @@ pub mod profile;
 mod store;
 pub mod upstream;
 
-pub use backend::{Backend, Deadline, IssueRequest, Issuance};
+pub use backend::{Backend, Deadline, Issuance, IssueRequest};
 pub use local::LocalIssuer;
 pub use profile::Profile;
 pub use upstream::{CacertsCache, Upstream, UpstreamError};

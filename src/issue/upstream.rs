@@ -432,12 +432,10 @@ impl Upstream {
                     Ok(response) => return self.read_answer(response).await,
                     // Nothing was sent when the connection could not be made: retrying is safe
                     // even for an enrollment.
-                    Err(e) if e.is_connect() && tls_failure(&e).is_none() => {
-                        match retries.next() {
-                            Some(pause) => tokio::time::sleep(*pause).await,
-                            None => return Err(self.unreachable(&e)),
-                        }
-                    }
+                    Err(e) if e.is_connect() && tls_failure(&e).is_none() => match retries.next() {
+                        Some(pause) => tokio::time::sleep(*pause).await,
+                        None => return Err(self.unreachable(&e)),
+                    },
                     Err(e) => return Err(self.unreachable(&e)),
                 }
             }
@@ -621,7 +619,10 @@ pub struct CachedChain {
 }
 
 impl CachedChain {
-    fn new(chain: Vec<CertificateDer<'static>>, fetched: u64) -> Result<CachedChain, UpstreamError> {
+    fn new(
+        chain: Vec<CertificateDer<'static>>,
+        fetched: u64,
+    ) -> Result<CachedChain, UpstreamError> {
         let ders: Vec<&[u8]> = chain.iter().map(|c| c.as_ref()).collect();
         let pkcs7 = est::pkcs7::encode_certs_only(&ders)
             .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
@@ -804,9 +805,7 @@ impl CacertsCache {
         match fetched.and_then(|chain| CachedChain::new(chain, now_unix())) {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
-                let changed = self
-                    .lookup(&key)
-                    .is_none_or(|old| old.chain != fresh.chain);
+                let changed = self.lookup(&key).is_none_or(|old| old.chain != fresh.chain);
                 if let Ok(mut entries) = self.entries.lock() {
                     entries.chains.put(key.clone(), fresh.clone());
                 }
@@ -873,7 +872,9 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(
-                error.to_string().contains("upstreams.parent.url: the path must be /.well-known/est"),
+                error
+                    .to_string()
+                    .contains("upstreams.parent.url: the path must be /.well-known/est"),
                 "{bad}: {error}"
             );
         }
