@@ -66,7 +66,10 @@ pub enum UpstreamError {
     Refused { status: StatusCode, text: String },
     #[error("the layer above accepted the request for later processing; ask again later")]
     Pending { retry_after: Option<HeaderValue> },
-    #[error("the layer above ({host}) is unavailable ({status})")]
+    /// Busy (429) or itself cut off (503): its own text is passed on as it is (an edge-est
+    /// layer's says how long to wait or which layer is away, and names no credential);
+    /// other statuses keep only the status.
+    #[error("{}", unavailable_text(host, *status, text))]
     Unavailable {
         host: String,
         status: StatusCode,
@@ -75,6 +78,14 @@ pub enum UpstreamError {
     },
     #[error("the answer of the layer above is malformed: {0}")]
     Malformed(String),
+}
+
+fn unavailable_text(host: &str, status: StatusCode, text: &str) -> String {
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        text.to_owned()
+    } else {
+        format!("the layer above ({host}) is unavailable ({status})")
+    }
 }
 
 impl UpstreamError {
