@@ -299,6 +299,7 @@ fn child_client(
         cacerts_ttl_secs: 0,
         cacerts_stale_secs: 0,
         retry_after_secs: 1,
+        probe_max_secs: 5,
     };
     Upstream::new("bottom layer", &config, dir).map_err(err)
 }

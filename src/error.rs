@@ -10,6 +10,7 @@ use hyper::Response;
 
 use crate::auth::AuthError;
 use crate::est::{media, ProtocolError};
+use crate::issue::fallback::OutsideFallback;
 use crate::issue::{IssueError, UpstreamError};
 use crate::journal::JournalError;
 use crate::policy::Refusal;
@@ -40,6 +41,9 @@ pub enum RequestError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// An `auto` label with its upstream away, asked for more than its fallback allowance.
+    #[error(transparent)]
+    OutsideFallback(#[from] OutsideFallback),
     #[error("the certificate could not be issued: {0}")]
     Issue(#[from] IssueError),
     #[error("the certificate could not be recorded, so it is not issued: {0}")]
@@ -69,7 +73,7 @@ impl RequestError {
             | RequestError::ForwardedCertificate(_) => StatusCode::BAD_REQUEST,
             RequestError::Auth(_) => StatusCode::UNAUTHORIZED,
             RequestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            RequestError::Refused(_) => StatusCode::FORBIDDEN,
+            RequestError::Refused(_) | RequestError::OutsideFallback(_) => StatusCode::FORBIDDEN,
             RequestError::Issue(_) | RequestError::Journal(_) | RequestError::KeyGeneration(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -86,9 +90,9 @@ impl RequestError {
                 {
                     *status
                 }
-                UpstreamError::Unavailable { .. } | UpstreamError::Malformed(_) => {
-                    StatusCode::BAD_GATEWAY
-                }
+                UpstreamError::Unavailable { .. }
+                | UpstreamError::Malformed(_)
+                | UpstreamError::Misconfigured { .. } => StatusCode::BAD_GATEWAY,
             },
         }
     }

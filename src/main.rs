@@ -141,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             let mut failed = 0;
+            let mut reports = Vec::new();
             for file in &files {
                 let report = check_file(file, &options);
                 for error in &report.errors {
@@ -159,6 +160,29 @@ fn main() -> anyhow::Result<()> {
                 if !report.is_ok() {
                     failed += 1;
                 }
+                reports.push((file.display().to_string(), report));
+            }
+            // Given the manifests of several layers: each auto label's fallback allowance
+            // within the RA rule the layer above has for it.
+            let layers: Vec<edge_est::issue::fallback::LayerConfig> = reports
+                .iter()
+                .flat_map(|(file, report)| {
+                    report.edge_est.iter().filter_map(move |m| {
+                        Some(edge_est::issue::fallback::LayerConfig {
+                            source: file,
+                            ra_cn: &m.name,
+                            config: m.config.as_ref()?,
+                            nested: report.parent.is_some(),
+                        })
+                    })
+                })
+                .collect();
+            let across = edge_est::issue::fallback::across_layers(&layers);
+            for (file, problem) in &across {
+                eprintln!("{file}: {problem}");
+            }
+            if !across.is_empty() {
+                failed += 1;
             }
             if failed > 0 {
                 eprintln!("{failed} of {} manifest(s) have errors", files.len());

@@ -102,6 +102,8 @@ pub struct Snapshot {
     pub issuer_expiry: Vec<(String, f64)>,
     /// Seconds until the TLS server certificate expires.
     pub server_certificate_expiry: Option<f64>,
+    /// Each upstream's health (`unknown`, `up`, `away`, `misconfigured`), by upstream.
+    pub upstream_states: Vec<(String, &'static str)>,
 }
 
 /// Totals of [`Metrics::outcomes`].
@@ -254,6 +256,7 @@ impl Metrics {
                 UpstreamError::Pending { .. } => "pending",
                 UpstreamError::Unavailable { .. } => "unavailable",
                 UpstreamError::Malformed(_) => "malformed",
+                UpstreamError::Misconfigured { .. } => "misconfigured",
             };
             if let Ok(mut map) = self.upstream_failures.lock() {
                 *map.entry((upstream.to_owned(), reason.to_owned()))
@@ -506,6 +509,24 @@ impl Metrics {
 
         head(
             &mut out,
+            "edgeest_upstream_state",
+            "gauge",
+            "Health of each upstream as this layer sees it: 1 for its current state (unknown, up, away, misconfigured), 0 for the others.",
+        );
+        for (upstream, current) in &snapshot.upstream_states {
+            for state in crate::issue::health::State::ALL {
+                let _ = writeln!(
+                    out,
+                    "edgeest_upstream_state{{{c},upstream=\"{}\",state=\"{}\"}} {}",
+                    escape(upstream),
+                    state.as_str(),
+                    u8::from(state.as_str() == *current)
+                );
+            }
+        }
+
+        head(
+            &mut out,
             "edgeest_server_certificate_expiry_seconds",
             "gauge",
             "Seconds until the TLS server certificate expires.",
@@ -665,7 +686,16 @@ mod tests {
         let text = m.render(&Snapshot {
             issuer_expiry: vec![("(unlabeled)".into(), 1234.5)],
             server_certificate_expiry: Some(99.0),
+            upstream_states: vec![("parent".into(), "away")],
         });
+        assert!(
+            text.contains("upstream=\"parent\",state=\"away\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("upstream=\"parent\",state=\"up\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains(
             "edgeest_requests_total{iothub=\"hub.azure-devices.net\",edge_device=\"gw\\\"1\",instance_number=\"id\",label=\"(unlabeled)\",operation=\"simpleenroll\",status=\"200\"} 2"
         ), "{text}");

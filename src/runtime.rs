@@ -15,6 +15,7 @@ use crate::auth::chain::CaKey;
 use crate::auth::{AuthMethods, TrustSet, UserDb};
 use crate::config::{Config, ConfigError, Limits, Mode, ServerKeygen};
 use crate::est::{self, Label};
+use crate::issue::fallback::Fallback;
 use crate::issue::profile::{self, ProfileClass};
 use crate::issue::{LocalIssuer, Profile, Upstream};
 use crate::policy::Policy;
@@ -61,6 +62,8 @@ pub struct LabelRuntime {
     /// The `/csrattrs` answer, encoded once; `None` answers 204.
     pub csrattrs_body: Option<Bytes>,
     pub serverkeygen: ServerKeygen,
+    /// Mode `auto`: what may be signed locally while the upstream is away.
+    pub fallback: Option<Fallback>,
 }
 
 impl LabelRuntime {
@@ -138,7 +141,7 @@ impl Runtime {
 
         let mut upstreams: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
-            upstreams.insert(name.clone(), Arc::new(Upstream::new(name, upstream, base)?));
+            upstreams.insert(name.clone(), Upstream::new(name, upstream, base)?.shared());
         }
 
         let mut profile_configs = profile::builtin();
@@ -208,6 +211,26 @@ impl Runtime {
                         .map(|l| crate::config::issuer_label_key(l)),
                 )
                 .collect();
+            let fallback =
+                match (label.mode, &label.fallback) {
+                    (Mode::Auto, Some(allowance)) => Some(
+                        Fallback::new(allowance)
+                            .map_err(|e| ConfigError::invalid(field("fallback"), e))?,
+                    ),
+                    (Mode::Auto, None) => return Err(ConfigError::invalid(
+                        field("fallback"),
+                        "an auto label signs locally only within a fallback allowance: the names \
+                         the layer above allows this layer's RA (copy its RA rule's common_names, \
+                         ca_common_names, ...)",
+                    )),
+                    (_, Some(_)) => {
+                        return Err(ConfigError::invalid(
+                            field("fallback"),
+                            "only an auto label signs in its upstream's stead",
+                        ))
+                    }
+                    (_, None) => None,
+                };
 
             let cacerts_body = match &local {
                 Some(issuer) => {
@@ -259,6 +282,7 @@ impl Runtime {
                     cacerts_body,
                     csrattrs_body,
                     serverkeygen: label.serverkeygen,
+                    fallback,
                 }),
             );
         }

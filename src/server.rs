@@ -2,6 +2,7 @@
 //! issue → journal → answer. Errors of every step go through `error::RequestError`.
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,11 +24,10 @@ use crate::auth::{
 use crate::config::{Mode, ServerKeygen};
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
-use crate::issue::{CacertsCache, IssueError, Profile, UpstreamError};
+use crate::issue::{Backend, Deadline, IssueError, IssueRequest};
 use crate::journal::{Journal, JournalEntry};
 use crate::limits::{Rate, RateLimiter};
 use crate::metrics::{LimitScope, Metrics, RefusedBecause, Snapshot};
-use crate::policy::Grant;
 use crate::runtime::{LabelRuntime, Runtime};
 use crate::transport::{Connection, ConnectionLimits, Service};
 
@@ -42,8 +42,9 @@ const DRAIN_CAP: usize = 1024 * 1024;
 pub struct App {
     runtime: ArcSwap<Runtime>,
     journal: Journal,
-    /// Upstream CA chains, kept across reconfigurations.
-    cacerts: CacertsCache,
+    /// Who issues (local, upstream, auto) and the upstreams' chains and health, kept across
+    /// reconfigurations.
+    backend: Backend,
     /// Counters, gauges and histograms (Prometheus), kept across reconfigurations.
     metrics: Arc<Metrics>,
     /// Token buckets per client address and per identity, kept across reconfigurations (the
@@ -65,11 +66,15 @@ impl App {
                 IssuanceIndex::new()
             }
         };
+        // Upstream state is kept next to the journal.
+        let state_dir = journal.path().parent().map(Path::to_path_buf);
+        let backend = Backend::new(metrics.clone(), state_dir);
+        backend.attach(&runtime, None);
         App {
             issuance,
             runtime: ArcSwap::from_pointee(runtime),
             journal,
-            cacerts: CacertsCache::with_metrics(metrics.clone()),
+            backend,
             metrics,
             address_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
             identity_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
@@ -78,6 +83,8 @@ impl App {
 
     /// Replaces the running configuration; requests in flight keep the old one.
     pub fn swap(&self, runtime: Runtime) {
+        let old = self.runtime.load_full();
+        self.backend.attach(&runtime, Some(&old));
         self.runtime.store(Arc::new(runtime));
     }
 
@@ -126,7 +133,7 @@ impl App {
                 let not_after = match (&l.local, &l.upstream) {
                     (Some(local), _) => Some(local.not_after()),
                     (None, Some(upstream)) => self
-                        .cacerts
+                        .backend
                         .peek(upstream, l.upstream_label.as_deref())
                         .and_then(|c| {
                             x509_parser::parse_x509_certificate(c.chain.first()?)
@@ -139,9 +146,17 @@ impl App {
             })
             .collect();
         issuer_expiry.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut upstream_states: Vec<(String, &'static str)> = runtime
+            .labels()
+            .filter_map(|l| l.upstream.as_ref())
+            .map(|u| (u.name.clone(), u.health.state().as_str()))
+            .collect();
+        upstream_states.sort();
+        upstream_states.dedup();
         self.metrics.render(&Snapshot {
             issuer_expiry,
             server_certificate_expiry: runtime.tls_not_after.map(seconds_left),
+            upstream_states,
         })
     }
 
@@ -225,22 +240,37 @@ impl Service for App {
         request: Request<Incoming>,
         connection: Arc<Connection>,
     ) -> Response<Full<Bytes>> {
-        let started = Instant::now();
         let runtime = self.runtime.load_full();
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        let mut trace = Trace::default();
+        // Logs the request when it ends, also if the client goes away first and the answer
+        // is never finished (the future is dropped).
+        let mut log = RequestLog {
+            app: self,
+            started: Instant::now(),
+            remote: connection.remote,
+            via: if connection.forwarded.is_some() {
+                "api-proxy"
+            } else {
+                "tls"
+            },
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+            trace: Trace::default(),
+            done: false,
+        };
+        let deadline = Deadline::from_request(
+            request.headers(),
+            log.started,
+            Duration::from_secs(runtime.limits.client_timeout_secs),
+        );
         let result = self
-            .dispatch(&runtime, request, &connection, &mut trace)
+            .dispatch(&runtime, request, &connection, deadline, &mut log.trace)
             .await;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        log.done = true;
+        let elapsed_ms = log.started.elapsed().as_secs_f64() * 1000.0;
+        let (remote, via, method, path) = (log.remote, log.via, &log.method, &log.path);
+        let trace = &log.trace;
         let label = trace.label.as_deref().unwrap_or("-");
         let identity = trace.identity.as_deref().unwrap_or("-");
-        let via = if connection.forwarded.is_some() {
-            "api-proxy"
-        } else {
-            "tls"
-        };
         let status = match &result {
             Ok(response) => response.status(),
             Err(error) => error.status(),
@@ -250,8 +280,9 @@ impl Service for App {
         match result {
             Ok(response) => {
                 tracing::info!(
-                    remote = %connection.remote, via, %method, %path, status = response.status().as_u16(),
+                    %remote, via, %method, %path, status = response.status().as_u16(),
                     label, identity, serial = trace.serial.as_deref().unwrap_or("-"),
+                    issued_by = trace.issued_by.as_deref().unwrap_or("-"),
                     elapsed_ms, "request served"
                 );
                 response
@@ -260,13 +291,49 @@ impl Service for App {
                 let status = error.status();
                 let text = error.to_string();
                 if status.is_server_error() {
-                    tracing::error!(remote = %connection.remote, via, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request failed");
+                    tracing::error!(%remote, via, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request failed");
                 } else {
-                    tracing::info!(remote = %connection.remote, via, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request refused");
+                    tracing::info!(%remote, via, %method, %path, status = status.as_u16(), label, identity, elapsed_ms, reason = %text, "request refused");
                 }
                 error.into_response(trace.basic_realm.then_some(REALM))
             }
         }
+    }
+}
+
+/// The status counted for a request whose client went away before its answer (nginx's).
+pub const ABANDONED: u16 = 499;
+
+/// One log line per request, written by [`App::call`] when the answer is ready, or here
+/// when the request is dropped before that (its client closed the connection, or the
+/// connection was cut off).
+struct RequestLog<'a> {
+    app: &'a App,
+    started: Instant,
+    remote: std::net::SocketAddr,
+    via: &'static str,
+    method: http::Method,
+    path: String,
+    trace: Trace,
+    done: bool,
+}
+
+impl Drop for RequestLog<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let label = self.trace.label.as_deref().unwrap_or("-");
+        let identity = self.trace.identity.as_deref().unwrap_or("-");
+        self.app
+            .metrics
+            .request(label, self.trace.operation.unwrap_or("-"), ABANDONED);
+        tracing::info!(
+            remote = %self.remote, via = self.via, method = %self.method, path = %self.path,
+            status = ABANDONED, label, identity,
+            elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "request abandoned: the client went away before the answer"
+        );
     }
 }
 
@@ -308,6 +375,8 @@ struct Trace {
     operation: Option<&'static str>,
     identity: Option<String>,
     serial: Option<String>,
+    /// `local` or `upstream NAME`.
+    issued_by: Option<String>,
     basic_realm: bool,
 }
 
@@ -317,6 +386,7 @@ impl App {
         runtime: &Runtime,
         request: Request<Incoming>,
         connection: &Connection,
+        deadline: Deadline,
         trace: &mut Trace,
     ) -> Result<Response<Full<Bytes>>, RequestError> {
         let routed = est::route::route(request.uri().path());
@@ -358,17 +428,17 @@ impl App {
         match operation {
             Operation::CaCerts => {
                 if !label_rt.anonymous_cacerts {
-                    self.authenticate(runtime, label_rt, &request, connection, trace)
+                    self.authenticate(runtime, label_rt, &request, connection, deadline, trace)
                         .await?;
                 }
                 Ok(est_answer(
                     media::PKCS7_MIME,
-                    self.cacerts_body(label_rt).await?,
+                    self.backend.cacerts_body(label_rt, deadline).await?,
                 ))
             }
             Operation::CsrAttrs => {
                 if !label_rt.anonymous_cacerts {
-                    self.authenticate(runtime, label_rt, &request, connection, trace)
+                    self.authenticate(runtime, label_rt, &request, connection, deadline, trace)
                         .await?;
                 }
                 Ok(match &label_rt.csrattrs_body {
@@ -381,8 +451,10 @@ impl App {
                 })
             }
             Operation::SimpleEnroll | Operation::SimpleReenroll | Operation::ServerKeygen => {
-                self.enroll(runtime, label_rt, operation, request, connection, trace)
-                    .await
+                self.enroll(
+                    runtime, label_rt, operation, request, connection, deadline, trace,
+                )
+                .await
             }
         }
     }
@@ -393,29 +465,20 @@ impl App {
         label_rt: &Arc<LabelRuntime>,
         request: &Request<Incoming>,
         connection: &Connection,
+        deadline: Deadline,
         trace: &mut Trace,
     ) -> Result<Identity, RequestError> {
         let authorization = request
             .headers()
             .get(AUTHORIZATION)
             .map(HeaderValue::as_bytes);
-        // On a forwarding label, "issuer" is the upstream's issuing CA: its chain comes from
-        // the cached upstream cacerts, and only matters when a certificate was presented.
-        let upstream_chain = match (&label_rt.upstream, connection.peer_chain.is_some()) {
-            (Some(upstream), true) if label_rt.trust_upstream_issuer => {
-                match self
-                    .cacerts
-                    .get(upstream, label_rt.upstream_label.as_deref())
-                    .await
-                {
-                    Ok(chain) => Some(chain),
-                    Err(e) => {
-                        tracing::warn!(upstream = %upstream.name, cause = %e, "upstream CA unknown: its certificates cannot authenticate");
-                        None
-                    }
-                }
-            }
-            _ => None,
+        // On a label that forwards, "issuer" also means the CAs that may sign for this
+        // subtree above (see `issue::path`): from the upstream's chain, which only matters
+        // when a certificate was presented.
+        let upstream_chain = if connection.peer_chain.is_some() {
+            self.backend.path_issuers(label_rt, deadline).await
+        } else {
+            None
         };
         let (trust, intermediates) = match &upstream_chain {
             Some(chain) => {
@@ -435,14 +498,16 @@ impl App {
         };
         let upstream_issuer = upstream_chain.as_ref().map(|c| &c.issuer_trust);
         // The hierarchy around this label: the issuing CAs whose CA certificates go to
-        // devices (ours, and the upstream's first), and `issuer` = this label's issuance.
-        let issuing_cas: std::borrow::Cow<'_, [CaKey]> = match upstream_chain
-            .as_ref()
-            .and_then(|c| c.chain.first().and_then(CaKey::of))
-        {
-            Some(upstream_ca) => {
+        // devices (ours, and every CA that may sign for this subtree above: `issue::path`),
+        // and `issuer` = this label's issuance.
+        let issuing_cas: std::borrow::Cow<'_, [CaKey]> = match &upstream_chain {
+            Some(chain) => {
                 let mut all = runtime.issuing_cas.clone();
-                all.push(upstream_ca);
+                all.extend(
+                    crate::issue::path::signing_cas(&chain.chain)
+                        .iter()
+                        .filter_map(CaKey::of),
+                );
                 std::borrow::Cow::Owned(all)
             }
             None => std::borrow::Cow::Borrowed(runtime.issuing_cas.as_slice()),
@@ -497,6 +562,8 @@ impl App {
         Ok(identity)
     }
 
+    // The request's parts, each used at a different step: bundling them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn enroll(
         &self,
         runtime: &Runtime,
@@ -504,6 +571,7 @@ impl App {
         operation: Operation,
         request: Request<Incoming>,
         connection: &Connection,
+        deadline: Deadline,
         trace: &mut Trace,
     ) -> Result<Response<Full<Bytes>>, RequestError> {
         let started = Instant::now();
@@ -544,7 +612,7 @@ impl App {
             return Err(RequestError::BodyTooLarge(limit));
         }
         let identity = self
-            .authenticate(runtime, label_rt, &request, connection, trace)
+            .authenticate(runtime, label_rt, &request, connection, deadline, trace)
             .await?;
         let body = read_body(
             request.into_body(),
@@ -580,18 +648,9 @@ impl App {
             csr: &csr,
             generated: generated.as_ref().map(|(k, _)| k),
         };
-        let issuance = match label_rt.mode {
-            Mode::Sign => self.sign_locally(label_rt, &request)?,
-            Mode::Forward => self.forward(label_rt, &request).await?,
-            Mode::Auto => match self.forward(label_rt, &request).await {
-                Err(RequestError::Upstream(e)) if e.is_unreachable() => {
-                    tracing::warn!(label = label_rt.display_name(), identity = %identity, cause = %e, "upstream away: signing locally");
-                    self.sign_locally(label_rt, &request)?
-                }
-                other => other?,
-            },
-        };
+        let issuance = self.backend.issue(label_rt, &request, deadline).await?;
         trace.serial = Some(issuance.serial.clone());
+        trace.issued_by = Some(issuance.issued_by.clone());
         let grace_renewal = identity.certificate.as_ref().is_some_and(|c| c.grace);
         if let Some(cert) = identity.certificate.as_ref().filter(|c| c.grace) {
             tracing::warn!(
@@ -647,130 +706,6 @@ impl App {
             ),
         })
     }
-
-    fn sign_locally(
-        &self,
-        label_rt: &LabelRuntime,
-        request: &IssueRequest<'_>,
-    ) -> Result<Issuance, RequestError> {
-        let issuer = label_rt.local.as_ref().ok_or_else(|| {
-            RequestError::Issue(IssueError::Sign("no local issuer for this label".into()))
-        })?;
-        let issued = issuer.issue(
-            &request.grant.subject,
-            &request.grant.sans,
-            request.spki,
-            request.key_kind,
-            request.profile,
-        )?;
-        Ok(Issuance {
-            serial: issued.serial,
-            subject: request.grant.subject.to_string(),
-            not_before: issued.not_before,
-            not_after: issued.not_after,
-            sha256: issued.sha256,
-            certs: vec![issued.der],
-            issued_by: "local".to_owned(),
-        })
-    }
-
-    /// Forwards the request upstream as a registration authority: the child was authenticated
-    /// and authorized here; upstream sees this layer's credential and the CSR.
-    async fn forward(
-        &self,
-        label_rt: &LabelRuntime,
-        request: &IssueRequest<'_>,
-    ) -> Result<Issuance, RequestError> {
-        let upstream = label_rt.upstream.as_ref().ok_or_else(|| {
-            RequestError::Issue(IssueError::Sign("no upstream for this label".into()))
-        })?;
-        // With a key made here (serverkeygen), ask upstream for it with a CSR of our own.
-        let csr_der = match request.generated {
-            Some(key) => crate::issue::local::request_for(request.grant, key)?,
-            None => request.csr.der().to_vec(),
-        };
-        let asked = Instant::now();
-        let answer = upstream
-            .enroll(label_rt.upstream_label.as_deref(), &csr_der)
-            .await;
-        self.metrics
-            .upstream(&upstream.name, "simpleenroll", asked.elapsed(), &answer);
-        let certs = answer?;
-        let malformed = |m: String| RequestError::Upstream(UpstreamError::Malformed(m));
-        let leaf = certs
-            .first()
-            .ok_or_else(|| malformed("no certificate".into()))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| malformed(format!("unparseable certificate: {e}")))?;
-        if parsed.public_key().raw != request.spki {
-            return Err(malformed(
-                "the first certificate is not for the requested key".into(),
-            ));
-        }
-        let subject = crate::est::Subject::from_x509_name(parsed.subject())
-            .map(|s| s.to_string())
-            .unwrap_or_else(|_| parsed.subject().to_string());
-        Ok(Issuance {
-            serial: crate::auth::client_cert::hex(parsed.raw_serial()),
-            subject,
-            not_before: parsed.validity().not_before.to_datetime(),
-            not_after: parsed.validity().not_after.to_datetime(),
-            sha256: crate::auth::client_cert::hex(
-                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref(),
-            ),
-            issued_by: format!("upstream {}", upstream.name),
-            certs,
-        })
-    }
-
-    /// The `/cacerts` answer of a label: its own issuer's chain, or the upstream's (cached).
-    async fn cacerts_body(&self, label_rt: &LabelRuntime) -> Result<Bytes, RequestError> {
-        let upstream = match (&label_rt.upstream, &label_rt.cacerts_body) {
-            (None, Some(local)) => return Ok(local.clone()),
-            // auto, upstream away: enrollments are signed here, so the chain is ours.
-            (Some(upstream), Some(local)) if !upstream.is_reachable() => return Ok(local.clone()),
-            (Some(upstream), _) => upstream,
-            (None, None) => {
-                return Err(RequestError::Issue(IssueError::Sign(
-                    "no CA for this label".into(),
-                )))
-            }
-        };
-        match self
-            .cacerts
-            .get(upstream, label_rt.upstream_label.as_deref())
-            .await
-        {
-            Ok(chain) => Ok(chain.body.clone()),
-            Err(e) => match &label_rt.cacerts_body {
-                Some(local) if e.is_unreachable() => Ok(local.clone()),
-                _ => Err(e.into()),
-            },
-        }
-    }
-}
-
-/// What a request asks the issuing backend for.
-struct IssueRequest<'a> {
-    grant: &'a Grant,
-    profile: &'a Profile,
-    /// The SubjectPublicKeyInfo to certify (the CSR's, or a key made here).
-    spki: &'a [u8],
-    key_kind: KeyKind,
-    csr: &'a Csr,
-    generated: Option<&'a rcgen::KeyPair>,
-}
-
-/// A certificate obtained from a backend, with what the journal records of it.
-struct Issuance {
-    /// The issued certificate first, then whatever the backend's answer carried.
-    certs: Vec<Vec<u8>>,
-    serial: String,
-    subject: String,
-    not_before: OffsetDateTime,
-    not_after: OffsetDateTime,
-    sha256: String,
-    issued_by: String,
 }
 
 /// A 200 answer with a base64 body, `Content-Transfer-Encoding` included for old clients.

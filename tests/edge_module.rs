@@ -661,6 +661,7 @@ common_names = ["nested-*"]
         .await;
     assert_eq!(reported["labels"]["(unlabeled)"]["mode"], "forward");
     assert_eq!(reported["upstreams"]["parent"]["reachable"], true);
+    assert_eq!(reported["upstreams"]["parent"]["state"], "up");
     assert_eq!(
         reported["upstreams"]["parent"]["url"],
         format!("https://127.0.0.1:{port}/.well-known/est")

@@ -185,6 +185,7 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
             serverkeygen: ServerKeygen::EcP256,
             grace_expired_secs: 0,
             issuer_labels: Vec::new(),
+            fallback: None,
         }],
     };
     Ok(DevSetup {

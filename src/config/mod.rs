@@ -129,6 +129,10 @@ pub struct Limits {
     /// registration authorities of the layers below, whose one identity carries a whole
     /// layer's enrollments.
     pub unlimited_trust: Vec<String>,
+    /// How long a client waits for an answer when its request carries no budget header
+    /// (`edge-est-budget-ms`, which a lower edge-est layer sends): IoT Edge gives each attempt
+    /// 30 s. A forwarding layer gives the layer above less than what is left of it.
+    pub client_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -146,6 +150,7 @@ impl Default for Limits {
             rate_per_identity: 20.0,
             burst_per_identity: 200.0,
             unlimited_trust: Vec::new(),
+            client_timeout_secs: 30,
         }
     }
 }
@@ -238,6 +243,10 @@ pub struct UpstreamConfig {
     /// `Retry-After` sent to children while the upstream is away.
     #[serde(default = "default_retry_after")]
     pub retry_after_secs: u64,
+    /// Longest pause between two background probes of an upstream that is away or
+    /// misconfigured (the pauses start at half a second and double).
+    #[serde(default = "default_probe_max")]
+    pub probe_max_secs: u64,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -254,6 +263,9 @@ fn default_cacerts_stale() -> u64 {
 }
 fn default_retry_after() -> u64 {
     30
+}
+fn default_probe_max() -> u64 {
+    5
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -306,6 +318,11 @@ pub struct LabelConfig {
     /// unlabeled path). By default `issuer` means certificates this label issued, nothing else.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub issuer_labels: Vec<String>,
+    /// Mode `auto` only, and required there: what this label may sign locally while the
+    /// layer above is away, on top of its rules. Never more than the layer above allows this
+    /// layer's registration authority: copy the upper layer's RA rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackConfig>,
 }
 
 /// How `issuer_labels` names the unlabeled path.
@@ -314,6 +331,28 @@ pub const UNLABELED: &str = "(unlabeled)";
 /// The label an `issuer_labels` entry names, as the journal records it (`None`: unlabeled).
 pub fn issuer_label_key(name: &str) -> Option<String> {
     (name != UNLABELED).then(|| name.to_owned())
+}
+
+/// The names an `auto` label may issue locally (fixed patterns, `*` for any run of
+/// characters; no placeholders): the bound the upper layer's RA rule sets.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    #[serde(default)]
+    pub common_names: Vec<String>,
+    /// Common names of CA certificates; empty: no CA certificates while the upstream is away.
+    #[serde(default)]
+    pub ca_common_names: Vec<String>,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub ip_addresses: Vec<String>,
+    #[serde(default)]
+    pub uris: Vec<String>,
+    #[serde(default)]
+    pub emails: Vec<String>,
+    #[serde(default)]
+    pub subject_attributes: BTreeMap<String, Vec<String>>,
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -99,7 +99,8 @@ pub fn document(input: &ReportInput<'_>) -> Map<String, Value> {
 }
 
 /// Per label: its mode, and its issuer (subject, notAfter) or upstream; per upstream used by
-/// a label: its URL and whether it was reachable at the last attempt.
+/// a label: its URL, its health (`unknown` before any contact, `up`, `away`,
+/// `misconfigured`), since when, and whether it answered at the last contact.
 fn labels_and_upstreams(
     config: &Config,
     runtime: &Runtime,
@@ -144,9 +145,15 @@ fn labels_and_upstreams(
             entry.insert("upstream".into(), json!(name));
             if upstreams.len() < MAX_ENTRIES {
                 let url = config.upstreams.get(name).map(|u| u.url.clone());
+                let health = upstream.health.snapshot();
                 upstreams.insert(
                     name.clone(),
-                    json!({ "url": url, "reachable": upstream.is_reachable() }),
+                    json!({
+                        "url": url,
+                        "state": health.state.as_str(),
+                        "since": rfc3339(OffsetDateTime::from_unix_timestamp(health.since as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH)),
+                        "reachable": upstream.is_reachable(),
+                    }),
                 );
             }
         }

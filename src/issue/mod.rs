@@ -1,10 +1,16 @@
 //! Issuing: a [`Grant`](crate::policy::Grant) and a [`Profile`] become a certificate. The
 //! local backend signs with a delegated intermediate held by this instance.
 
+pub mod backend;
+pub mod fallback;
+pub mod health;
 pub mod local;
+pub mod path;
 pub mod profile;
+mod store;
 pub mod upstream;
 
+pub use backend::{Backend, Deadline, Issuance, IssueRequest};
 pub use local::LocalIssuer;
 pub use profile::Profile;
 pub use upstream::{CacertsCache, Upstream, UpstreamError};

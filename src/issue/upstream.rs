@@ -3,11 +3,11 @@
 //! anchors for the upstream's TLS certificate, and keeps connections pooled so that a
 //! forwarded request costs no new handshake upstream.
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
@@ -22,55 +22,118 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
+use super::health::{Health, Outcome, State};
 use crate::auth::TrustSet;
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::est::{self, media, Operation};
+
+/// The request header in which a layer tells the layer above how long it will wait for the
+/// answer, in milliseconds. Each layer honours it and gives its own upstream less.
+pub const BUDGET_HEADER: &str = "edge-est-budget-ms";
 
 /// Largest upstream answer read.
 const MAX_ANSWER: usize = 1024 * 1024;
 /// Pauses before retrying a request whose connection could not be made.
 const CONNECT_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 
+/// What went wrong upstream. The texts reach the child: they name the upstream by host,
+/// never this layer's RA credential, and pass on no text of the layer above (a refusal keeps
+/// its status; this layer's log has the upper layer's reason).
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("the upstream {name} cannot be reached: {cause}")]
+    #[error("the layer above ({host}) cannot be reached: {cause}")]
     Unreachable {
-        name: String,
+        host: String,
         cause: String,
         retry_after: u64,
     },
-    #[error("the upstream {name} did not answer within {secs} s")]
+    #[error("the layer above ({host}) did not answer within {millis} ms")]
     Timeout {
-        name: String,
-        secs: u64,
+        host: String,
+        millis: u64,
         retry_after: u64,
     },
-    #[error("the upstream refused the request: {text}")]
+    /// Only this layer's configuration or the upper layer's can fix it: never signed
+    /// locally in its place.
+    #[error("this layer cannot use the layer above ({host}): {problem}; this layer's log has the detail")]
+    Misconfigured {
+        host: String,
+        problem: &'static str,
+        detail: String,
+    },
+    /// `text` is the upper layer's reason, for this layer's log only.
+    #[error("refused by the layer above ({status}); this layer's log has its reason")]
     Refused { status: StatusCode, text: String },
-    #[error("the upstream accepted the request for later processing; ask again later")]
+    #[error("the layer above accepted the request for later processing; ask again later")]
     Pending { retry_after: Option<HeaderValue> },
-    #[error("the upstream is unavailable ({status}): {text}")]
+    /// Busy (429) or itself cut off (503): its own text is passed on as it is (an edge-est
+    /// layer's says how long to wait or which layer is away, and names no credential);
+    /// other statuses keep only the status.
+    #[error("{}", unavailable_text(host, *status, text))]
     Unavailable {
+        host: String,
         status: StatusCode,
         text: String,
         retry_after: Option<HeaderValue>,
     },
-    #[error("the upstream's answer is malformed: {0}")]
+    #[error("the answer of the layer above is malformed: {0}")]
     Malformed(String),
 }
 
+fn unavailable_text(host: &str, status: StatusCode, text: &str) -> String {
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        text.to_owned()
+    } else {
+        format!("the layer above ({host}) is unavailable ({status})")
+    }
+}
+
 impl UpstreamError {
-    /// Whether the upstream could not be asked at all (so `auto` may sign locally).
+    /// Whether the upstream could not be asked at all, or did not answer in time.
     pub fn is_unreachable(&self) -> bool {
         matches!(
             self,
             UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. }
         )
     }
+
+    /// Whether an `auto` label signs locally instead: the upstream could not be asked, did
+    /// not answer in time, or answered 503 (a layer above it is away). Never for a refusal,
+    /// a misconfiguration or a malformed answer.
+    pub fn allows_fallback(&self) -> bool {
+        self.is_unreachable()
+            || matches!(self, UpstreamError::Unavailable { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    /// The upstream's own text, for this layer's log.
+    pub fn upstream_text(&self) -> Option<&str> {
+        match self {
+            UpstreamError::Refused { text, .. } | UpstreamError::Unavailable { text, .. } => {
+                Some(text)
+            }
+            UpstreamError::Misconfigured { detail, .. } => Some(detail),
+            _ => None,
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            UpstreamError::Unreachable { cause, .. } => Outcome::Away(cause.clone()),
+            UpstreamError::Timeout { millis, .. } => {
+                Outcome::Away(format!("no answer within {millis} ms"))
+            }
+            UpstreamError::Misconfigured {
+                problem, detail, ..
+            } => Outcome::Misconfigured(format!("{problem}: {detail}")),
+            _ => Outcome::Answered,
+        }
+    }
 }
 
 pub struct Upstream {
     pub name: String,
+    /// `host:port` of the URL, for texts and logs.
+    pub host: String,
     base: String,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     authorization: Option<HeaderValue>,
@@ -78,7 +141,10 @@ pub struct Upstream {
     pub cacerts_ttl: Duration,
     pub cacerts_stale: Duration,
     pub retry_after_secs: u64,
-    reachable: AtomicBool,
+    probe_max: Duration,
+    pub health: Health,
+    /// This upstream, for the background probe (empty unless made with [`Upstream::shared`]).
+    me: Weak<Upstream>,
 }
 
 impl Upstream {
@@ -101,6 +167,30 @@ impl Upstream {
         if uri.query().is_some() {
             return Err(ConfigError::invalid(field("url"), "takes no query"));
         }
+        // The upper layer's EST root, optionally with one label: anything else answers 404
+        // there, which a child would see as a relayed refusal.
+        let path = uri.path().trim_end_matches('/');
+        let label = path.strip_prefix("/.well-known/est");
+        let fits = match label {
+            Some("") => true,
+            Some(rest) => rest
+                .strip_prefix('/')
+                .is_some_and(|l| crate::est::Label::new(l).is_ok()),
+            None => false,
+        };
+        if !fits {
+            return Err(ConfigError::invalid(
+                field("url"),
+                format!(
+                    "the path must be /.well-known/est, optionally followed by one label                      (/.well-known/est/<label>); {:?} is not an EST path",
+                    uri.path()
+                ),
+            ));
+        }
+        let host = match uri.port_u16() {
+            Some(port) => format!("{}:{port}", uri.host().unwrap_or_default()),
+            None => uri.host().unwrap_or_default().to_owned(),
+        };
 
         let mut roots = RootCertStore::empty();
         for source in &config.trust {
@@ -198,8 +288,13 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(https);
+        let fingerprint = format!(
+            "{name} {}",
+            serde_json::to_string(config).unwrap_or_default()
+        );
         Ok(Upstream {
             name: name.to_owned(),
+            host,
             base: config.url.trim_end_matches('/').to_owned(),
             client,
             authorization,
@@ -207,13 +302,51 @@ impl Upstream {
             cacerts_ttl: Duration::from_secs(config.cacerts_ttl_secs),
             cacerts_stale: Duration::from_secs(config.cacerts_stale_secs),
             retry_after_secs: config.retry_after_secs,
-            reachable: AtomicBool::new(true),
+            probe_max: Duration::from_secs(config.probe_max_secs.max(1)),
+            health: Health::new(fingerprint),
+            me: Weak::new(),
         })
     }
 
-    /// Whether the last request reached the upstream.
+    /// The upstream as the running configuration holds it: failures start a background probe.
+    pub fn shared(self) -> Arc<Upstream> {
+        Arc::new_cyclic(|me| Upstream {
+            me: me.clone(),
+            ..self
+        })
+    }
+
+    /// Whether the upstream answered at the last contact (false before any contact).
     pub fn is_reachable(&self) -> bool {
-        self.reachable.load(Ordering::Relaxed)
+        self.health.state() == State::Up
+    }
+
+    /// The longest time a forwarded request may take (`request_timeout_secs`).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Starts the background probe if the upstream is away or misconfigured and none runs.
+    pub fn ensure_probing(&self) {
+        if matches!(self.health.state(), State::Away | State::Misconfigured)
+            && self.health.start_probing()
+        {
+            super::health::spawn_probe(self.me.clone(), self.probe_max);
+        }
+    }
+
+    /// An error answering at once for an upstream known to be away.
+    pub fn away_error(&self) -> UpstreamError {
+        let snapshot = self.health.snapshot();
+        UpstreamError::Unreachable {
+            host: self.host.clone(),
+            cause: format!(
+                "away since {} ({}); probing in the background",
+                rfc3339(snapshot.since),
+                snapshot.cause
+            ),
+            retry_after: self.retry_after_secs,
+        }
     }
 
     pub fn url(&self, label: Option<&str>, operation: Operation) -> String {
@@ -228,7 +361,18 @@ impl Upstream {
         &self,
         label: Option<&str>,
     ) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
-        let certs = self.exchange(label, Operation::CaCerts, None).await?;
+        self.cacerts_within(label, self.request_timeout).await
+    }
+
+    /// [`Upstream::cacerts`] within `budget` (capped by `request_timeout_secs`).
+    pub async fn cacerts_within(
+        &self,
+        label: Option<&str>,
+        budget: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
+        let certs = self
+            .exchange(label, Operation::CaCerts, None, budget)
+            .await?;
         if certs.is_empty() {
             return Err(UpstreamError::Malformed(
                 "cacerts holds no certificate".into(),
@@ -243,8 +387,20 @@ impl Upstream {
         label: Option<&str>,
         csr_der: &[u8],
     ) -> Result<Vec<Vec<u8>>, UpstreamError> {
+        self.enroll_within(label, csr_der, self.request_timeout)
+            .await
+    }
+
+    /// [`Upstream::enroll`] within `budget` (capped by `request_timeout_secs`), which the
+    /// layer above is told in [`BUDGET_HEADER`].
+    pub async fn enroll_within(
+        &self,
+        label: Option<&str>,
+        csr_der: &[u8],
+        budget: Duration,
+    ) -> Result<Vec<Vec<u8>>, UpstreamError> {
         let certs = self
-            .exchange(label, Operation::SimpleEnroll, Some(csr_der))
+            .exchange(label, Operation::SimpleEnroll, Some(csr_der), budget)
             .await?;
         if certs.is_empty() {
             return Err(UpstreamError::Malformed(
@@ -259,7 +415,10 @@ impl Upstream {
         label: Option<&str>,
         operation: Operation,
         csr_der: Option<&[u8]>,
+        budget: Duration,
     ) -> Result<Vec<Vec<u8>>, UpstreamError> {
+        let timeout = budget.min(self.request_timeout);
+        let budget_ms = HeaderValue::from(timeout.as_millis() as u64);
         let url = self.url(label, operation);
         let body = csr_der
             .map(|der| Bytes::from(est::body::encode_base64_lines(der)))
@@ -276,6 +435,7 @@ impl Upstream {
                 if let Some(auth) = &self.authorization {
                     request = request.header(AUTHORIZATION, auth.clone());
                 }
+                request = request.header(BUDGET_HEADER, budget_ms.clone());
                 let request = request.body(Full::new(body.clone())).map_err(|e| {
                     UpstreamError::Malformed(format!("cannot build the request: {e}"))
                 })?;
@@ -283,7 +443,7 @@ impl Upstream {
                     Ok(response) => return self.read_answer(response).await,
                     // Nothing was sent when the connection could not be made: retrying is safe
                     // even for an enrollment.
-                    Err(e) if e.is_connect() => match retries.next() {
+                    Err(e) if e.is_connect() && tls_failure(&e).is_none() => match retries.next() {
                         Some(pause) => tokio::time::sleep(*pause).await,
                         None => return Err(self.unreachable(&e)),
                     },
@@ -291,18 +451,22 @@ impl Upstream {
                 }
             }
         };
-        let result = match tokio::time::timeout(self.request_timeout, attempt).await {
+        let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
-                name: self.name.clone(),
-                secs: self.request_timeout.as_secs(),
+                host: self.host.clone(),
+                millis: timeout.as_millis() as u64,
                 retry_after: self.retry_after_secs,
             }),
         };
-        self.reachable.store(
-            !matches!(&result, Err(e) if e.is_unreachable()),
-            Ordering::Relaxed,
-        );
+        let outcome = match &result {
+            Ok(_) => Outcome::Answered,
+            Err(e) => e.outcome(),
+        };
+        self.health.record(&self.name, &self.host, &outcome, label);
+        if !matches!(outcome, Outcome::Answered) {
+            self.ensure_probing();
+        }
         result
     }
 
@@ -314,8 +478,24 @@ impl Upstream {
             cause = format!("{cause}: {s}");
             source = s.source();
         }
+        if let Some(tls) = tls_failure(error) {
+            let problem = match tls {
+                rustls::Error::InvalidCertificate(_) => {
+                    "its TLS certificate is not trusted here (upstream trust or URL host)"
+                }
+                rustls::Error::AlertReceived(_) => {
+                    "it refused this layer's TLS connection (its client certificate?)"
+                }
+                _ => "TLS with it fails",
+            };
+            return UpstreamError::Misconfigured {
+                host: self.host.clone(),
+                problem,
+                detail: format!("{tls}"),
+            };
+        }
         UpstreamError::Unreachable {
-            name: self.name.clone(),
+            host: self.host.clone(),
             cause,
             retry_after: self.retry_after_secs,
         }
@@ -351,9 +531,25 @@ impl Upstream {
         match status {
             StatusCode::OK => {}
             StatusCode::ACCEPTED => return Err(UpstreamError::Pending { retry_after }),
+            // Only the URL (path or label) or the upper layer's configuration fixes these.
+            StatusCode::NOT_FOUND => {
+                return Err(UpstreamError::Misconfigured {
+                    host: self.host.clone(),
+                    problem: "its EST path answers 404 (upstream URL or label)",
+                    detail: text(),
+                })
+            }
+            StatusCode::UNAUTHORIZED => {
+                return Err(UpstreamError::Misconfigured {
+                    host: self.host.clone(),
+                    problem: "it does not accept this layer's RA credentials",
+                    detail: text(),
+                })
+            }
             // Rate limited upstream: not a refusal of the request, passed on with Retry-After.
             StatusCode::TOO_MANY_REQUESTS => {
                 return Err(UpstreamError::Unavailable {
+                    host: self.host.clone(),
                     status,
                     text: text(),
                     retry_after,
@@ -367,6 +563,7 @@ impl Upstream {
             }
             s => {
                 return Err(UpstreamError::Unavailable {
+                    host: self.host.clone(),
                     status: s,
                     text: text(),
                     retry_after,
@@ -384,33 +581,115 @@ impl Upstream {
     }
 }
 
+/// The TLS error under a client error, if the connection failed in TLS (then it is not an
+/// outage: the upstream answered, in a way this layer does not trust or is not trusted by).
+fn tls_failure(error: &hyper_util::client::legacy::Error) -> Option<&rustls::Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // io::Error's `source` skips the error it wraps (itself often an io::Error around
+        // rustls's): look inside instead.
+        current = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn rfc3339(unix_secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 /// An upstream's CA chain as this layer serves it.
 pub struct CachedChain {
     pub chain: Vec<CertificateDer<'static>>,
     /// The `/cacerts` answer, encoded once.
     pub body: Bytes,
-    /// Certificates issued directly by the upstream's issuing CA (the first of the chain).
+    /// Certificates issued directly by a CA that may sign for this subtree, as the upstream's
+    /// chain says (see [`super::path::signing_cas`]).
     pub issuer_trust: Arc<TrustSet>,
-    fetched: Instant,
+    /// When it was fetched (seconds since the Unix epoch: it may come from an earlier run).
+    fetched: u64,
 }
 
-/// `/cacerts` answers of upstreams, kept across reconfigurations, served fresh for the
-/// upstream's TTL and, while it cannot be reached, stale for a bounded time.
+impl CachedChain {
+    fn new(
+        chain: Vec<CertificateDer<'static>>,
+        fetched: u64,
+    ) -> Result<CachedChain, UpstreamError> {
+        let ders: Vec<&[u8]> = chain.iter().map(|c| c.as_ref()).collect();
+        let pkcs7 = est::pkcs7::encode_certs_only(&ders)
+            .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let issuer_trust = super::path::issuer_trust(&chain)
+            .map_err(|e| UpstreamError::Malformed(format!("cacerts: {e}")))?;
+        Ok(CachedChain {
+            body: Bytes::from(est::body::encode_base64_lines(&pkcs7)),
+            issuer_trust: Arc::new(issuer_trust),
+            chain,
+            fetched,
+        })
+    }
+
+    fn age(&self) -> Duration {
+        Duration::from_secs(now_unix().saturating_sub(self.fetched))
+    }
+}
+
+/// A chain as kept on disk.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptChain {
+    url: String,
+    fetched: u64,
+    /// DER certificates, base64.
+    chain: Vec<String>,
+}
+
+struct Entries {
+    chains: LruCache<String, Arc<CachedChain>>,
+    /// Keys whose kept file was already looked for.
+    loaded: HashSet<String>,
+}
+
+/// `/cacerts` answers of upstreams, kept across reconfigurations and (with a directory)
+/// across restarts; served fresh for the upstream's TTL and, while it cannot be reached,
+/// stale for a bounded time ([`CacertsCache::get`]) or for as long as it is kept
+/// ([`CacertsCache::peek`], what `auto` labels use).
 pub struct CacertsCache {
-    entries: Mutex<LruCache<String, Arc<CachedChain>>>,
+    entries: Mutex<Entries>,
     refresh: tokio::sync::Mutex<()>,
     /// Counts hits and misses, and times the requests upstream.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where chains are kept across restarts.
+    dir: Option<PathBuf>,
 }
 
 impl Default for CacertsCache {
     fn default() -> Self {
         CacertsCache {
-            entries: Mutex::new(LruCache::new(
-                NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
-            )),
+            entries: Mutex::new(Entries {
+                chains: LruCache::new(NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN)),
+                loaded: HashSet::new(),
+            }),
             refresh: tokio::sync::Mutex::new(()),
             metrics: None,
+            dir: None,
         }
     }
 }
@@ -424,17 +703,73 @@ impl CacertsCache {
         }
     }
 
-    fn lookup(&self, key: &str) -> Option<Arc<CachedChain>> {
-        self.entries.lock().ok()?.get(key).cloned()
+    /// Keeps chains in `dir` (created when first needed).
+    pub fn kept_in(self, dir: PathBuf) -> CacertsCache {
+        CacertsCache {
+            dir: Some(dir),
+            ..self
+        }
     }
 
-    /// The cached chain of `upstream` for `label`, fresh or not, without asking upstream.
+    fn path(&self, key: &str) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| {
+            d.join(format!(
+                "upstream-{}.cacerts.json",
+                super::store::file_key(key)
+            ))
+        })
+    }
+
+    fn lookup(&self, key: &str) -> Option<Arc<CachedChain>> {
+        let mut entries = self.entries.lock().ok()?;
+        if let Some(hit) = entries.chains.get(key) {
+            return Some(hit.clone());
+        }
+        if !entries.loaded.insert(key.to_owned()) {
+            return None;
+        }
+        // First look at this key since start: the chain an earlier run kept.
+        let kept: KeptChain = super::store::read(&self.path(key)?)?;
+        if kept.url != key {
+            return None;
+        }
+        use base64::Engine;
+        let chain = kept
+            .chain
+            .iter()
+            .map(|b| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map(CertificateDer::from)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let cached = Arc::new(CachedChain::new(chain, kept.fetched).ok()?);
+        entries.chains.put(key.to_owned(), cached.clone());
+        Some(cached)
+    }
+
+    fn keep(&self, key: &str, chain: &CachedChain) {
+        let Some(path) = self.path(key) else {
+            return;
+        };
+        use base64::Engine;
+        let kept = KeptChain {
+            url: key.to_owned(),
+            fetched: chain.fetched,
+            chain: chain
+                .chain
+                .iter()
+                .map(|c| base64::engine::general_purpose::STANDARD.encode(c))
+                .collect(),
+        };
+        super::store::write_soon(path, &kept);
+    }
+
+    /// The cached chain of `upstream` for `label`, however old (from this run or kept by an
+    /// earlier one), without asking upstream.
     pub fn peek(&self, upstream: &Upstream, label: Option<&str>) -> Option<Arc<CachedChain>> {
-        self.entries
-            .lock()
-            .ok()?
-            .peek(&upstream.url(label, Operation::CaCerts))
-            .cloned()
+        self.lookup(&upstream.url(label, Operation::CaCerts))
     }
 
     fn count(&self, hit: bool) {
@@ -443,69 +778,116 @@ impl CacertsCache {
         }
     }
 
-    /// The upstream's chain for `label`: from cache while fresh, else asked for; on failure
-    /// the cached one while within the stale bound.
+    /// The upstream's chain for `label`: from cache while fresh, else asked for within
+    /// `budget`; on failure, or at once while the upstream is away, the cached one while
+    /// within the stale bound.
     pub async fn get(
         &self,
         upstream: &Upstream,
         label: Option<&str>,
+        budget: Duration,
     ) -> Result<Arc<CachedChain>, UpstreamError> {
         let key = upstream.url(label, Operation::CaCerts);
-        if let Some(hit) = self
-            .lookup(&key)
-            .filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl)
-        {
+        let fresh = |c: &Arc<CachedChain>| c.age() < upstream.cacerts_ttl;
+        if let Some(hit) = self.lookup(&key).filter(fresh) {
             self.count(true);
             return Ok(hit);
+        }
+        if upstream.health.state() == State::Away {
+            upstream.ensure_probing();
+            return self.stale(upstream, &key, upstream.away_error());
         }
         // One refresh at a time: concurrent children wait for it instead of all asking.
         let _refreshing = self.refresh.lock().await;
-        if let Some(hit) = self
-            .lookup(&key)
-            .filter(|c| c.fetched.elapsed() < upstream.cacerts_ttl)
-        {
+        if let Some(hit) = self.lookup(&key).filter(fresh) {
             self.count(true);
             return Ok(hit);
         }
+        if upstream.health.state() == State::Away {
+            // The refresh just waited for found it away: do not pay its timeout again.
+            return self.stale(upstream, &key, upstream.away_error());
+        }
         self.count(false);
         let started = Instant::now();
-        let fetched = upstream.cacerts(label).await;
+        let fetched = upstream.cacerts_within(label, budget).await;
         if let Some(m) = &self.metrics {
             m.upstream(&upstream.name, "cacerts", started.elapsed(), &fetched);
         }
-        match fetched.and_then(CachedChain::new) {
+        match fetched.and_then(|chain| CachedChain::new(chain, now_unix())) {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
+                let changed = self.lookup(&key).is_none_or(|old| old.chain != fresh.chain);
                 if let Ok(mut entries) = self.entries.lock() {
-                    entries.put(key, fresh.clone());
+                    entries.chains.put(key.clone(), fresh.clone());
+                }
+                if changed {
+                    self.keep(&key, &fresh);
                 }
                 Ok(fresh)
             }
-            Err(error) => match self.lookup(&key) {
-                Some(stale)
-                    if stale.fetched.elapsed() < upstream.cacerts_ttl + upstream.cacerts_stale =>
-                {
-                    tracing::warn!(upstream = %upstream.name, %error, "serving cached cacerts while the upstream is away");
-                    Ok(stale)
-                }
-                _ => Err(error),
-            },
+            Err(error) => self.stale(upstream, &key, error),
+        }
+    }
+
+    fn stale(
+        &self,
+        upstream: &Upstream,
+        key: &str,
+        error: UpstreamError,
+    ) -> Result<Arc<CachedChain>, UpstreamError> {
+        match self.lookup(key) {
+            Some(stale) if stale.age() < upstream.cacerts_ttl + upstream.cacerts_stale => {
+                tracing::debug!(upstream = %upstream.name, %error, "serving cached cacerts while the upstream is away");
+                Ok(stale)
+            }
+            _ => Err(error),
         }
     }
 }
 
-impl CachedChain {
-    fn new(chain: Vec<CertificateDer<'static>>) -> Result<CachedChain, UpstreamError> {
-        let ders: Vec<&[u8]> = chain.iter().map(|c| c.as_ref()).collect();
-        let pkcs7 = est::pkcs7::encode_certs_only(&ders)
-            .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
-        let issuer_trust = TrustSet::direct("issuer", &chain[..1])
-            .map_err(|e| UpstreamError::Malformed(format!("cacerts: {e}")))?;
-        Ok(CachedChain {
-            body: Bytes::from(est::body::encode_base64_lines(&pkcs7)),
-            issuer_trust: Arc::new(issuer_trust),
-            chain,
-            fetched: Instant::now(),
-        })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PemSource;
+
+    fn config(url: &str) -> UpstreamConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = crate::pki::ca_params("anchor", None, time::Duration::days(1))
+            .self_signed(&key)
+            .unwrap();
+        serde_json::from_value(serde_json::json!({
+            "url": url,
+            "trust": [PemSource(ca.pem())],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_url_must_be_an_est_path() {
+        for good in [
+            "https://gw:8085/.well-known/est",
+            "https://gw:8085/.well-known/est/",
+            "https://gw/.well-known/est/plant",
+        ] {
+            let upstream = Upstream::new("parent", &config(good), Path::new(".")).unwrap();
+            assert!(upstream.host.starts_with("gw"));
+        }
+        for bad in [
+            "https://gw:8085/",
+            "https://gw:8085/est",
+            "https://gw:8085/.well-known/estx",
+            "https://gw:8085/.well-known/est/a/b",
+            "https://gw:8085/api/.well-known/est",
+        ] {
+            let error = Upstream::new("parent", &config(bad), Path::new("."))
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(
+                error
+                    .to_string()
+                    .contains("upstreams.parent.url: the path must be /.well-known/est"),
+                "{bad}: {error}"
+            );
+        }
     }
 }
