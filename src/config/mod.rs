@@ -349,8 +349,9 @@ pub enum ServerKeygen {
 
 /// One grant: which identities (`match`) may obtain which names.
 ///
-/// Patterns: `*` matches any run of characters; `{cn}` is the client certificate's common
-/// name and `{user}` the Basic user name (a pattern naming one the identity lacks never matches).
+/// Patterns: `*` matches any run of characters except an asterisk; `{*}` is a literal asterisk
+/// (a wildcard DNS name: `{*}.plant.local`); `{cn}` is the client certificate's common name and
+/// `{user}` the Basic user name (a pattern naming one the identity lacks never matches).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
