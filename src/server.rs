@@ -47,6 +47,12 @@ pub struct App {
     /// rates come from the running configuration).
     address_limits: RateLimiter<IpAddr>,
     identity_limits: RateLimiter<String>,
+    /// Permits for client chain verifications off the connection threads (long chains only,
+    /// see `auth::caps::INLINE_CHAIN_CERTS`): a few at a time, on the blocking pool.
+    chain_verifications: Arc<tokio::sync::Semaphore>,
+    /// Client chains verified since start: on the connection thread, on the blocking pool.
+    verified_inline: std::sync::atomic::AtomicU64,
+    verified_off_thread: std::sync::atomic::AtomicU64,
 }
 
 impl App {
@@ -59,7 +65,22 @@ impl App {
             metrics,
             address_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
             identity_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            chain_verifications: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            )),
+            verified_inline: Default::default(),
+            verified_off_thread: Default::default(),
         }
+    }
+
+    /// Client certificate chains verified since start (remembered outcomes not counted): on
+    /// the connection threads, and on the blocking pool.
+    pub fn client_chain_verifications(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.verified_inline.load(Relaxed),
+            self.verified_off_thread.load(Relaxed),
+        )
     }
 
     /// Replaces the running configuration; requests in flight keep the old one.
@@ -256,17 +277,34 @@ impl Service for App {
     }
 }
 
-/// A client certificate chain verified for a label, kept for the connection it came on: a
-/// kept-alive client (a lower layer's pooled RA connection above all) is not verified again
-/// on every request. It holds while the label is the one it was verified for (a
-/// configuration swap builds new labels), the upstream CA that vouched for it (if any) is the
-/// one cached then, and no certificate on its path has expired. Grace identities are never
-/// kept. The weak references keep the allocations, so an address is never that of another.
+/// What the verification of a client certificate chain for a label found, kept for the
+/// connection it came on: a kept-alive client (a lower layer's pooled RA connection above all)
+/// is not verified again on every request, and neither is a chain that failed (a client
+/// pipelining requests with a hostile chain costs one verification, not one a request). It
+/// holds while the label is the one it was verified for (a configuration swap builds new
+/// labels), the upstream CA that vouched for it (if any) is the one cached then, and until
+/// `until`: for an identity, the first expiry on its path; for a failure,
+/// [`FAILED_VERIFICATION_KEPT`] (a chain that was not yet valid may become so). Grace
+/// identities are never kept. The weak references keep the allocations, so an address is
+/// never that of another.
+#[derive(Clone)]
 struct VerifiedPeer {
     label: Weak<LabelRuntime>,
     upstream_issuer: Option<Weak<TrustSet>>,
-    identity: CertIdentity,
+    /// The identity, or why the chain was refused (an `AuthError::Certificate` text).
+    outcome: Result<CertIdentity, String>,
+    until: OffsetDateTime,
 }
+
+/// How long a connection remembers that its chain failed verification for a label.
+const FAILED_VERIFICATION_KEPT: time::Duration = time::Duration::seconds(60);
+/// Verification outcomes a connection keeps (one per label and upstream issuer; the oldest
+/// goes first).
+const KEPT_OUTCOMES: usize = 16;
+
+/// Everything a connection keeps of its chain's verifications (in its `Memo`).
+#[derive(Clone, Default)]
+struct VerifiedPeers(Vec<VerifiedPeer>);
 
 impl VerifiedPeer {
     fn holds_for(
@@ -275,14 +313,16 @@ impl VerifiedPeer {
         upstream_issuer: Option<&Arc<TrustSet>>,
         now: OffsetDateTime,
     ) -> bool {
+        self.is_for(label, upstream_issuer) && now < self.until
+    }
+
+    fn is_for(&self, label: &Arc<LabelRuntime>, upstream_issuer: Option<&Arc<TrustSet>>) -> bool {
         let same_upstream = match (&self.upstream_issuer, upstream_issuer) {
             (None, None) => true,
             (Some(kept), Some(now)) => std::ptr::eq(kept.as_ptr(), Arc::as_ptr(now)),
             _ => false,
         };
-        std::ptr::eq(self.label.as_ptr(), Arc::as_ptr(label))
-            && same_upstream
-            && now < self.identity.valid_until
+        std::ptr::eq(self.label.as_ptr(), Arc::as_ptr(label)) && same_upstream
     }
 }
 
@@ -420,13 +460,25 @@ impl App {
             ),
         };
         let upstream_issuer = upstream_chain.as_ref().map(|c| &c.issuer_trust);
-        let remembered = connection
-            .memo
-            .get::<VerifiedPeer>()
-            .filter(|v| v.holds_for(label_rt, upstream_issuer, OffsetDateTime::now_utc()));
+        // The chain is verified here (or its outcome remembered), so that `auth` never
+        // verifies on the connection thread what could take long.
+        let peer_verified = match connection.peer_chain.as_deref() {
+            Some(chain) if !chain.is_empty() && label_rt.auth.certificate => Some(
+                self.verify_peer(
+                    label_rt,
+                    upstream_issuer,
+                    chain,
+                    &trust,
+                    &intermediates,
+                    connection,
+                )
+                .await?,
+            ),
+            _ => None,
+        };
         let credentials = Credentials {
             peer_chain: connection.peer_chain.as_deref(),
-            peer_verified: remembered.as_ref().map(|v| &v.identity),
+            peer_verified: peer_verified.as_ref(),
             authorization,
         };
         let identity = auth::authenticate(
@@ -437,15 +489,6 @@ impl App {
             credentials,
         )
         .await?;
-        if let Some(certificate) = identity.certificate.as_ref().filter(|c| !c.grace) {
-            if remembered.is_none() {
-                connection.memo.set(Arc::new(VerifiedPeer {
-                    label: Arc::downgrade(label_rt),
-                    upstream_issuer: upstream_issuer.map(Arc::downgrade),
-                    identity: certificate.clone(),
-                }));
-            }
-        }
         trace.identity = Some(identity.to_string());
         // Registration authorities (lower layers) send a whole subtree's requests as one
         // identity: a rule or their trust set exempts them.
@@ -464,6 +507,94 @@ impl App {
         };
         self.rate_limit(runtime, RateKey::Identity(key))?;
         Ok(identity)
+    }
+
+    /// Verifies the connection's client certificate chain for a label, or recalls what an
+    /// earlier verification on the same connection found (see [`VerifiedPeer`]). Chains over
+    /// `auth::caps` are refused before any path building; chains longer than
+    /// `INLINE_CHAIN_CERTS` are verified on the blocking pool, a few at a time, so they never
+    /// hold up the other connections of this connection thread.
+    async fn verify_peer(
+        &self,
+        label_rt: &Arc<LabelRuntime>,
+        upstream_issuer: Option<&Arc<TrustSet>>,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+        trust: &[Arc<TrustSet>],
+        intermediates: &[rustls::pki_types::CertificateDer<'static>],
+        connection: &Connection,
+    ) -> Result<CertIdentity, auth::AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let kept = connection.memo.get::<VerifiedPeers>();
+        if let Some(peer) = kept
+            .iter()
+            .flat_map(|k| k.0.iter())
+            .find(|p| p.holds_for(label_rt, upstream_issuer, now))
+        {
+            return peer.outcome.clone().map_err(auth::AuthError::Certificate);
+        }
+        let grace = label_rt.auth.grace_expired;
+        let outcome = match auth::caps::check_chain(chain) {
+            Err(reason) => Err(reason),
+            Ok(()) if chain.len() <= auth::caps::INLINE_CHAIN_CERTS => {
+                self.verified_inline
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                auth::client_cert::verify_with_grace(
+                    chain,
+                    trust,
+                    intermediates,
+                    std::time::SystemTime::now(),
+                    grace,
+                )
+            }
+            Ok(()) => {
+                let permit = self
+                    .chain_verifications
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| auth::AuthError::Certificate("the server is stopping".into()))?;
+                self.verified_off_thread
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (chain, trust, intermediates) =
+                    (chain.to_vec(), trust.to_vec(), intermediates.to_vec());
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    auth::client_cert::verify_with_grace(
+                        &chain,
+                        &trust,
+                        &intermediates,
+                        std::time::SystemTime::now(),
+                        grace,
+                    )
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("verification failed: {e}")))
+            }
+        };
+        let until = match &outcome {
+            Ok(identity) if !identity.grace => Some(identity.valid_until),
+            Ok(_) => None,
+            Err(_) => Some(now + FAILED_VERIFICATION_KEPT),
+        };
+        if let Some(until) = until {
+            let mut peers: Vec<VerifiedPeer> = kept
+                .map(|k| k.0.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !p.is_for(label_rt, upstream_issuer) && p.label.strong_count() > 0)
+                .collect();
+            if peers.len() >= KEPT_OUTCOMES {
+                peers.remove(0);
+            }
+            peers.push(VerifiedPeer {
+                label: Arc::downgrade(label_rt),
+                upstream_issuer: upstream_issuer.map(Arc::downgrade),
+                outcome: outcome.clone(),
+                until,
+            });
+            connection.memo.set(Arc::new(VerifiedPeers(peers)));
+        }
+        outcome.map_err(auth::AuthError::Certificate)
     }
 
     async fn enroll(
