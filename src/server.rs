@@ -53,6 +53,8 @@ pub struct App {
     /// Client chains verified since start: on the connection thread, on the blocking pool.
     verified_inline: std::sync::atomic::AtomicU64,
     verified_off_thread: std::sync::atomic::AtomicU64,
+    /// Server-side key generation: RSA keys a few at a time, within each identity's budget.
+    keygen: crate::keygen::KeyGenerator,
 }
 
 impl App {
@@ -70,6 +72,7 @@ impl App {
             )),
             verified_inline: Default::default(),
             verified_off_thread: Default::default(),
+            keygen: Default::default(),
         }
     }
 
@@ -665,7 +668,9 @@ impl App {
         };
 
         let generated = match (operation, label_rt.serverkeygen) {
-            (Operation::ServerKeygen, kind) => Some(generate_key(kind).await?),
+            (Operation::ServerKeygen, kind) => {
+                Some(self.generate_key(runtime, &identity, kind).await?)
+            }
             _ => None,
         };
         let (spki, key_kind) = match &generated {
@@ -744,6 +749,32 @@ impl App {
                 Bytes::from(est::body::encode_base64_lines(&pkcs7)),
             ),
         })
+    }
+
+    /// A key made here for `/serverkeygen`, within the identity's key budget (429 past it;
+    /// see `keygen`).
+    async fn generate_key(
+        &self,
+        runtime: &Runtime,
+        identity: &Identity,
+        kind: ServerKeygen,
+    ) -> Result<(rcgen::KeyPair, KeyKind), RequestError> {
+        let key = match (&identity.certificate, &identity.user) {
+            (Some(cert), _) => format!("certificate {} {}", cert.trust, cert.serial),
+            (None, Some(user)) => format!("user {user}"),
+            (None, None) => "anonymous".to_owned(),
+        };
+        match self.keygen.generate(kind, &key, &runtime.limits).await {
+            Ok(generated) => Ok(generated),
+            Err(crate::keygen::KeygenError::OverBudget(wait)) => {
+                self.metrics.rate_limited(LimitScope::Identity);
+                Err(RequestError::RateLimited {
+                    scope: "this identity for server-side RSA key generation",
+                    retry_after: crate::limits::retry_after_secs(wait),
+                })
+            }
+            Err(crate::keygen::KeygenError::Failed(e)) => Err(RequestError::KeyGeneration(e)),
+        }
     }
 
     fn sign_locally(
@@ -912,22 +943,6 @@ async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<By
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| RequestError::BodyTimeout)?
-}
-
-async fn generate_key(kind: ServerKeygen) -> Result<(rcgen::KeyPair, KeyKind), RequestError> {
-    let (algorithm, key_kind) = match kind {
-        ServerKeygen::EcP256 | ServerKeygen::Off => {
-            (&rcgen::PKCS_ECDSA_P256_SHA256, KeyKind::EcP256)
-        }
-        ServerKeygen::EcP384 => (&rcgen::PKCS_ECDSA_P384_SHA384, KeyKind::EcP384),
-        ServerKeygen::Rsa2048 => (&rcgen::PKCS_RSA_SHA256, KeyKind::Rsa { bits: 2048 }),
-    };
-    // RSA generation takes tens of milliseconds: keep it off the async workers.
-    let key = tokio::task::spawn_blocking(move || rcgen::KeyPair::generate_for(algorithm))
-        .await
-        .map_err(|e| RequestError::KeyGeneration(e.to_string()))?
-        .map_err(|e| RequestError::KeyGeneration(e.to_string()))?;
-    Ok((key, key_kind))
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
