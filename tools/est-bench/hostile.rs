@@ -50,7 +50,7 @@ pub struct HostileArgs {
     #[arg(long, default_value_t = 200)]
     pipeline: usize,
     /// Fresh hostile connections (one request each) for the per-connection figure.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 100)]
     connections: usize,
     /// Legitimate enrollments per latency measurement.
     #[arg(long, default_value_t = 40)]
