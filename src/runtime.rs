@@ -13,7 +13,7 @@ use rustls::ServerConfig;
 
 use crate::auth::chain::CaKey;
 use crate::auth::{AuthMethods, TrustSet, UserDb};
-use crate::config::{Config, ConfigError, Limits, Mode, ServerKeygen};
+use crate::config::{read_path, Config, ConfigError, Limits, Mode, ServerKeygen};
 use crate::est::{self, Label};
 use crate::issue::fallback::Fallback;
 use crate::issue::profile::{self, ProfileClass};
@@ -94,8 +94,8 @@ impl Runtime {
                 "no server certificate: give tls.certificate and tls.key",
             )
         })?;
-        let tls_chain = tls_config.certificate.read(base)?;
-        let tls_key = read_file(base, &tls_config.key)?;
+        let tls_chain = tls_config.certificate.read(base, "tls.certificate")?;
+        let tls_key = read_path(base, &tls_config.key, "tls.key")?;
         let tls = crate::transport::tls::server_config(&tls_chain, &tls_key)
             .map_err(|e| ConfigError::invalid("tls", e))?;
         let tls_not_after = CertificateDer::pem_slice_iter(tls_chain.as_bytes())
@@ -110,8 +110,8 @@ impl Runtime {
         let mut trust_sets: BTreeMap<String, Arc<TrustSet>> = BTreeMap::new();
         for (name, set) in &config.trust {
             let mut certs = Vec::new();
-            for source in &set.certificates {
-                let pem = source.read(base)?;
+            for (i, source) in set.certificates.iter().enumerate() {
+                let pem = source.read(base, &format!("trust.{name}.certificates[{i}]"))?;
                 let found = CertificateDer::pem_slice_iter(pem.as_bytes())
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| {
@@ -132,8 +132,10 @@ impl Runtime {
 
         let mut issuers: BTreeMap<String, Arc<LocalIssuer>> = BTreeMap::new();
         for (name, issuer) in &config.issuers {
-            let chain = issuer.certificate.read(base)?;
-            let key = read_file(base, &issuer.key)?;
+            let chain = issuer
+                .certificate
+                .read(base, &format!("issuers.{name}.certificate"))?;
+            let key = read_path(base, &issuer.key, &format!("issuers.{name}.key"))?;
             let loaded = LocalIssuer::load(&chain, &key)
                 .map_err(|e| ConfigError::invalid(format!("issuers.{name}"), e))?;
             issuers.insert(name.clone(), Arc::new(loaded));
@@ -323,9 +325,4 @@ fn lookup<T: Clone>(
     field: impl Fn() -> String,
 ) -> Result<Option<T>, ConfigError> {
     name.map(|name| required(items, name, field)).transpose()
-}
-
-fn read_file(base: &Path, path: &Path) -> Result<String, ConfigError> {
-    let path = base.join(path);
-    std::fs::read_to_string(&path).map_err(|e| ConfigError::Io(path, e.to_string()))
 }

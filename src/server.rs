@@ -52,7 +52,15 @@ pub struct App {
     address_limits: RateLimiter<IpAddr>,
     identity_limits: RateLimiter<String>,
     /// Which label issued which certificate: what `issuer` means on a label (`auth::chain`).
-    issuance: IssuanceIndex,
+    issuance: Arc<IssuanceIndex>,
+    /// Permits for client chain verifications off the connection threads (long chains only,
+    /// see `auth::caps::INLINE_CHAIN_CERTS`): a few at a time, on the blocking pool.
+    chain_verifications: Arc<tokio::sync::Semaphore>,
+    /// Client chains verified since start: on the connection thread, on the blocking pool.
+    verified_inline: std::sync::atomic::AtomicU64,
+    verified_off_thread: std::sync::atomic::AtomicU64,
+    /// Server-side key generation: RSA keys a few at a time, within each identity's budget.
+    keygen: crate::keygen::KeyGenerator,
 }
 
 impl App {
@@ -60,10 +68,10 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         // Rebuilt from the journal, which records every issuance, local and forwarded.
         let issuance = match Journal::read_all(journal.path()) {
-            Ok(entries) => IssuanceIndex::from_journal(&entries),
+            Ok(entries) => Arc::new(IssuanceIndex::from_journal(&entries)),
             Err(e) => {
                 tracing::warn!(journal = %journal.path().display(), error = %e, "the journal cannot be read: no earlier certificate counts as issued by a label");
-                IssuanceIndex::new()
+                Arc::new(IssuanceIndex::new())
             }
         };
         // Upstream state is kept next to the journal.
@@ -78,7 +86,23 @@ impl App {
             metrics,
             address_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
             identity_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            chain_verifications: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            )),
+            verified_inline: Default::default(),
+            verified_off_thread: Default::default(),
+            keygen: Default::default(),
         }
+    }
+
+    /// Client certificate chains verified since start (remembered outcomes not counted): on
+    /// the connection threads, and on the blocking pool.
+    pub fn client_chain_verifications(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.verified_inline.load(Relaxed),
+            self.verified_off_thread.load(Relaxed),
+        )
     }
 
     /// Replaces the running configuration; requests in flight keep the old one.
@@ -337,17 +361,34 @@ impl Drop for RequestLog<'_> {
     }
 }
 
-/// A client certificate chain verified for a label, kept for the connection it came on: a
-/// kept-alive client (a lower layer's pooled RA connection above all) is not verified again
-/// on every request. It holds while the label is the one it was verified for (a
-/// configuration swap builds new labels), the upstream CA that vouched for it (if any) is the
-/// one cached then, and no certificate on its path has expired. Grace identities are never
-/// kept. The weak references keep the allocations, so an address is never that of another.
+/// What the verification of a client certificate chain for a label found, kept for the
+/// connection it came on: a kept-alive client (a lower layer's pooled RA connection above all)
+/// is not verified again on every request, and neither is a chain that failed (a client
+/// pipelining requests with a hostile chain costs one verification, not one a request). It
+/// holds while the label is the one it was verified for (a configuration swap builds new
+/// labels), the upstream CA that vouched for it (if any) is the one cached then, and until
+/// `until`: for an identity, the first expiry on its path; for a failure,
+/// [`FAILED_VERIFICATION_KEPT`] (a chain that was not yet valid may become so). Grace
+/// identities are never kept. The weak references keep the allocations, so an address is
+/// never that of another.
+#[derive(Clone)]
 struct VerifiedPeer {
     label: Weak<LabelRuntime>,
     upstream_issuer: Option<Weak<TrustSet>>,
-    identity: CertIdentity,
+    /// The identity, or why the chain was refused (an `AuthError::Certificate` text).
+    outcome: Result<CertIdentity, String>,
+    until: OffsetDateTime,
 }
+
+/// How long a connection remembers that its chain failed verification for a label.
+const FAILED_VERIFICATION_KEPT: time::Duration = time::Duration::seconds(60);
+/// Verification outcomes a connection keeps (one per label and upstream issuer; the oldest
+/// goes first).
+const KEPT_OUTCOMES: usize = 16;
+
+/// Everything a connection keeps of its chain's verifications (in its `Memo`).
+#[derive(Clone, Default)]
+struct VerifiedPeers(Vec<VerifiedPeer>);
 
 impl VerifiedPeer {
     fn holds_for(
@@ -356,14 +397,16 @@ impl VerifiedPeer {
         upstream_issuer: Option<&Arc<TrustSet>>,
         now: OffsetDateTime,
     ) -> bool {
+        self.is_for(label, upstream_issuer) && now < self.until
+    }
+
+    fn is_for(&self, label: &Arc<LabelRuntime>, upstream_issuer: Option<&Arc<TrustSet>>) -> bool {
         let same_upstream = match (&self.upstream_issuer, upstream_issuer) {
             (None, None) => true,
             (Some(kept), Some(now)) => std::ptr::eq(kept.as_ptr(), Arc::as_ptr(now)),
             _ => false,
         };
-        std::ptr::eq(self.label.as_ptr(), Arc::as_ptr(label))
-            && same_upstream
-            && now < self.identity.valid_until
+        std::ptr::eq(self.label.as_ptr(), Arc::as_ptr(label)) && same_upstream
     }
 }
 
@@ -512,6 +555,28 @@ impl App {
             }
             None => std::borrow::Cow::Borrowed(runtime.issuing_cas.as_slice()),
         };
+        // The chain is verified here (or its outcome remembered), so that `auth` never
+        // verifies on the connection thread what could take long.
+        let peer_verified = match connection.peer_chain.as_deref() {
+            Some(chain) if !chain.is_empty() && label_rt.auth.certificate => Some(
+                self.verify_peer(
+                    label_rt,
+                    upstream_issuer,
+                    chain,
+                    &trust,
+                    &intermediates,
+                    &issuing_cas,
+                    connection,
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+        let credentials = Credentials {
+            peer_chain: connection.peer_chain.as_deref(),
+            peer_verified: peer_verified.as_ref(),
+            authorization,
+        };
         let label_trust = LabelTrust {
             sets: &trust,
             module_sets: &label_rt.module_sets,
@@ -522,26 +587,8 @@ impl App {
                 issuer_labels: &label_rt.issuer_labels,
             },
         };
-        let remembered = connection
-            .memo
-            .get::<VerifiedPeer>()
-            .filter(|v| v.holds_for(label_rt, upstream_issuer, OffsetDateTime::now_utc()));
-        let credentials = Credentials {
-            peer_chain: connection.peer_chain.as_deref(),
-            peer_verified: remembered.as_ref().map(|v| &v.identity),
-            authorization,
-        };
         let identity =
             auth::authenticate(label_rt.auth, &label_trust, &runtime.users, credentials).await?;
-        if let Some(certificate) = identity.certificate.as_ref().filter(|c| !c.grace) {
-            if remembered.is_none() {
-                connection.memo.set(Arc::new(VerifiedPeer {
-                    label: Arc::downgrade(label_rt),
-                    upstream_issuer: upstream_issuer.map(Arc::downgrade),
-                    identity: certificate.clone(),
-                }));
-            }
-        }
         trace.identity = Some(identity.to_string());
         // Registration authorities (lower layers) send a whole subtree's requests as one
         // identity: a rule or their trust set exempts them.
@@ -560,6 +607,122 @@ impl App {
         };
         self.rate_limit(runtime, RateKey::Identity(key))?;
         Ok(identity)
+    }
+
+    /// Verifies the connection's client certificate chain for a label, or recalls what an
+    /// earlier verification on the same connection found (see [`VerifiedPeer`]). Chains over
+    /// `auth::caps` are refused before any path building; chains longer than
+    /// `INLINE_CHAIN_CERTS` are verified on the blocking pool, a few at a time, so they never
+    /// hold up the other connections of this connection thread.
+    async fn verify_peer(
+        &self,
+        label_rt: &Arc<LabelRuntime>,
+        upstream_issuer: Option<&Arc<TrustSet>>,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+        trust: &[Arc<TrustSet>],
+        intermediates: &[rustls::pki_types::CertificateDer<'static>],
+        issuing_cas: &[CaKey],
+        connection: &Connection,
+    ) -> Result<CertIdentity, auth::AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let kept = connection.memo.get::<VerifiedPeers>();
+        if let Some(peer) = kept
+            .iter()
+            .flat_map(|k| k.0.iter())
+            .find(|p| p.holds_for(label_rt, upstream_issuer, now))
+        {
+            return peer.outcome.clone().map_err(auth::AuthError::Certificate);
+        }
+        let grace = label_rt.auth.grace_expired;
+        let outcome = match auth::caps::check_chain(chain) {
+            Err(reason) => Err(reason),
+            Ok(()) if chain.len() <= auth::caps::INLINE_CHAIN_CERTS => {
+                self.verified_inline
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let label_trust = LabelTrust {
+                    sets: trust,
+                    module_sets: &label_rt.module_sets,
+                    intermediates,
+                    hierarchy: Hierarchy {
+                        issuing_cas,
+                        index: Some(&self.issuance),
+                        issuer_labels: &label_rt.issuer_labels,
+                    },
+                };
+                auth::client_cert::verify_for_label(
+                    chain,
+                    &label_trust,
+                    std::time::SystemTime::now(),
+                    grace,
+                )
+            }
+            Ok(()) => {
+                let permit = self
+                    .chain_verifications
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| auth::AuthError::Certificate("the server is stopping".into()))?;
+                self.verified_off_thread
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (chain, trust, intermediates, issuing_cas) = (
+                    chain.to_vec(),
+                    trust.to_vec(),
+                    intermediates.to_vec(),
+                    issuing_cas.to_vec(),
+                );
+                let (module_sets, issuer_labels, index) = (
+                    label_rt.module_sets.clone(),
+                    label_rt.issuer_labels.clone(),
+                    self.issuance.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    let label_trust = LabelTrust {
+                        sets: &trust,
+                        module_sets: &module_sets,
+                        intermediates: &intermediates,
+                        hierarchy: Hierarchy {
+                            issuing_cas: &issuing_cas,
+                            index: Some(&index),
+                            issuer_labels: &issuer_labels,
+                        },
+                    };
+                    auth::client_cert::verify_for_label(
+                        &chain,
+                        &label_trust,
+                        std::time::SystemTime::now(),
+                        grace,
+                    )
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("verification failed: {e}")))
+            }
+        };
+        let until = match &outcome {
+            Ok(identity) if !identity.grace => Some(identity.valid_until),
+            Ok(_) => None,
+            Err(_) => Some(now + FAILED_VERIFICATION_KEPT),
+        };
+        if let Some(until) = until {
+            let mut peers: Vec<VerifiedPeer> = kept
+                .map(|k| k.0.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !p.is_for(label_rt, upstream_issuer) && p.label.strong_count() > 0)
+                .collect();
+            if peers.len() >= KEPT_OUTCOMES {
+                peers.remove(0);
+            }
+            peers.push(VerifiedPeer {
+                label: Arc::downgrade(label_rt),
+                upstream_issuer: upstream_issuer.map(Arc::downgrade),
+                outcome: outcome.clone(),
+                until,
+            });
+            connection.memo.set(Arc::new(VerifiedPeers(peers)));
+        }
+        outcome.map_err(auth::AuthError::Certificate)
     }
 
     // The request's parts, each used at a different step: bundling them would only rename them.
@@ -633,7 +796,9 @@ impl App {
         };
 
         let generated = match (operation, label_rt.serverkeygen) {
-            (Operation::ServerKeygen, kind) => Some(generate_key(kind).await?),
+            (Operation::ServerKeygen, kind) => {
+                Some(self.generate_key(runtime, &identity, kind).await?)
+            }
             _ => None,
         };
         let (spki, key_kind) = match &generated {
@@ -706,6 +871,32 @@ impl App {
             ),
         })
     }
+
+    /// A key made here for `/serverkeygen`, within the identity's key budget (429 past it;
+    /// see `keygen`).
+    async fn generate_key(
+        &self,
+        runtime: &Runtime,
+        identity: &Identity,
+        kind: ServerKeygen,
+    ) -> Result<(rcgen::KeyPair, KeyKind), RequestError> {
+        let key = match (&identity.certificate, &identity.user) {
+            (Some(cert), _) => format!("certificate {} {}", cert.trust, cert.serial),
+            (None, Some(user)) => format!("user {user}"),
+            (None, None) => "anonymous".to_owned(),
+        };
+        match self.keygen.generate(kind, &key, &runtime.limits).await {
+            Ok(generated) => Ok(generated),
+            Err(crate::keygen::KeygenError::OverBudget(wait)) => {
+                self.metrics.rate_limited(LimitScope::Identity);
+                Err(RequestError::RateLimited {
+                    scope: "this identity for server-side RSA key generation",
+                    retry_after: crate::limits::retry_after_secs(wait),
+                })
+            }
+            Err(crate::keygen::KeygenError::Failed(e)) => Err(RequestError::KeyGeneration(e)),
+        }
+    }
 }
 
 /// A 200 answer with a base64 body, `Content-Transfer-Encoding` included for old clients.
@@ -749,22 +940,6 @@ async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<By
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| RequestError::BodyTimeout)?
-}
-
-async fn generate_key(kind: ServerKeygen) -> Result<(rcgen::KeyPair, KeyKind), RequestError> {
-    let (algorithm, key_kind) = match kind {
-        ServerKeygen::EcP256 | ServerKeygen::Off => {
-            (&rcgen::PKCS_ECDSA_P256_SHA256, KeyKind::EcP256)
-        }
-        ServerKeygen::EcP384 => (&rcgen::PKCS_ECDSA_P384_SHA384, KeyKind::EcP384),
-        ServerKeygen::Rsa2048 => (&rcgen::PKCS_RSA_SHA256, KeyKind::Rsa { bits: 2048 }),
-    };
-    // RSA generation takes tens of milliseconds: keep it off the async workers.
-    let key = tokio::task::spawn_blocking(move || rcgen::KeyPair::generate_for(algorithm))
-        .await
-        .map_err(|e| RequestError::KeyGeneration(e.to_string()))?
-        .map_err(|e| RequestError::KeyGeneration(e.to_string()))?;
-    Ok((key, key_kind))
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {

@@ -2,6 +2,7 @@
 //! [`Identity`]. What that identity may obtain is the policy's business, not ours.
 
 pub mod basic;
+pub mod caps;
 pub mod chain;
 pub mod client_cert;
 pub mod ra;

@@ -77,13 +77,13 @@ impl PemSource {
         self.0.trim_start().starts_with("-----BEGIN")
     }
 
-    /// Reads the PEM text, relative paths resolved against `base`.
-    pub fn read(&self, base: &Path) -> Result<String, ConfigError> {
+    /// Reads the PEM text, relative paths resolved against `base`. `field` names the field
+    /// in errors (which never echo a value that names no file: see [`shown_path`]).
+    pub fn read(&self, base: &Path, field: &str) -> Result<String, ConfigError> {
         if self.is_inline() {
             return Ok(self.0.clone());
         }
-        let path = base.join(&self.0);
-        std::fs::read_to_string(&path).map_err(|e| ConfigError::Io(path, e.to_string()))
+        read_path(base, Path::new(&self.0), field)
     }
 }
 
@@ -405,8 +405,9 @@ pub enum ServerKeygen {
 
 /// One grant: which identities (`match`) may obtain which names.
 ///
-/// Patterns: `*` matches any run of characters; `{cn}` is the client certificate's common
-/// name and `{user}` the Basic user name (a pattern naming one the identity lacks never matches).
+/// Patterns: `*` matches any run of characters except an asterisk; `{*}` is a literal asterisk
+/// (a wildcard DNS name: `{*}.plant.local`); `{cn}` is the client certificate's common name and
+/// `{user}` the Basic user name (a pattern naming one the identity lacks never matches).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
@@ -449,8 +450,17 @@ pub struct RuleConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A file named on the command line (the configuration itself, a development setup's).
     #[error("cannot read {0}: {1}")]
     Io(PathBuf, String),
+    /// A path field of the configuration that could not be read; `shown` is what
+    /// [`shown_path`] lets through of its value.
+    #[error("{field}: cannot read {shown}: {reason}")]
+    Unreadable {
+        field: String,
+        shown: String,
+        reason: String,
+    },
     #[error("cannot parse {0}: {1}")]
     Parse(PathBuf, String),
     #[error("{field}: {reason}")]
@@ -463,6 +473,35 @@ impl ConfigError {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// Reads the file a path field names (relative to `base`); errors name `field`.
+pub fn read_path(base: &Path, value: &Path, field: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(base.join(value)).map_err(|e| ConfigError::Unreadable {
+        field: field.to_owned(),
+        shown: shown_path(base, value),
+        reason: e.to_string(),
+    })
+}
+
+/// How an error shows the value of a path field. A key, password or token pasted into a path
+/// field by mistake must not end up in logs or in the module twin's `lastRejection`: a value
+/// that names an existing file is shown whole (it is a path, not a secret); otherwise only its
+/// longest leading part that is an existing directory, and how long the rest is.
+pub fn shown_path(base: &Path, value: &Path) -> String {
+    let full = base.join(value);
+    if full.symlink_metadata().is_ok() {
+        return full.display().to_string();
+    }
+    let rest = value.as_os_str().len();
+    match full.ancestors().skip(1).find(|a| a.is_dir()) {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            let dir = dir.display().to_string();
+            let sep = if dir.ends_with('/') { "" } else { "/" };
+            format!("{dir}{sep}... (a value of {rest} characters, not shown: it names no file)")
+        }
+        _ => format!("a value of {rest} characters (not shown: it names no file)"),
     }
 }
 
@@ -495,8 +534,10 @@ impl Config {
                 ));
             }
         }
-        let text = serde_json::to_string(self).unwrap_or_default();
-        if text.contains("PRIVATE KEY-----") {
+        let text = serde_json::to_string(self)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if text.contains("private key-----") {
             return Err(ConfigError::invalid(
                 "configuration",
                 "contains a private key; private keys are given as file paths only",

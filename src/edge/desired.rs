@@ -190,6 +190,17 @@ const SECRET_FIELDS: [&str; 8] = [
     "sharedaccesskey",
 ];
 
+/// Whether a field name is one of [`SECRET_FIELDS`], whatever its case and its `_`/`-`
+/// separators (`Password`, `private-key`, `SharedAccessKey`, `shared_access_key`).
+fn is_secret_field(key: &str) -> bool {
+    let bare: String = key
+        .chars()
+        .filter(|c| !matches!(c, '_' | '-'))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    SECRET_FIELDS.iter().any(|f| f.replace('_', "") == bare)
+}
+
 /// Top-level sections whose keys are names chosen by the user.
 const NAMED_MAPS: [&str; 5] = ["users", "trust", "issuers", "upstreams", "profiles"];
 
@@ -206,10 +217,7 @@ pub fn check_twin_secrets(value: &Value, path: &str) -> Result<(), ConfigError> 
                 };
                 // Keys of the named maps are names (a user may be called anything).
                 let is_name = NAMED_MAPS.contains(&path);
-                if !is_name
-                    && SECRET_FIELDS.contains(&key.to_ascii_lowercase().as_str())
-                    && !value.is_null()
-                {
+                if !is_name && is_secret_field(key) && !value.is_null() {
                     return Err(ConfigError::invalid(
                         field,
                         "secrets never travel in the module twin: give passwords as argon2 \
@@ -227,16 +235,19 @@ pub fn check_twin_secrets(value: &Value, path: &str) -> Result<(), ConfigError> 
             Ok(())
         }
         Value::String(text) => {
-            if text.contains("PRIVATE KEY-----") {
+            // Case-insensitive: IoT Hub's own parsers take `sharedaccesskey=` as well.
+            let text = text.to_ascii_lowercase();
+            if text.contains("private key-----") {
                 return Err(ConfigError::invalid(
                     path,
                     "contains a private key; private keys are given as file paths only",
                 ));
             }
-            if text.contains("SharedAccessKey=") {
+            if text.contains("sharedaccesskey=") || text.contains("sharedaccesssignature ") {
                 return Err(ConfigError::invalid(
                     path,
-                    "contains a shared access key; the module authenticates with the workload API",
+                    "contains a shared access key or token; the module authenticates with the \
+                     workload API",
                 ));
             }
             Ok(())
@@ -371,6 +382,165 @@ mod tests {
         let err = module_config(&doc, &defaults).unwrap_err().to_string();
         assert!(
             err.starts_with("tls.key:") && err.contains("private key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shared_access_keys_are_refused_whatever_their_case() {
+        let defaults = ModuleDefaults::placeholder(Some("p"));
+        for text in [
+            "HostName=h.azure-devices.net;DeviceId=d;SharedAccessKey=c2VjcmV0",
+            "hostname=h;deviceid=d;sharedaccesskey=c2VjcmV0",
+            "HostName=h;SHAREDACCESSKEY=c2VjcmV0",
+            "SharedAccessSignature sr=h%2Fdevices%2Fd&sig=c2VjcmV0&se=1",
+            "sharedaccesssignature sr=h&sig=c2VjcmV0",
+        ] {
+            let mut doc = desired();
+            doc["issuers"]["plant"]["key"] = json!(text);
+            let err = module_config(&doc, &defaults).unwrap_err().to_string();
+            assert!(
+                err.starts_with("issuers.plant.key:") && err.contains("shared access"),
+                "{text}: {err}"
+            );
+            assert!(!err.contains("c2VjcmV0"), "{err}");
+        }
+        for text in [
+            "-----BEGIN EC PRIVATE KEY-----\nMHcC\n",
+            "-----begin private key-----\nMHcC\n",
+        ] {
+            let mut doc = desired();
+            doc["labels"][0]["rules"][0]["common_names"] = json!([text]);
+            let err = module_config(&doc, &defaults).unwrap_err().to_string();
+            assert!(err.contains("private key"), "{text}: {err}");
+            assert!(!err.contains("MHcC"), "{err}");
+        }
+        // Field names, whatever their case and separators.
+        for field in [
+            "Password",
+            "PRIVATE-KEY",
+            "SharedAccessKey",
+            "shared-access-key",
+        ] {
+            let mut doc = desired();
+            doc["issuers"]["plant"][field] = json!("x");
+            let err = module_config(&doc, &defaults).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("issuers.plant.{field}:"))
+                    && err.contains("secrets never travel"),
+                "{field}: {err}"
+            );
+        }
+        // Positive control: words that merely resemble them pass.
+        let mut doc = desired();
+        doc["labels"][0]["rules"][0]["common_names"] = json!(["SharedAccess-*", "key-*"]);
+        doc["issuers"]["plant"]["key"] = json!("/etc/edge-est/shared-access-key-holder.pem");
+        module_config(&doc, &defaults).unwrap();
+    }
+
+    /// A secret pasted into a path field: the twin's configuration validates (it is a string
+    /// where a string belongs), and loading it, as the module does, fails naming the field and
+    /// never echoing the secret (the rejection text becomes `lastRejection`).
+    #[test]
+    fn a_secret_in_a_path_field_is_named_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&server_key)
+            .unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = crate::pki::ca_params("plant", Some(1), ::time::Duration::days(30))
+            .self_signed(&ca_key)
+            .unwrap();
+        write("server.pem", &server.pem());
+        write("server.key", &server_key.serialize_pem());
+        write("ca.pem", &ca.pem());
+        write("ca.key", &ca_key.serialize_pem());
+        write("workload/trust-bundle.pem", &ca.pem());
+        write("pw", "gw-password\n");
+        let defaults = ModuleDefaults::placeholder(Some("p"));
+        let doc = || {
+            let mut doc = desired();
+            doc["tls"] = json!({ "certificate": "server.pem", "key": "server.key" });
+            doc["issuers"]["plant"] = json!({ "certificate": "ca.pem", "key": "ca.key" });
+            doc["upstreams"] = json!({ "parent": { "url": "https://p/.well-known/est",
+                "trust": ["ca.pem"], "username": "gw", "password_file": "pw" } });
+            doc
+        };
+        let load = |doc: &Value| {
+            let config = module_config(doc, &defaults).unwrap();
+            crate::runtime::Runtime::build(&config, dir.path())
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(load(&doc()), None, "the positive control loads");
+
+        let key = "MHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5UChr4ggLjQQboAoGCCqGSM49/AwEHoUQDQgAE";
+        let password = "Tr0ub4dor&3-correct-horse";
+        let cases: [(&str, &[&str], &str); 6] = [
+            ("issuers.plant.key", &["issuers", "plant", "key"], key),
+            (
+                "issuers.plant.certificate",
+                &["issuers", "plant", "certificate"],
+                key,
+            ),
+            ("tls.key", &["tls", "key"], password),
+            ("tls.certificate", &["tls", "certificate"], password),
+            (
+                "upstreams.parent.password_file",
+                &["upstreams", "parent", "password_file"],
+                password,
+            ),
+            (
+                "upstreams.parent.trust[0]",
+                &["upstreams", "parent", "trust", "0"],
+                key,
+            ),
+        ];
+        for (field, at, value) in cases {
+            let mut doc = doc();
+            let mut slot = &mut doc;
+            for step in at {
+                slot = match step.parse::<usize>() {
+                    Ok(i) => &mut slot[i],
+                    Err(_) => &mut slot[*step],
+                };
+            }
+            *slot = json!(value);
+            let err = load(&doc).expect("the secret names no file");
+            assert!(
+                err.starts_with(&format!("{field}: cannot read ")),
+                "{field}: {err}"
+            );
+            assert!(err.contains("not shown"), "{err}");
+            for window in value.as_bytes().windows(5) {
+                let window = std::str::from_utf8(window).unwrap();
+                assert!(!err.contains(window), "{field}: {err:?} echoes {window:?}");
+            }
+        }
+
+        // Positive controls: a path that names an existing file or directory is shown whole;
+        // a missing one shows the directory that exists.
+        let mut doc = doc();
+        doc["issuers"]["plant"]["key"] = json!("workload");
+        let err = load(&doc).unwrap();
+        let shown = dir.path().join("workload").display().to_string();
+        assert!(
+            err.starts_with(&format!("issuers.plant.key: cannot read {shown}: ")),
+            "{err}"
+        );
+        doc["issuers"]["plant"]["key"] = json!("workload/missing.key");
+        let err = load(&doc).unwrap();
+        assert!(
+            err.starts_with(&format!(
+                "issuers.plant.key: cannot read {shown}/... (a value of 20 characters, not shown"
+            )),
             "{err}"
         );
     }

@@ -162,6 +162,8 @@ impl Csr {
             extension_oids: Vec::new(),
         };
         csr.read_attributes(&req)?;
+        // Every name is well-formed before any policy looks at it (`names`).
+        super::names::check_requested_names(&csr.subject, &csr.sans)?;
         Ok(csr)
     }
 

@@ -8,6 +8,7 @@ pub mod csrattrs;
 pub mod media;
 pub mod multipart;
 pub mod name;
+pub mod names;
 pub mod pkcs7;
 pub mod route;
 
@@ -31,6 +32,10 @@ pub enum ProtocolError {
     UnsupportedKey(String),
     #[error("the CSR's signature algorithm is not accepted: {0}")]
     UnsupportedSignatureAlgorithm(String),
+    /// A requested name that is not well-formed (`names`): control characters, a DNS name
+    /// that is not LDH, a CN over 64 characters, ...
+    #[error("the CSR asks for a malformed name: {0}")]
+    Name(#[from] names::NameError),
     #[error("malformed PKCS#7 certs-only message: {0}")]
     MalformedPkcs7(String),
 }

@@ -193,8 +193,8 @@ impl Upstream {
         };
 
         let mut roots = RootCertStore::empty();
-        for source in &config.trust {
-            let pem = source.read(base_dir)?;
+        for (i, source) in config.trust.iter().enumerate() {
+            let pem = source.read(base_dir, &field(&format!("trust[{i}]")))?;
             for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
                 let cert = cert
                     .map_err(|e| ConfigError::invalid(field("trust"), format!("not PEM: {e}")))?;
@@ -216,15 +216,15 @@ impl Upstream {
             .with_root_certificates(roots);
         let tls = match (&config.certificate, &config.key) {
             (Some(chain), Some(key)) => {
-                let chain_pem = chain.read(base_dir)?;
+                let chain_pem = chain.read(base_dir, &field("certificate"))?;
                 let chain: Vec<CertificateDer<'static>> =
                     CertificateDer::pem_slice_iter(chain_pem.as_bytes())
                         .collect::<Result<_, _>>()
                         .map_err(|e| {
                             ConfigError::invalid(field("certificate"), format!("not PEM: {e}"))
                         })?;
-                let key_path = base_dir.join(key);
-                let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+                let key_pem = crate::config::read_path(base_dir, key, &field("key"))?;
+                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
                     ConfigError::invalid(field("key"), format!("unreadable private key: {e}"))
                 })?;
                 builder
@@ -242,9 +242,7 @@ impl Upstream {
 
         let authorization = match (&config.username, &config.password_file) {
             (Some(user), Some(file)) => {
-                let path = base_dir.join(file);
-                let password = std::fs::read_to_string(&path)
-                    .map_err(|e| ConfigError::Io(path, e.to_string()))?;
+                let password = crate::config::read_path(base_dir, file, &field("password_file"))?;
                 let password = password.trim_end_matches(['\r', '\n']);
                 use base64::Engine;
                 let token =

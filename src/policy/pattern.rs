@@ -1,5 +1,9 @@
 //! Name patterns of issuing rules: literal text, `*` for any run of characters, and the
 //! placeholders `{cn}` (the client certificate's common name) and `{user}` (the Basic user).
+//!
+//! `*` never matches an asterisk in the value: `*.plant.local` allows any host below
+//! `plant.local`, never the wildcard name `*.plant.local` itself. A literal asterisk is
+//! written `{*}`: `{*}.plant.local` allows exactly the wildcard certificate name.
 
 use std::fmt;
 
@@ -10,6 +14,9 @@ enum Part {
     Cn,
     User,
 }
+
+/// How a pattern writes a literal asterisk (a wildcard name's `*`).
+pub const LITERAL_STAR: &str = "{*}";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pattern {
@@ -33,7 +40,10 @@ impl Pattern {
             let placeholder = [("{cn}", Part::Cn), ("{user}", Part::User)]
                 .into_iter()
                 .find(|(p, _)| rest.starts_with(p));
-            if let Some((text, part)) = placeholder {
+            if let Some(after) = rest.strip_prefix(LITERAL_STAR) {
+                literal.push('*');
+                rest = after;
+            } else if let Some((text, part)) = placeholder {
                 if !literal.is_empty() {
                     parts.push(Part::Literal(std::mem::take(&mut literal)));
                 }
@@ -49,7 +59,7 @@ impl Pattern {
                 rest = &rest[1..];
             } else if c == '{' || c == '}' {
                 return Err(format!(
-                    "pattern {source:?}: unknown placeholder (use {{cn}} or {{user}})"
+                    "pattern {source:?}: unknown placeholder (use {{cn}}, {{user}} or {{*}} for a literal asterisk)"
                 ));
             } else {
                 literal.push(c);
@@ -107,7 +117,8 @@ enum Token {
 }
 
 /// Wildcard matching with backtracking to the most recent star only: O(pattern × value) at
-/// worst, never exponential.
+/// worst, never exponential. A star never takes an asterisk of the value: only a literal
+/// `{*}` matches one (so a star cannot grant a wildcard name).
 fn glob(tokens: &[Token], value: &[char], fold_case: bool) -> bool {
     let same = |a: char, b: char| {
         if fold_case {
@@ -129,6 +140,8 @@ fn glob(tokens: &[Token], value: &[char], fold_case: bool) -> bool {
                 t += 1;
             }
             _ => match resume {
+                // The star cannot grow over an asterisk, and no earlier star could either.
+                Some((_, at)) if value[at] == '*' => return false,
                 Some((star, at)) => {
                     t = star + 1;
                     v = at + 1;
@@ -219,6 +232,83 @@ mod tests {
         let p = Pattern::parse("*.Plant.local").unwrap();
         assert!(p.matches("GW.plant.LOCAL", Vars::default(), true));
         assert!(!p.matches("GW.plant.LOCAL", Vars::default(), false));
+    }
+
+    #[test]
+    fn a_star_never_grants_a_literal_asterisk() {
+        // The pattern meant "any host below plant.local", not the wildcard name itself.
+        assert!(m("*.plant.local", "gw1.plant.local"));
+        assert!(!m("*.plant.local", "*.plant.local"));
+        assert!(!m("*", "*"));
+        assert!(!m("*", "a*b"));
+        assert!(!m("plant-*", "plant-*"));
+        // A literal asterisk is written {*}.
+        assert!(m("{*}.plant.local", "*.plant.local"));
+        assert!(!m("{*}.plant.local", "gw1.plant.local"));
+        assert!(m("*{*}*", "a*b"));
+        assert!(!m("*{*}", "**"));
+        assert_eq!(
+            Pattern::parse("{*}.x").unwrap().to_string(),
+            "{*}.x",
+            "shown as written"
+        );
+    }
+
+    /// The matcher against a plain recursive one, over every pattern and value of a small
+    /// alphabet: stars that cannot take an asterisk must not make backtracking unsound.
+    #[test]
+    fn glob_agrees_with_a_reference_matcher() {
+        fn reference(tokens: &[Token], value: &[char]) -> bool {
+            match tokens.split_first() {
+                None => value.is_empty(),
+                Some((Token::Char(c), rest)) => {
+                    value.first() == Some(c) && reference(rest, &value[1..])
+                }
+                Some((Token::Star, rest)) => (0..=value.len())
+                    .take_while(|&n| n == 0 || value[n - 1] != '*')
+                    .any(|n| reference(rest, &value[n..])),
+            }
+        }
+        fn all(alphabet: &[char], max: usize) -> Vec<Vec<char>> {
+            let mut out = vec![vec![]];
+            let mut last = vec![vec![]];
+            for _ in 0..max {
+                let next: Vec<Vec<char>> = last
+                    .iter()
+                    .flat_map(|s: &Vec<char>| {
+                        alphabet.iter().map(move |c| {
+                            let mut s = s.clone();
+                            s.push(*c);
+                            s
+                        })
+                    })
+                    .collect();
+                out.extend(next.iter().cloned());
+                last = next;
+            }
+            out
+        }
+        let patterns = all(&['a', '*', 's'], 5);
+        let values = all(&['a', 'b', '*'], 5);
+        for p in &patterns {
+            let tokens: Vec<Token> = p
+                .iter()
+                .map(|c| {
+                    if *c == 's' {
+                        Token::Star
+                    } else {
+                        Token::Char(*c)
+                    }
+                })
+                .collect();
+            for v in &values {
+                assert_eq!(
+                    glob(&tokens, v, false),
+                    reference(&tokens, v),
+                    "pattern {p:?} value {v:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! requested in the first handshake but optional.
 //!
 //! The client certificate verifier here checks only that the client holds the key of the
-//! certificate it presents (the handshake signature). Which chains are trusted depends on the
+//! certificate it presents (the handshake signature), and refuses a chain over the caps of
+//! `auth::caps`. Which chains are trusted depends on the
 //! label a request is for, so chain validation happens per request in `auth::client_cert`.
 
 use std::sync::Arc;
@@ -47,6 +48,18 @@ pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<ServerConfig, Str
     Ok(config)
 }
 
+/// A presented chain over `auth::caps`.
+#[derive(Debug)]
+struct ChainTooLarge(String);
+
+impl std::fmt::Display for ChainTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ChainTooLarge {}
+
 /// Accepts any client certificate whose key the client proves to hold; see the module docs.
 #[derive(Debug)]
 struct PossessionOnlyVerifier {
@@ -70,9 +83,19 @@ impl ClientCertVerifier for PossessionOnlyVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // A chain over the caps is refused here, before anything is kept or verified.
+        crate::auth::caps::check_chain_size(
+            1 + intermediates.len(),
+            end_entity.len() + intermediates.iter().map(|c| c.len()).sum::<usize>(),
+        )
+        .map_err(|reason| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(ChainTooLarge(reason)),
+            )))
+        })?;
         webpki::EndEntityCert::try_from(end_entity)
             .map(|_| ClientCertVerified::assertion())
             .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))

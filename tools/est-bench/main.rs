@@ -6,6 +6,7 @@
 //! est-bench floor                 the crypto floor of one enrollment, one core, no sockets
 //! est-bench pki --dir DIR         a benchmark PKI and server configurations
 //! est-bench summary FLOOR.json NAME=RESULT.json ...   results next to the floor
+//! est-bench hostile --server-bin BIN   refusing hostile client chains, and a client meanwhile
 //! ```
 //!
 //! The load generator talks like IoT Edge's EST client (HTTP/1.1 without ALPN, lowercase
@@ -14,6 +15,7 @@
 //! `--allow-remote` is given.
 
 mod floor;
+mod hostile;
 mod load;
 mod pki;
 mod procfs;
@@ -46,6 +48,9 @@ enum Command {
     Pki(pki::PkiArgs),
     /// Prints benchmark results (JSON files of `--json` runs) next to the floor.
     Summary(summary::SummaryArgs),
+    /// What refusing hostile client certificate chains costs a server (a given edge-est
+    /// binary), and a legitimate client's latency meanwhile.
+    Hostile(hostile::HostileArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Floor(args)) => floor::run(&args),
         Some(Command::Pki(args)) => pki::run(&args),
         Some(Command::Summary(args)) => summary::run(&args),
+        Some(Command::Hostile(args)) => hostile::run(&args),
         None => load::run(cli.load),
     }
 }

@@ -1,0 +1,154 @@
+//! Server-side key generation (`/serverkeygen`), bounded. An RSA-2048 key costs tens of
+//! milliseconds of CPU (about 76 ms on the reference machine), a thousand times a CSR check:
+//! within the default per-identity burst one device could make the server spend 15 s of CPU.
+//! So RSA keys are made on the blocking pool, [`rsa_keys_at_once`] at a time whoever asks,
+//! and each identity has a key budget of its own: a token bucket at `1/RSA_KEY_COST` of the
+//! identity's request rate and burst (by default one key a second, ten at once). EC keys cost
+//! microseconds and are not counted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::config::{Limits, ServerKeygen};
+use crate::est::KeyKind;
+use crate::limits::{Rate, RateLimiter};
+
+/// What one RSA key costs of an identity's request budget, in requests.
+pub const RSA_KEY_COST: f64 = 20.0;
+
+/// RSA keys generated at once by the whole server: at most half the cores (at least one), so
+/// key generation never takes every core from the requests that need little.
+pub fn rsa_keys_at_once() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// The server's key generation: its permits and the per-identity key budgets.
+pub struct KeyGenerator {
+    rsa_permits: Arc<Semaphore>,
+    budgets: RateLimiter<String>,
+}
+
+impl Default for KeyGenerator {
+    fn default() -> Self {
+        KeyGenerator {
+            rsa_permits: Arc::new(Semaphore::new(rsa_keys_at_once())),
+            budgets: RateLimiter::new(crate::limits::MAX_TRACKED),
+        }
+    }
+}
+
+/// Why no key was made.
+#[derive(Debug)]
+pub enum KeygenError {
+    /// The identity's key budget is spent; a key is back after this long.
+    OverBudget(Duration),
+    Failed(String),
+}
+
+impl KeyGenerator {
+    /// The key budget of one identity under `limits` (off when the per-identity rate is).
+    pub fn budget(limits: &Limits) -> Rate {
+        Rate {
+            per_second: limits.rate_per_identity / RSA_KEY_COST,
+            burst: (limits.burst_per_identity / RSA_KEY_COST).max(1.0),
+        }
+    }
+
+    /// Makes a key of `kind` for `identity` (the key its rate limit is kept by).
+    pub async fn generate(
+        &self,
+        kind: ServerKeygen,
+        identity: &str,
+        limits: &Limits,
+    ) -> Result<(rcgen::KeyPair, KeyKind), KeygenError> {
+        let (algorithm, key_kind) = match kind {
+            ServerKeygen::EcP256 | ServerKeygen::Off => {
+                (&rcgen::PKCS_ECDSA_P256_SHA256, KeyKind::EcP256)
+            }
+            ServerKeygen::EcP384 => (&rcgen::PKCS_ECDSA_P384_SHA384, KeyKind::EcP384),
+            ServerKeygen::Rsa2048 => (&rcgen::PKCS_RSA_SHA256, KeyKind::Rsa { bits: 2048 }),
+        };
+        let permit = if matches!(key_kind, KeyKind::Rsa { .. }) {
+            self.budgets
+                .check(identity.to_owned(), Self::budget(limits), Instant::now())
+                .map_err(KeygenError::OverBudget)?;
+            Some(
+                self.rsa_permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| KeygenError::Failed(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        // Off the connection threads: RSA generation takes tens of milliseconds.
+        let key = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            rcgen::KeyPair::generate_for(algorithm)
+        })
+        .await
+        .map_err(|e| KeygenError::Failed(e.to_string()))?
+        .map_err(|e| KeygenError::Failed(e.to_string()))?;
+        Ok((key, key_kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rsa_keys_are_budgeted_per_identity_ec_keys_are_not() {
+        let generator = KeyGenerator::default();
+        let limits = Limits {
+            rate_per_identity: 0.001,
+            burst_per_identity: 2.0 * RSA_KEY_COST,
+            ..Limits::default()
+        };
+        for _ in 0..2 {
+            let (key, kind) = generator
+                .generate(ServerKeygen::Rsa2048, "device a", &limits)
+                .await
+                .unwrap();
+            assert_eq!(kind, KeyKind::Rsa { bits: 2048 });
+            assert!(key.serialize_der().len() > 1000);
+        }
+        match generator
+            .generate(ServerKeygen::Rsa2048, "device a", &limits)
+            .await
+        {
+            Err(KeygenError::OverBudget(wait)) => assert!(wait > Duration::from_secs(60)),
+            other => panic!("a third RSA key: {:?}", other.map(|(_, k)| k)),
+        }
+        // Positive controls: another identity, and EC keys for the same one.
+        assert!(generator
+            .generate(ServerKeygen::Rsa2048, "device b", &limits)
+            .await
+            .is_ok());
+        for _ in 0..5 {
+            assert!(generator
+                .generate(ServerKeygen::EcP256, "device a", &limits)
+                .await
+                .is_ok());
+        }
+        // Rate limits off: no budget either.
+        let off = Limits {
+            rate_per_identity: 0.0,
+            ..limits
+        };
+        assert!(generator
+            .generate(ServerKeygen::Rsa2048, "device a", &off)
+            .await
+            .is_ok());
+    }
+
+    #[test]
+    fn the_default_budget_is_a_key_a_second_ten_at_once() {
+        let rate = KeyGenerator::budget(&Limits::default());
+        assert_eq!(rate.per_second, 1.0);
+        assert_eq!(rate.burst, 10.0);
+    }
+}
