@@ -563,9 +563,11 @@ impl App {
                     label_rt,
                     upstream_issuer,
                     chain,
-                    &trust,
-                    &intermediates,
-                    &issuing_cas,
+                    PeerAnchors {
+                        trust: &trust,
+                        intermediates: &intermediates,
+                        issuing_cas: &issuing_cas,
+                    },
                     connection,
                 )
                 .await?,
@@ -619,11 +621,14 @@ impl App {
         label_rt: &Arc<LabelRuntime>,
         upstream_issuer: Option<&Arc<TrustSet>>,
         chain: &[rustls::pki_types::CertificateDer<'static>],
-        trust: &[Arc<TrustSet>],
-        intermediates: &[rustls::pki_types::CertificateDer<'static>],
-        issuing_cas: &[CaKey],
+        anchors: PeerAnchors<'_>,
         connection: &Connection,
     ) -> Result<CertIdentity, auth::AuthError> {
+        let PeerAnchors {
+            trust,
+            intermediates,
+            issuing_cas,
+        } = anchors;
         let now = OffsetDateTime::now_utc();
         let kept = connection.memo.get::<VerifiedPeers>();
         if let Some(peer) = kept
@@ -940,6 +945,13 @@ async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<By
     tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| RequestError::BodyTimeout)?
+}
+
+/// What a client chain is verified against on a label (see `App::verify_peer`).
+struct PeerAnchors<'a> {
+    trust: &'a [Arc<TrustSet>],
+    intermediates: &'a [rustls::pki_types::CertificateDer<'static>],
+    issuing_cas: &'a [CaKey],
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
