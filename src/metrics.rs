@@ -602,7 +602,11 @@ where
         let render = render.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            // Conventional header names on the wire, as on the EST listener.
+            let methods = crate::transport::head_case::Methods::default();
+            let io = crate::transport::head_case::HeadCase::new(tcp, methods.clone());
             let handler = service_fn(move |request: Request<hyper::body::Incoming>| {
+                methods.note(request.method());
                 let render = render.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&request, &*render)) }
             });
@@ -611,7 +615,7 @@ where
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(8 * 1024)
                 .max_headers(32)
-                .serve_connection(TokioIo::new(tcp), handler);
+                .serve_connection(TokioIo::new(io), handler);
             if tokio::time::timeout(CONNECTION_LIFETIME, conn)
                 .await
                 .is_err()
