@@ -344,6 +344,8 @@ pub enum ServerKeygen {
     Off,
     EcP256,
     EcP384,
+    /// `rsa2048`; `rsa-2048` is read too.
+    #[serde(alias = "rsa-2048")]
     Rsa2048,
 }
 

@@ -145,6 +145,18 @@ impl Policy {
                     patterns(&field("subject_attributes"), values)?,
                 ));
             }
+            // `client_cn` holds common names, not distinguished names: `CN=bottom-ra` would
+            // never match a certificate's CN and the rule would silently never apply.
+            if let Some(dn) = rule.client_cn.iter().find(|p| {
+                p.get(..3)
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case("CN="))
+            }) {
+                return Err(format!(
+                    "{}: {dn:?} is written as a distinguished name; give the common name alone ({:?})",
+                    field("client_cn"),
+                    &dn[3..]
+                ));
+            }
             built.push(Rule {
                 who,
                 client_cn: patterns(&field("client_cn"), &rule.client_cn)?,
