@@ -64,13 +64,34 @@ impl RefusedBecause {
 pub enum LimitScope {
     Address,
     Identity,
+    /// Failed authentications from one address.
+    FailedAuthAddress,
+    /// Failed authentications of one presented identity (user name, certificate subject).
+    FailedAuthIdentity,
+    /// Certificates for one requested name.
+    Name,
+    /// Server-generated keys for one identity.
+    Keygen,
 }
 
 impl LimitScope {
+    pub const ALL: [LimitScope; 6] = [
+        LimitScope::Address,
+        LimitScope::Identity,
+        LimitScope::FailedAuthAddress,
+        LimitScope::FailedAuthIdentity,
+        LimitScope::Name,
+        LimitScope::Keygen,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LimitScope::Address => "address",
             LimitScope::Identity => "identity",
+            LimitScope::FailedAuthAddress => "failed_auth_address",
+            LimitScope::FailedAuthIdentity => "failed_auth_identity",
+            LimitScope::Name => "name",
+            LimitScope::Keygen => "keygen",
         }
     }
 }
@@ -126,8 +147,7 @@ pub struct Metrics {
     active_connections: AtomicI64,
     refused_capacity: AtomicU64,
     refused_per_address: AtomicU64,
-    rate_limited_address: AtomicU64,
-    rate_limited_identity: AtomicU64,
+    rate_limited: [AtomicU64; 6],
     tls_handshakes: AtomicU64,
     config_version: AtomicI64,
 }
@@ -195,8 +215,7 @@ impl Metrics {
             active_connections: AtomicI64::new(0),
             refused_capacity: AtomicU64::new(0),
             refused_per_address: AtomicU64::new(0),
-            rate_limited_address: AtomicU64::new(0),
-            rate_limited_identity: AtomicU64::new(0),
+            rate_limited: Default::default(),
             tls_handshakes: AtomicU64::new(0),
             config_version: AtomicI64::new(0),
         }
@@ -292,11 +311,7 @@ impl Metrics {
     }
 
     pub fn rate_limited(&self, scope: LimitScope) {
-        match scope {
-            LimitScope::Address => &self.rate_limited_address,
-            LimitScope::Identity => &self.rate_limited_identity,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.rate_limited[scope as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn tls_handshake(&self) {
@@ -475,17 +490,14 @@ impl Metrics {
             &mut out,
             "edgeest_rate_limited_total",
             "counter",
-            "Requests answered 429 by a rate limit, by scope (address or identity).",
+            "Requests answered 429 by a rate limit, by scope (address, identity, failed_auth_address, failed_auth_identity, name, keygen).",
         );
-        for (scope, counter) in [
-            (LimitScope::Address, &self.rate_limited_address),
-            (LimitScope::Identity, &self.rate_limited_identity),
-        ] {
+        for scope in LimitScope::ALL {
             let _ = writeln!(
                 out,
                 "edgeest_rate_limited_total{{{c},scope=\"{}\"}} {}",
                 scope.as_str(),
-                counter.load(Ordering::Relaxed)
+                self.rate_limited[scope as usize].load(Ordering::Relaxed)
             );
         }
 

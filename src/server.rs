@@ -16,7 +16,7 @@ use hyper::{Request, Response};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::auth::{self, CertIdentity, Credentials, Identity, TrustSet};
+use crate::auth::{self, AuthError, CertIdentity, Credentials, Identity, TrustSet};
 use crate::config::{Mode, ServerKeygen};
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
@@ -47,6 +47,13 @@ pub struct App {
     /// rates come from the running configuration).
     address_limits: RateLimiter<IpAddr>,
     identity_limits: RateLimiter<String>,
+    /// Failed authentications per address and per presented identity (shared with the
+    /// password verification threads, see [`FailureLimits`]).
+    failed_by_address: Arc<RateLimiter<IpAddr>>,
+    failed_by_identity: Arc<RateLimiter<String>>,
+    /// Certificates per label and requested subject; server-generated keys per identity.
+    name_limits: RateLimiter<String>,
+    keygen_limits: RateLimiter<String>,
 }
 
 impl App {
@@ -59,6 +66,10 @@ impl App {
             metrics,
             address_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
             identity_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            failed_by_address: Arc::new(RateLimiter::new(crate::limits::MAX_TRACKED)),
+            failed_by_identity: Arc::new(RateLimiter::new(crate::limits::MAX_TRACKED)),
+            name_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            keygen_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
         }
     }
 
@@ -131,42 +142,81 @@ impl App {
         })
     }
 
-    /// Takes a token from `key`'s bucket of `scope`; 429 when it is empty.
+    /// Takes a token from `key`'s bucket; 429 when it is empty.
     fn rate_limit(&self, runtime: &Runtime, key: RateKey) -> Result<(), RequestError> {
         let limits = &runtime.limits;
         let now = Instant::now();
-        let scope = match key {
-            RateKey::Address(_) => LimitScope::Address,
-            RateKey::Identity(_) => LimitScope::Identity,
-        };
-        let checked = match key {
-            RateKey::Address(ip) => self.address_limits.check(
-                crate::limits::address_key(ip),
-                Rate {
-                    per_second: limits.rate_per_address,
-                    burst: limits.burst_per_address,
-                },
-                now,
+        let rate = |per_second, burst| Rate { per_second, burst };
+        let (scope, checked) = match key {
+            RateKey::Address(ip) => (
+                LimitScope::Address,
+                self.address_limits.check(
+                    crate::limits::address_key(ip),
+                    rate(limits.rate_per_address, limits.burst_per_address),
+                    now,
+                ),
             ),
-            RateKey::Identity(id) => self.identity_limits.check(
-                id,
-                Rate {
-                    per_second: limits.rate_per_identity,
-                    burst: limits.burst_per_identity,
-                },
-                now,
+            RateKey::Identity(id) => (
+                LimitScope::Identity,
+                self.identity_limits.check(
+                    id,
+                    rate(limits.rate_per_identity, limits.burst_per_identity),
+                    now,
+                ),
+            ),
+            RateKey::Name(name) => (
+                LimitScope::Name,
+                self.name_limits.check(
+                    name,
+                    rate(limits.enroll_per_name, limits.enroll_burst_per_name),
+                    now,
+                ),
+            ),
+            RateKey::Keygen(id) => (
+                LimitScope::Keygen,
+                self.keygen_limits.check(
+                    id,
+                    rate(limits.keygen_per_identity, limits.keygen_burst_per_identity),
+                    now,
+                ),
             ),
         };
-        checked.map_err(|wait| {
-            self.metrics.rate_limited(scope);
-            RequestError::RateLimited {
-                scope: match scope {
-                    LimitScope::Address => "this address",
-                    LimitScope::Identity => "this identity",
-                },
-                retry_after: crate::limits::retry_after_secs(wait),
-            }
-        })
+        checked.map_err(|wait| self.limited(scope, wait))
+    }
+
+    /// The 429 of `scope`, counted.
+    fn limited(&self, scope: LimitScope, wait: Duration) -> RequestError {
+        self.metrics.rate_limited(scope);
+        RequestError::RateLimited {
+            scope: match scope {
+                LimitScope::Address => "requests from this address",
+                LimitScope::Identity => "requests from this identity",
+                LimitScope::FailedAuthAddress => "failed authentications from this address",
+                LimitScope::FailedAuthIdentity => "failed authentications for this identity",
+                LimitScope::Name => "certificates for this name",
+                LimitScope::Keygen => "server-generated keys for this identity",
+            },
+            retry_after: crate::limits::retry_after_secs(wait),
+        }
+    }
+
+    /// The failed-authentication limits for a request from `remote`.
+    fn failure_limits(&self, runtime: &Runtime, remote: IpAddr) -> FailureLimits {
+        let limits = &runtime.limits;
+        FailureLimits {
+            by_address: self.failed_by_address.clone(),
+            by_identity: self.failed_by_identity.clone(),
+            address: crate::limits::address_key(remote),
+            address_rate: Rate {
+                per_second: limits.failed_auth_per_address,
+                burst: limits.failed_auth_burst_per_address,
+            },
+            identity_rate: Rate {
+                per_second: limits.failed_auth_per_identity,
+                burst: limits.failed_auth_burst_per_identity,
+            },
+            refused_by: std::sync::Mutex::new(None),
+        }
     }
 }
 
@@ -174,6 +224,83 @@ impl App {
 enum RateKey {
     Address(IpAddr),
     Identity(String),
+    /// A label and a requested subject.
+    Name(String),
+    /// An identity asking for server-generated keys.
+    Keygen(String),
+}
+
+/// The failed-authentication limits of one request: per address and per presented identity
+/// (`user NAME`, or `certificate` and a hash of the leaf's subject). Before a credential that
+/// is not known to be good is verified (argon2, chain), both buckets must hold a token; each
+/// failure takes one from both. Credentials known to be good (a remembered password, a
+/// certificate verified earlier on the connection) pass without either, so a fleet keeps
+/// working while someone guesses from its address or at its user.
+struct FailureLimits {
+    by_address: Arc<RateLimiter<IpAddr>>,
+    by_identity: Arc<RateLimiter<String>>,
+    address: IpAddr,
+    address_rate: Rate,
+    identity_rate: Rate,
+    /// Which limit refused, for the answer.
+    refused_by: std::sync::Mutex<Option<LimitScope>>,
+}
+
+impl FailureLimits {
+    fn ready(&self, identity: &str) -> Result<(), (LimitScope, Duration)> {
+        let now = Instant::now();
+        self.by_address
+            .ready(&self.address, self.address_rate, now)
+            .map_err(|w| (LimitScope::FailedAuthAddress, w))?;
+        self.by_identity
+            .ready(&identity.to_owned(), self.identity_rate, now)
+            .map_err(|w| (LimitScope::FailedAuthIdentity, w))
+    }
+
+    fn charge(&self, identity: Option<&str>) {
+        let now = Instant::now();
+        self.by_address.charge(self.address, self.address_rate, now);
+        if let Some(identity) = identity {
+            self.by_identity
+                .charge(identity.to_owned(), self.identity_rate, now);
+        }
+    }
+
+    fn refused_scope(&self) -> LimitScope {
+        self.refused_by
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .unwrap_or(LimitScope::FailedAuthAddress)
+    }
+}
+
+impl auth::basic::Attempts for FailureLimits {
+    fn admit(&self, user: &str) -> Result<(), Duration> {
+        self.ready(&format!("user {user}")).map_err(|(scope, wait)| {
+            if let Ok(mut refused) = self.refused_by.lock() {
+                *refused = Some(scope);
+            }
+            wait
+        })
+    }
+
+    fn failed(&self, user: &str) {
+        self.charge(Some(&format!("user {user}")));
+    }
+}
+
+/// The presented identity of a client certificate for the failed-authentication limit: its
+/// leaf's subject (whatever key or issuer a forger uses for it).
+fn certificate_key(leaf: &rustls::pki_types::CertificateDer<'_>) -> String {
+    let subject = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+        .unwrap_or_default();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &subject);
+    format!(
+        "certificate {}",
+        crate::auth::client_cert::hex(&digest.as_ref()[..16])
+    )
 }
 
 impl Service for App {
@@ -424,19 +551,49 @@ impl App {
             .memo
             .get::<VerifiedPeer>()
             .filter(|v| v.holds_for(label_rt, upstream_issuer, OffsetDateTime::now_utc()));
+        // Failed authentication is limited per address and per presented identity: a
+        // certificate that needs verifying waits for both buckets (a password is checked by
+        // the verification thread, right before argon2), and each failure takes a token.
+        let failures = Arc::new(self.failure_limits(runtime, connection.remote.ip()));
+        let certificate_key = match (connection.peer_chain.as_deref(), &remembered) {
+            (Some([leaf, ..]), None) if label_rt.auth.certificate => Some(certificate_key(leaf)),
+            _ => None,
+        };
+        if let Some(key) = &certificate_key {
+            failures
+                .ready(key)
+                .map_err(|(scope, wait)| self.limited(scope, wait))?;
+        }
         let credentials = Credentials {
             peer_chain: connection.peer_chain.as_deref(),
             peer_verified: remembered.as_ref().map(|v| &v.identity),
             authorization,
+            attempts: failures.clone(),
         };
-        let identity = auth::authenticate(
+        let authenticated = auth::authenticate(
             label_rt.auth,
             &trust,
             &intermediates,
             &runtime.users,
             credentials,
         )
-        .await?;
+        .await;
+        let identity = match authenticated {
+            Ok(identity) => identity,
+            Err(AuthError::TooManyFailures(wait)) => {
+                return Err(self.limited(failures.refused_scope(), wait))
+            }
+            Err(error) => {
+                match &error {
+                    AuthError::Certificate(_) => failures.charge(certificate_key.as_deref()),
+                    AuthError::MalformedBasic => failures.charge(None),
+                    // A wrong password was counted by the verification thread; a missing
+                    // credential is the challenge step of clients like libest's.
+                    _ => {}
+                }
+                return Err(error.into());
+            }
+        };
         if let Some(certificate) = identity.certificate.as_ref().filter(|c| !c.grace) {
             if remembered.is_none() {
                 connection.memo.set(Arc::new(VerifiedPeer {
@@ -532,9 +689,16 @@ impl App {
         } else {
             &label_rt.profile
         };
-
+        // One device enrolling its name over and over; one identity asking for keys.
+        self.rate_limit(
+            runtime,
+            RateKey::Name(format!("{} {}", label_rt.display_name(), grant.subject)),
+        )?;
         let generated = match (operation, label_rt.serverkeygen) {
-            (Operation::ServerKeygen, kind) => Some(generate_key(kind).await?),
+            (Operation::ServerKeygen, kind) => {
+                self.rate_limit(runtime, RateKey::Keygen(identity.to_string()))?;
+                Some(generate_key(kind).await?)
+            }
             _ => None,
         };
         let (spki, key_kind) = match &generated {
