@@ -95,7 +95,9 @@ impl<K: Hash + Eq> RateLimiter<K> {
         if bucket.tokens >= 1.0 {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate.per_second))
+            Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / rate.per_second,
+            ))
         }
     }
 
@@ -213,7 +215,10 @@ mod tests {
         };
         let t0 = Instant::now();
         assert!(limiter.ready(&"a", rate, t0).is_ok());
-        assert!(limiter.is_empty(), "ready keeps no bucket for a key never charged");
+        assert!(
+            limiter.is_empty(),
+            "ready keeps no bucket for a key never charged"
+        );
         limiter.charge("a", rate, t0);
         assert!(limiter.ready(&"a", rate, t0).is_ok());
         assert!(limiter.ready(&"a", rate, t0).is_ok(), "ready took nothing");
@@ -224,7 +229,9 @@ mod tests {
             limiter.charge("a", rate, t0);
         }
         assert_eq!(limiter.ready(&"a", rate, t0), Err(Duration::from_secs(3)));
-        assert!(limiter.ready(&"a", rate, t0 + Duration::from_secs(3)).is_ok());
+        assert!(limiter
+            .ready(&"a", rate, t0 + Duration::from_secs(3))
+            .is_ok());
     }
 
     #[test]

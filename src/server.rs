@@ -54,6 +54,9 @@ pub struct App {
     /// Certificates per label and requested subject; server-generated keys per identity.
     name_limits: RateLimiter<String>,
     keygen_limits: RateLimiter<String>,
+    /// Leaf certificates (SHA-256) that authenticated: presented again (the handshake proved
+    /// the key), they are verified as usual but not held back by the failure limits.
+    known_leaves: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
 }
 
 impl App {
@@ -70,6 +73,10 @@ impl App {
             failed_by_identity: Arc::new(RateLimiter::new(crate::limits::MAX_TRACKED)),
             name_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
             keygen_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            known_leaves: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(crate::limits::MAX_TRACKED)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -277,17 +284,24 @@ impl FailureLimits {
 
 impl auth::basic::Attempts for FailureLimits {
     fn admit(&self, user: &str) -> Result<(), Duration> {
-        self.ready(&format!("user {user}")).map_err(|(scope, wait)| {
-            if let Ok(mut refused) = self.refused_by.lock() {
-                *refused = Some(scope);
-            }
-            wait
-        })
+        self.ready(&format!("user {user}"))
+            .map_err(|(scope, wait)| {
+                if let Ok(mut refused) = self.refused_by.lock() {
+                    *refused = Some(scope);
+                }
+                wait
+            })
     }
 
     fn failed(&self, user: &str) {
         self.charge(Some(&format!("user {user}")));
     }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
+    out
 }
 
 /// The presented identity of a client certificate for the failed-authentication limit: its
@@ -555,8 +569,20 @@ impl App {
         // certificate that needs verifying waits for both buckets (a password is checked by
         // the verification thread, right before argon2), and each failure takes a token.
         let failures = Arc::new(self.failure_limits(runtime, connection.remote.ip()));
+        let leaf_hash = connection
+            .peer_chain
+            .as_deref()
+            .and_then(|chain| chain.first())
+            .map(|leaf| sha256(leaf));
+        let known_leaf = leaf_hash.is_some_and(|h| {
+            self.known_leaves
+                .lock()
+                .is_ok_and(|mut known| known.get(&h).is_some())
+        });
         let certificate_key = match (connection.peer_chain.as_deref(), &remembered) {
-            (Some([leaf, ..]), None) if label_rt.auth.certificate => Some(certificate_key(leaf)),
+            (Some([leaf, ..]), None) if label_rt.auth.certificate && !known_leaf => {
+                Some(certificate_key(leaf))
+            }
             _ => None,
         };
         if let Some(key) = &certificate_key {
@@ -595,6 +621,11 @@ impl App {
             }
         };
         if let Some(certificate) = identity.certificate.as_ref().filter(|c| !c.grace) {
+            if let (Some(hash), false) = (leaf_hash, known_leaf) {
+                if let Ok(mut known) = self.known_leaves.lock() {
+                    known.put(hash, ());
+                }
+            }
             if remembered.is_none() {
                 connection.memo.set(Arc::new(VerifiedPeer {
                     label: Arc::downgrade(label_rt),

@@ -149,7 +149,11 @@ impl Pool {
         }
     }
 
-    async fn verify(&self, job: Job, answer: oneshot::Receiver<Result<bool, Duration>>) -> Result<bool, Duration> {
+    async fn verify(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<Result<bool, Duration>>,
+    ) -> Result<bool, Duration> {
         let sent = self
             .jobs
             .lock()
@@ -437,7 +441,11 @@ mod tests {
             Ok(true),
             "cached success still succeeds"
         );
-        assert_eq!(counting.admitted.load(Ordering::SeqCst), 1, "one argon2 run");
+        assert_eq!(
+            counting.admitted.load(Ordering::SeqCst),
+            1,
+            "one argon2 run"
+        );
         assert_eq!(db.verify("estuser", "wrong", attempts()).await, Ok(false));
         assert_eq!(db.verify("nobody", "right", attempts()).await, Ok(false));
         assert_eq!(counting.failed.load(Ordering::SeqCst), 2);
@@ -447,7 +455,10 @@ mod tests {
         // database (a reconfiguration); anything else is refused without argon2.
         counting.refuse.store(true, Ordering::SeqCst);
         let rebuilt = UserDb::new(&users, 1).unwrap();
-        assert_eq!(rebuilt.verify("estuser", "right", attempts()).await, Ok(true));
+        assert_eq!(
+            rebuilt.verify("estuser", "right", attempts()).await,
+            Ok(true)
+        );
         assert!(rebuilt.known_good("estuser", "right"));
         assert_eq!(
             rebuilt.verify("estuser", "wrong", attempts()).await,
@@ -458,8 +469,14 @@ mod tests {
         let mut changed = users.clone();
         changed.insert("estuser".to_owned(), hash_password("other").unwrap());
         let changed = UserDb::new(&changed, 2).unwrap();
-        assert_eq!(changed.verify("estuser", "right", attempts()).await, Ok(false));
-        assert_eq!(changed.verify("estuser", "other", attempts()).await, Ok(true));
+        assert_eq!(
+            changed.verify("estuser", "right", attempts()).await,
+            Ok(false)
+        );
+        assert_eq!(
+            changed.verify("estuser", "other", attempts()).await,
+            Ok(true)
+        );
         assert!(shared().unwrap().under_way.lock().unwrap().is_empty());
     }
 
@@ -503,7 +520,11 @@ mod tests {
         }
         assert!(verify_into(&hash_password("x").unwrap(), b"x", &mut memory));
         assert_eq!(memory.len(), 19456, "grown to the largest hash, kept");
-        assert!(!verify_into("$argon2id$v=19$m=8,t=1,p=1$bad", b"x", &mut memory));
+        assert!(!verify_into(
+            "$argon2id$v=19$m=8,t=1,p=1$bad",
+            b"x",
+            &mut memory
+        ));
     }
 
     #[test]
