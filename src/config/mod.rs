@@ -110,7 +110,9 @@ pub struct Limits {
     pub header_timeout_secs: u64,
     /// Time a client has to send a request's body.
     pub body_timeout_secs: u64,
-    /// argon2 verifications running at once (each costs tens of ms of CPU and ~19 MiB).
+    /// Password verification threads: argon2 verifications running at once. Each costs
+    /// tens of ms of CPU and keeps one argon2 working area (~19 MiB with the default
+    /// parameters) from its first verification on; only grows over reconfigurations.
     pub password_checks: usize,
     /// Connections served at once from one address (an IPv6 /64); further ones are closed
     /// right after accept. 0: no per-address cap.
@@ -158,7 +160,7 @@ impl Default for Limits {
             handshake_timeout_secs: 10,
             header_timeout_secs: 15,
             body_timeout_secs: 20,
-            password_checks: 2,
+            password_checks: 1,
             max_connections_per_address: 256,
             failed_auth_per_address: 1.0,
             failed_auth_burst_per_address: 30.0,
