@@ -52,9 +52,10 @@ pub enum RequestError {
     KeyGeneration(String),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    #[error("too many requests from {scope}: retry after {retry_after} s")]
+    #[error("too many {scope}: retry after {retry_after} s")]
     RateLimited {
-        /// `this address` or `this identity`.
+        /// What there were too many of: `requests from this address`, `failed
+        /// authentications from this address`, `certificates for this name`, ...
         scope: &'static str,
         retry_after: u64,
     },

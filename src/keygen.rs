@@ -15,8 +15,9 @@ use crate::config::{Limits, ServerKeygen};
 use crate::est::KeyKind;
 use crate::limits::{Rate, RateLimiter};
 
-/// What one RSA key costs of an identity's request budget, in requests.
-pub const RSA_KEY_COST: f64 = 20.0;
+/// What one RSA key costs of an identity's server-side key budget (`keygen_per_identity`),
+/// in keys: an EC key costs next to nothing, an RSA key tens of milliseconds of CPU.
+pub const RSA_KEY_COST: f64 = 10.0;
 
 /// RSA keys generated at once by the whole server: at most half the cores (at least one), so
 /// key generation never takes every core from the requests that need little.
@@ -48,11 +49,11 @@ pub enum KeygenError {
 }
 
 impl KeyGenerator {
-    /// The key budget of one identity under `limits` (off when the per-identity rate is).
+    /// The RSA key budget of one identity under `limits` (off when the keygen rate is).
     pub fn budget(limits: &Limits) -> Rate {
         Rate {
-            per_second: limits.rate_per_identity / RSA_KEY_COST,
-            burst: (limits.burst_per_identity / RSA_KEY_COST).max(1.0),
+            per_second: limits.keygen_per_identity / RSA_KEY_COST,
+            burst: (limits.keygen_burst_per_identity / RSA_KEY_COST).max(1.0),
         }
     }
 
@@ -104,8 +105,8 @@ mod tests {
     async fn rsa_keys_are_budgeted_per_identity_ec_keys_are_not() {
         let generator = KeyGenerator::default();
         let limits = Limits {
-            rate_per_identity: 0.001,
-            burst_per_identity: 2.0 * RSA_KEY_COST,
+            keygen_per_identity: 0.001,
+            keygen_burst_per_identity: 2.0 * RSA_KEY_COST,
             ..Limits::default()
         };
         for _ in 0..2 {
@@ -136,7 +137,7 @@ mod tests {
         }
         // Rate limits off: no budget either.
         let off = Limits {
-            rate_per_identity: 0.0,
+            keygen_per_identity: 0.0,
             ..limits
         };
         assert!(generator
@@ -146,9 +147,9 @@ mod tests {
     }
 
     #[test]
-    fn the_default_budget_is_a_key_a_second_ten_at_once() {
+    fn the_default_budget_is_a_key_a_second_five_at_once() {
         let rate = KeyGenerator::budget(&Limits::default());
         assert_eq!(rate.per_second, 1.0);
-        assert_eq!(rate.burst, 10.0);
+        assert_eq!(rate.burst, 5.0);
     }
 }

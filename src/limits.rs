@@ -76,6 +76,51 @@ impl<K: Hash + Eq> RateLimiter<K> {
         }
     }
 
+    /// Whether `key`'s bucket holds a token, without taking it. `Err` holds how long until
+    /// it does. A key without a bucket has a full one.
+    pub fn ready(&self, key: &K, rate: Rate, now: Instant) -> Result<(), Duration> {
+        if rate.is_off() {
+            return Ok(());
+        }
+        let burst = rate.burst.max(1.0);
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let Some(bucket) = buckets.get_mut(key) else {
+            return Ok(());
+        };
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate.per_second).min(burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / rate.per_second,
+            ))
+        }
+    }
+
+    /// Takes a token from `key`'s bucket whether or not it has one: an empty bucket goes
+    /// into debt (down to minus its size), so that what happened past the limit pushes the
+    /// next token further away.
+    pub fn charge(&self, key: K, rate: Rate, now: Instant) {
+        if rate.is_off() {
+            return;
+        }
+        let burst = rate.burst.max(1.0);
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return;
+        };
+        let bucket = buckets.get_or_insert_mut(key, || Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = ((bucket.tokens + elapsed * rate.per_second).min(burst) - 1.0).max(-burst);
+        bucket.last = now;
+    }
+
     /// Buckets currently kept.
     pub fn len(&self) -> usize {
         self.buckets.lock().map(|b| b.len()).unwrap_or(0)
@@ -159,6 +204,34 @@ mod tests {
             assert!(limiter.check(key, on, now).is_ok());
         }
         assert_eq!(limiter.len(), 100);
+    }
+
+    #[test]
+    fn charges_go_into_bounded_debt_and_ready_takes_nothing() {
+        let limiter = RateLimiter::new(8);
+        let rate = Rate {
+            per_second: 1.0,
+            burst: 2.0,
+        };
+        let t0 = Instant::now();
+        assert!(limiter.ready(&"a", rate, t0).is_ok());
+        assert!(
+            limiter.is_empty(),
+            "ready keeps no bucket for a key never charged"
+        );
+        limiter.charge("a", rate, t0);
+        assert!(limiter.ready(&"a", rate, t0).is_ok());
+        assert!(limiter.ready(&"a", rate, t0).is_ok(), "ready took nothing");
+        limiter.charge("a", rate, t0);
+        assert_eq!(limiter.ready(&"a", rate, t0), Err(Duration::from_secs(1)));
+        // Ten more charges: the debt stops at minus the burst (2 s + 1 s to the next token).
+        for _ in 0..10 {
+            limiter.charge("a", rate, t0);
+        }
+        assert_eq!(limiter.ready(&"a", rate, t0), Err(Duration::from_secs(3)));
+        assert!(limiter
+            .ready(&"a", rate, t0 + Duration::from_secs(3))
+            .is_ok());
     }
 
     #[test]

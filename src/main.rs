@@ -93,9 +93,13 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let set = match format {
+        LogFormat::Human => tracing::subscriber::set_global_default(builder.finish()),
+        LogFormat::Json => tracing::subscriber::set_global_default(builder.json().finish()),
+    };
+    // rustls logs through `log`; its IP-address-as-SNI warning goes out at debug.
+    if set.is_ok() {
+        let _ = edge_est::transport::tls::LogBridge::install();
     }
 }
 

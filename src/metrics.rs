@@ -64,13 +64,34 @@ impl RefusedBecause {
 pub enum LimitScope {
     Address,
     Identity,
+    /// Failed authentications from one address.
+    FailedAuthAddress,
+    /// Failed authentications of one presented identity (user name, certificate subject).
+    FailedAuthIdentity,
+    /// Certificates for one requested name.
+    Name,
+    /// Server-generated keys for one identity.
+    Keygen,
 }
 
 impl LimitScope {
+    pub const ALL: [LimitScope; 6] = [
+        LimitScope::Address,
+        LimitScope::Identity,
+        LimitScope::FailedAuthAddress,
+        LimitScope::FailedAuthIdentity,
+        LimitScope::Name,
+        LimitScope::Keygen,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LimitScope::Address => "address",
             LimitScope::Identity => "identity",
+            LimitScope::FailedAuthAddress => "failed_auth_address",
+            LimitScope::FailedAuthIdentity => "failed_auth_identity",
+            LimitScope::Name => "name",
+            LimitScope::Keygen => "keygen",
         }
     }
 }
@@ -128,8 +149,7 @@ pub struct Metrics {
     active_connections: AtomicI64,
     refused_capacity: AtomicU64,
     refused_per_address: AtomicU64,
-    rate_limited_address: AtomicU64,
-    rate_limited_identity: AtomicU64,
+    rate_limited: [AtomicU64; 6],
     tls_handshakes: AtomicU64,
     config_version: AtomicI64,
 }
@@ -197,8 +217,7 @@ impl Metrics {
             active_connections: AtomicI64::new(0),
             refused_capacity: AtomicU64::new(0),
             refused_per_address: AtomicU64::new(0),
-            rate_limited_address: AtomicU64::new(0),
-            rate_limited_identity: AtomicU64::new(0),
+            rate_limited: Default::default(),
             tls_handshakes: AtomicU64::new(0),
             config_version: AtomicI64::new(0),
         }
@@ -295,11 +314,7 @@ impl Metrics {
     }
 
     pub fn rate_limited(&self, scope: LimitScope) {
-        match scope {
-            LimitScope::Address => &self.rate_limited_address,
-            LimitScope::Identity => &self.rate_limited_identity,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.rate_limited[scope as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn tls_handshake(&self) {
@@ -478,17 +493,14 @@ impl Metrics {
             &mut out,
             "edgeest_rate_limited_total",
             "counter",
-            "Requests answered 429 by a rate limit, by scope (address or identity).",
+            "Requests answered 429 by a rate limit, by scope (address, identity, failed_auth_address, failed_auth_identity, name, keygen).",
         );
-        for (scope, counter) in [
-            (LimitScope::Address, &self.rate_limited_address),
-            (LimitScope::Identity, &self.rate_limited_identity),
-        ] {
+        for scope in LimitScope::ALL {
             let _ = writeln!(
                 out,
                 "edgeest_rate_limited_total{{{c},scope=\"{}\"}} {}",
                 scope.as_str(),
-                counter.load(Ordering::Relaxed)
+                self.rate_limited[scope as usize].load(Ordering::Relaxed)
             );
         }
 
@@ -623,7 +635,11 @@ where
         let render = render.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            // Conventional header names on the wire, as on the EST listener.
+            let methods = crate::transport::head_case::Methods::default();
+            let io = crate::transport::head_case::HeadCase::new(tcp, methods.clone());
             let handler = service_fn(move |request: Request<hyper::body::Incoming>| {
+                methods.note(request.method());
                 let render = render.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&request, &*render)) }
             });
@@ -632,7 +648,7 @@ where
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(8 * 1024)
                 .max_headers(32)
-                .serve_connection(TokioIo::new(tcp), handler);
+                .serve_connection(TokioIo::new(io), handler);
             if tokio::time::timeout(CONNECTION_LIFETIME, conn)
                 .await
                 .is_err()

@@ -19,7 +19,8 @@ use time::OffsetDateTime;
 
 use crate::auth::chain::CaKey;
 use crate::auth::{
-    self, CertIdentity, Credentials, Hierarchy, Identity, IssuanceIndex, LabelTrust, TrustSet,
+    self, AuthError, CertIdentity, Credentials, Hierarchy, Identity, IssuanceIndex, LabelTrust,
+    TrustSet,
 };
 use crate::config::{Mode, ServerKeygen};
 use crate::error::RequestError;
@@ -61,6 +62,16 @@ pub struct App {
     verified_off_thread: std::sync::atomic::AtomicU64,
     /// Server-side key generation: RSA keys a few at a time, within each identity's budget.
     keygen: crate::keygen::KeyGenerator,
+    /// Failed authentications per address and per presented identity (shared with the
+    /// password verification threads, see [`FailureLimits`]).
+    failed_by_address: Arc<RateLimiter<IpAddr>>,
+    failed_by_identity: Arc<RateLimiter<String>>,
+    /// Certificates per label and requested subject; server-generated keys per identity.
+    name_limits: RateLimiter<String>,
+    keygen_limits: RateLimiter<String>,
+    /// Leaf certificates (SHA-256) that authenticated: presented again (the handshake proved
+    /// the key), they are verified as usual but not held back by the failure limits.
+    known_leaves: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
 }
 
 impl App {
@@ -92,6 +103,14 @@ impl App {
             verified_inline: Default::default(),
             verified_off_thread: Default::default(),
             keygen: Default::default(),
+            failed_by_address: Arc::new(RateLimiter::new(crate::limits::MAX_TRACKED)),
+            failed_by_identity: Arc::new(RateLimiter::new(crate::limits::MAX_TRACKED)),
+            name_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            keygen_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
+            known_leaves: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(crate::limits::MAX_TRACKED)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -184,42 +203,81 @@ impl App {
         })
     }
 
-    /// Takes a token from `key`'s bucket of `scope`; 429 when it is empty.
+    /// Takes a token from `key`'s bucket; 429 when it is empty.
     fn rate_limit(&self, runtime: &Runtime, key: RateKey) -> Result<(), RequestError> {
         let limits = &runtime.limits;
         let now = Instant::now();
-        let scope = match key {
-            RateKey::Address(_) => LimitScope::Address,
-            RateKey::Identity(_) => LimitScope::Identity,
-        };
-        let checked = match key {
-            RateKey::Address(ip) => self.address_limits.check(
-                crate::limits::address_key(ip),
-                Rate {
-                    per_second: limits.rate_per_address,
-                    burst: limits.burst_per_address,
-                },
-                now,
+        let rate = |per_second, burst| Rate { per_second, burst };
+        let (scope, checked) = match key {
+            RateKey::Address(ip) => (
+                LimitScope::Address,
+                self.address_limits.check(
+                    crate::limits::address_key(ip),
+                    rate(limits.rate_per_address, limits.burst_per_address),
+                    now,
+                ),
             ),
-            RateKey::Identity(id) => self.identity_limits.check(
-                id,
-                Rate {
-                    per_second: limits.rate_per_identity,
-                    burst: limits.burst_per_identity,
-                },
-                now,
+            RateKey::Identity(id) => (
+                LimitScope::Identity,
+                self.identity_limits.check(
+                    id,
+                    rate(limits.rate_per_identity, limits.burst_per_identity),
+                    now,
+                ),
+            ),
+            RateKey::Name(name) => (
+                LimitScope::Name,
+                self.name_limits.check(
+                    name,
+                    rate(limits.enroll_per_name, limits.enroll_burst_per_name),
+                    now,
+                ),
+            ),
+            RateKey::Keygen(id) => (
+                LimitScope::Keygen,
+                self.keygen_limits.check(
+                    id,
+                    rate(limits.keygen_per_identity, limits.keygen_burst_per_identity),
+                    now,
+                ),
             ),
         };
-        checked.map_err(|wait| {
-            self.metrics.rate_limited(scope);
-            RequestError::RateLimited {
-                scope: match scope {
-                    LimitScope::Address => "this address",
-                    LimitScope::Identity => "this identity",
-                },
-                retry_after: crate::limits::retry_after_secs(wait),
-            }
-        })
+        checked.map_err(|wait| self.limited(scope, wait))
+    }
+
+    /// The 429 of `scope`, counted.
+    fn limited(&self, scope: LimitScope, wait: Duration) -> RequestError {
+        self.metrics.rate_limited(scope);
+        RequestError::RateLimited {
+            scope: match scope {
+                LimitScope::Address => "requests from this address",
+                LimitScope::Identity => "requests from this identity",
+                LimitScope::FailedAuthAddress => "failed authentications from this address",
+                LimitScope::FailedAuthIdentity => "failed authentications for this identity",
+                LimitScope::Name => "certificates for this name",
+                LimitScope::Keygen => "server-generated keys for this identity",
+            },
+            retry_after: crate::limits::retry_after_secs(wait),
+        }
+    }
+
+    /// The failed-authentication limits for a request from `remote`.
+    fn failure_limits(&self, runtime: &Runtime, remote: IpAddr) -> FailureLimits {
+        let limits = &runtime.limits;
+        FailureLimits {
+            by_address: self.failed_by_address.clone(),
+            by_identity: self.failed_by_identity.clone(),
+            address: crate::limits::address_key(remote),
+            address_rate: Rate {
+                per_second: limits.failed_auth_per_address,
+                burst: limits.failed_auth_burst_per_address,
+            },
+            identity_rate: Rate {
+                per_second: limits.failed_auth_per_identity,
+                burst: limits.failed_auth_burst_per_identity,
+            },
+            refused_by: std::sync::Mutex::new(None),
+        }
     }
 }
 
@@ -227,6 +285,90 @@ impl App {
 enum RateKey {
     Address(IpAddr),
     Identity(String),
+    /// A label and a requested subject.
+    Name(String),
+    /// An identity asking for server-generated keys.
+    Keygen(String),
+}
+
+/// The failed-authentication limits of one request: per address and per presented identity
+/// (`user NAME`, or `certificate` and a hash of the leaf's subject). Before a credential that
+/// is not known to be good is verified (argon2, chain), both buckets must hold a token; each
+/// failure takes one from both. Credentials known to be good (a remembered password, a
+/// certificate verified earlier on the connection) pass without either, so a fleet keeps
+/// working while someone guesses from its address or at its user.
+struct FailureLimits {
+    by_address: Arc<RateLimiter<IpAddr>>,
+    by_identity: Arc<RateLimiter<String>>,
+    address: IpAddr,
+    address_rate: Rate,
+    identity_rate: Rate,
+    /// Which limit refused, for the answer.
+    refused_by: std::sync::Mutex<Option<LimitScope>>,
+}
+
+impl FailureLimits {
+    fn ready(&self, identity: &str) -> Result<(), (LimitScope, Duration)> {
+        let now = Instant::now();
+        self.by_address
+            .ready(&self.address, self.address_rate, now)
+            .map_err(|w| (LimitScope::FailedAuthAddress, w))?;
+        self.by_identity
+            .ready(&identity.to_owned(), self.identity_rate, now)
+            .map_err(|w| (LimitScope::FailedAuthIdentity, w))
+    }
+
+    fn charge(&self, identity: Option<&str>) {
+        let now = Instant::now();
+        self.by_address.charge(self.address, self.address_rate, now);
+        if let Some(identity) = identity {
+            self.by_identity
+                .charge(identity.to_owned(), self.identity_rate, now);
+        }
+    }
+
+    fn refused_scope(&self) -> LimitScope {
+        self.refused_by
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .unwrap_or(LimitScope::FailedAuthAddress)
+    }
+}
+
+impl auth::basic::Attempts for FailureLimits {
+    fn admit(&self, user: &str) -> Result<(), Duration> {
+        self.ready(&format!("user {user}"))
+            .map_err(|(scope, wait)| {
+                if let Ok(mut refused) = self.refused_by.lock() {
+                    *refused = Some(scope);
+                }
+                wait
+            })
+    }
+
+    fn failed(&self, user: &str) {
+        self.charge(Some(&format!("user {user}")));
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
+    out
+}
+
+/// The presented identity of a client certificate for the failed-authentication limit: its
+/// leaf's subject (whatever key or issuer a forger uses for it).
+fn certificate_key(leaf: &rustls::pki_types::CertificateDer<'_>) -> String {
+    let subject = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+        .unwrap_or_default();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &subject);
+    format!(
+        "certificate {}",
+        crate::auth::client_cert::hex(&digest.as_ref()[..16])
+    )
 }
 
 impl Service for App {
@@ -555,29 +697,64 @@ impl App {
             }
             None => std::borrow::Cow::Borrowed(runtime.issuing_cas.as_slice()),
         };
+        // Failed authentication is limited per address and per presented identity: a
+        // certificate that needs verifying (a leaf not seen to authenticate before) waits for
+        // both buckets (a password is checked by the verification thread, right before
+        // argon2), and each failure takes a token.
+        let failures = Arc::new(self.failure_limits(runtime, connection.remote.ip()));
+        let leaf_hash = connection
+            .peer_chain
+            .as_deref()
+            .and_then(|chain| chain.first())
+            .map(|leaf| sha256(leaf));
+        let known_leaf = leaf_hash.is_some_and(|h| {
+            self.known_leaves
+                .lock()
+                .is_ok_and(|mut known| known.get(&h).is_some())
+        });
+        let certificate_key = match connection.peer_chain.as_deref() {
+            Some([leaf, ..]) if label_rt.auth.certificate && !known_leaf => {
+                Some(certificate_key(leaf))
+            }
+            _ => None,
+        };
+        if let Some(key) = &certificate_key {
+            failures
+                .ready(key)
+                .map_err(|(scope, wait)| self.limited(scope, wait))?;
+        }
         // The chain is verified here (or its outcome remembered), so that `auth` never
         // verifies on the connection thread what could take long.
         let peer_verified = match connection.peer_chain.as_deref() {
-            Some(chain) if !chain.is_empty() && label_rt.auth.certificate => Some(
-                self.verify_peer(
-                    label_rt,
-                    upstream_issuer,
-                    chain,
-                    PeerAnchors {
-                        trust: &trust,
-                        intermediates: &intermediates,
-                        issuing_cas: &issuing_cas,
-                    },
-                    connection,
-                )
-                .await?,
-            ),
+            Some(chain) if !chain.is_empty() && label_rt.auth.certificate => {
+                let verified = self
+                    .verify_peer(
+                        label_rt,
+                        upstream_issuer,
+                        chain,
+                        PeerAnchors {
+                            trust: &trust,
+                            intermediates: &intermediates,
+                            issuing_cas: &issuing_cas,
+                        },
+                        connection,
+                    )
+                    .await;
+                match verified {
+                    Ok(identity) => Some(identity),
+                    Err(error) => {
+                        failures.charge(certificate_key.as_deref());
+                        return Err(error.into());
+                    }
+                }
+            }
             _ => None,
         };
         let credentials = Credentials {
             peer_chain: connection.peer_chain.as_deref(),
             peer_verified: peer_verified.as_ref(),
             authorization,
+            attempts: failures.clone(),
         };
         let label_trust = LabelTrust {
             sets: &trust,
@@ -589,8 +766,31 @@ impl App {
                 issuer_labels: &label_rt.issuer_labels,
             },
         };
-        let identity =
-            auth::authenticate(label_rt.auth, &label_trust, &runtime.users, credentials).await?;
+        let authenticated =
+            auth::authenticate(label_rt.auth, &label_trust, &runtime.users, credentials).await;
+        let identity = match authenticated {
+            Ok(identity) => identity,
+            Err(AuthError::TooManyFailures(wait)) => {
+                return Err(self.limited(failures.refused_scope(), wait))
+            }
+            Err(error) => {
+                match &error {
+                    AuthError::Certificate(_) => failures.charge(certificate_key.as_deref()),
+                    AuthError::MalformedBasic => failures.charge(None),
+                    // A wrong password was counted by the verification thread; a missing
+                    // credential is the challenge step of clients like libest's.
+                    _ => {}
+                }
+                return Err(error.into());
+            }
+        };
+        if identity.certificate.as_ref().is_some_and(|c| !c.grace) {
+            if let (Some(hash), false) = (leaf_hash, known_leaf) {
+                if let Ok(mut known) = self.known_leaves.lock() {
+                    known.put(hash, ());
+                }
+            }
+        }
         trace.identity = Some(identity.to_string());
         // Registration authorities (lower layers) send a whole subtree's requests as one
         // identity: a rule or their trust set exempts them.
@@ -799,9 +999,14 @@ impl App {
         } else {
             &label_rt.profile
         };
-
+        // One device enrolling its name over and over; one identity asking for keys.
+        self.rate_limit(
+            runtime,
+            RateKey::Name(format!("{} {}", label_rt.display_name(), grant.subject)),
+        )?;
         let generated = match (operation, label_rt.serverkeygen) {
             (Operation::ServerKeygen, kind) => {
+                self.rate_limit(runtime, RateKey::Keygen(identity.to_string()))?;
                 Some(self.generate_key(runtime, &identity, kind).await?)
             }
             _ => None,

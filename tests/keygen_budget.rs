@@ -15,8 +15,8 @@ async fn rsa_keys_past_the_identity_budget_are_refused_with_429() {
     let pki = Pki::generate_p256(dir.path());
     let mut config = standard_config(&pki);
     // A request budget of 40 at a trickle: two RSA keys (20 requests each), then none.
-    config.limits.rate_per_identity = 0.01;
-    config.limits.burst_per_identity = 40.0;
+    config.limits.keygen_per_identity = 0.01;
+    config.limits.keygen_burst_per_identity = 20.0;
     config
         .users
         .insert("second".into(), pki.password_hash.clone());

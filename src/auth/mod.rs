@@ -67,6 +67,10 @@ pub enum AuthError {
     BadPassword,
     #[error("client certificate rejected: {0}")]
     Certificate(String),
+    /// Too many failed authentications (from this address, or of this user): the password
+    /// was not verified. Answered 429 with `Retry-After`.
+    #[error("too many failed authentications: retry after {} s", crate::limits::retry_after_secs(*.0))]
+    TooManyFailures(std::time::Duration),
 }
 
 /// The credentials a request carried: the TLS peer chain (leaf first) and the
@@ -77,6 +81,8 @@ pub struct Credentials<'a> {
     /// still valid (the caller keeps it per connection): used instead of verifying again.
     pub peer_verified: Option<&'a CertIdentity>,
     pub authorization: Option<&'a [u8]>,
+    /// Failed-authentication accounting for a password that needs verifying.
+    pub attempts: std::sync::Arc<dyn basic::Attempts>,
 }
 
 /// Authenticates a request for a label. A presented credential that fails is an error even
@@ -104,8 +110,10 @@ pub async fn authenticate(
     let user = match creds.authorization {
         Some(header) if methods.basic => {
             let (user, password) = basic::parse_authorization(header)?;
-            if !users.verify(&user, &password).await {
-                return Err(AuthError::BadPassword);
+            match users.verify(&user, &password, creds.attempts.clone()).await {
+                Ok(true) => {}
+                Ok(false) => return Err(AuthError::BadPassword),
+                Err(wait) => return Err(AuthError::TooManyFailures(wait)),
             }
             Some(user)
         }

@@ -110,18 +110,39 @@ pub struct Limits {
     pub header_timeout_secs: u64,
     /// Time a client has to send a request's body.
     pub body_timeout_secs: u64,
-    /// argon2 verifications running at once (each costs tens of ms of CPU and ~19 MiB).
+    /// Password verification threads: argon2 verifications running at once. Each costs
+    /// tens of ms of CPU and keeps one argon2 working area (~19 MiB with the default
+    /// parameters) from its first verification on; only grows over reconfigurations.
     pub password_checks: usize,
     /// Connections served at once from one address (an IPv6 /64); further ones are closed
     /// right after accept. 0: no per-address cap.
     pub max_connections_per_address: usize,
-    /// Requests per second allowed from one address (an IPv6 /64), checked before anything
-    /// else is done for the request; 429 with `Retry-After` above. 0: off.
+    /// Failed authentications per second allowed from one address (an IPv6 /64): a wrong
+    /// password or unknown user, a rejected client certificate, malformed credentials. Past
+    /// the bucket, credentials not already known to be good are not verified (no argon2, no
+    /// chain check) but answered 429 with `Retry-After`. 0: off.
+    pub failed_auth_per_address: f64,
+    pub failed_auth_burst_per_address: f64,
+    /// The same, per presented identity: a Basic user name, a client certificate's subject.
+    pub failed_auth_per_identity: f64,
+    pub failed_auth_burst_per_identity: f64,
+    /// Certificates per second issued for one requested subject on one label (one device
+    /// enrolling over and over); 429 above. 0: off.
+    pub enroll_per_name: f64,
+    pub enroll_burst_per_name: f64,
+    /// Server-generated keys (`serverkeygen`) per second for one identity; 429 above. An
+    /// RSA key costs tens of milliseconds of CPU. 0: off.
+    pub keygen_per_identity: f64,
+    pub keygen_burst_per_identity: f64,
+    /// Requests per second allowed from one address (an IPv6 /64) without a client
+    /// certificate, checked before anything else is done for the request; 429 with
+    /// `Retry-After` above. 0 (default): off; the limits above protect what is expensive.
     pub rate_per_address: f64,
     /// Requests one address may send at once after a quiet time (the token bucket's size).
     pub burst_per_address: f64,
     /// Requests per second allowed for one authenticated identity (a client certificate, or
-    /// a Basic user); 429 with `Retry-After` above. 0: off.
+    /// a Basic user); 429 with `Retry-After` above. 0 (default): off. A Basic user shared by a
+    /// fleet (the IoT Edge tutorial's `estuser`) is one identity: leave it off for such fleets.
     pub rate_per_identity: f64,
     /// Requests one identity may send at once after a quiet time.
     pub burst_per_identity: f64,
@@ -143,11 +164,19 @@ impl Default for Limits {
             handshake_timeout_secs: 10,
             header_timeout_secs: 15,
             body_timeout_secs: 20,
-            password_checks: 2,
+            password_checks: 1,
             max_connections_per_address: 256,
-            rate_per_address: 50.0,
+            failed_auth_per_address: 1.0,
+            failed_auth_burst_per_address: 30.0,
+            failed_auth_per_identity: 1.0,
+            failed_auth_burst_per_identity: 30.0,
+            enroll_per_name: 1.0,
+            enroll_burst_per_name: 30.0,
+            keygen_per_identity: 10.0,
+            keygen_burst_per_identity: 50.0,
+            rate_per_address: 0.0,
             burst_per_address: 500.0,
-            rate_per_identity: 20.0,
+            rate_per_identity: 0.0,
             burst_per_identity: 200.0,
             unlimited_trust: Vec::new(),
             client_timeout_secs: 30,
@@ -400,6 +429,8 @@ pub enum ServerKeygen {
     Off,
     EcP256,
     EcP384,
+    /// `rsa2048`; `rsa-2048` is read too.
+    #[serde(alias = "rsa-2048")]
     Rsa2048,
 }
 

@@ -282,6 +282,30 @@ fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
     }
     for (rate, burst, rate_field, burst_field) in [
         (
+            limits.failed_auth_per_address,
+            limits.failed_auth_burst_per_address,
+            "failed_auth_per_address",
+            "failed_auth_burst_per_address",
+        ),
+        (
+            limits.failed_auth_per_identity,
+            limits.failed_auth_burst_per_identity,
+            "failed_auth_per_identity",
+            "failed_auth_burst_per_identity",
+        ),
+        (
+            limits.enroll_per_name,
+            limits.enroll_burst_per_name,
+            "enroll_per_name",
+            "enroll_burst_per_name",
+        ),
+        (
+            limits.keygen_per_identity,
+            limits.keygen_burst_per_identity,
+            "keygen_per_identity",
+            "keygen_burst_per_identity",
+        ),
+        (
             limits.rate_per_address,
             limits.burst_per_address,
             "rate_per_address",

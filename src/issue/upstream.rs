@@ -285,6 +285,9 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
+            // `Content-Type`, `Authorization`, `Host` on the wire: some EST servers (libest)
+            // compare header names case-sensitively.
+            .http1_title_case_headers(true)
             .build(https);
         let fingerprint = format!(
             "{name} {}",

@@ -170,6 +170,18 @@ impl Policy {
                     patterns(&field("subject_attributes"), values)?,
                 ));
             }
+            // `client_cn` holds common names, not distinguished names: `CN=bottom-ra` would
+            // never match a certificate's CN and the rule would silently never apply.
+            if let Some(dn) = rule.client_cn.iter().find(|p| {
+                p.get(..3)
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case("CN="))
+            }) {
+                return Err(format!(
+                    "{}: {dn:?} is written as a distinguished name; give the common name alone ({:?})",
+                    field("client_cn"),
+                    &dn[3..]
+                ));
+            }
             built.push(Rule {
                 who,
                 client_cn: patterns(&field("client_cn"), &rule.client_cn)?,
@@ -202,7 +214,9 @@ impl Policy {
     }
 
     /// Decides a request. `reenroll` applies RFC 7030 4.2.2: the subject and subjectAltNames
-    /// must equal those of the certificate that authenticated.
+    /// must equal those of the certificate that authenticated, unless a rule marked
+    /// `registration_authority` applies to the identity (an RA forwarding its client's
+    /// renewal, RFC 7030 2.5.3: judged by the rules like an enrollment).
     pub fn authorize(
         &self,
         identity: &Identity,
@@ -217,7 +231,12 @@ impl Policy {
         let mut sans: Vec<SanEntry> = csr.sans().to_vec();
         sans.sort();
         sans.dedup();
-        if reenroll {
+        // RFC 7030 2.5.3: a registration authority forwards its clients' simplereenroll as
+        // simplereenroll, authenticated by its own certificate. The RA vouches for the
+        // renewal, so it is judged under the RA's allowance like an enrollment; the
+        // subject-equality check below is for end clients renewing themselves.
+        let forwarded_by_ra = reenroll && self.is_registration_authority(identity);
+        if reenroll && !forwarded_by_ra {
             let cert = identity
                 .certificate
                 .as_ref()

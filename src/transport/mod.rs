@@ -2,6 +2,7 @@
 //! handshake with a deadline, HTTP/1.1 with header and idle timeouts, graceful drain on
 //! shutdown. Knows nothing of EST.
 
+pub mod head_case;
 pub mod listener;
 pub mod proxy;
 pub mod tls;
@@ -323,7 +324,7 @@ async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
             // The request's headers play no part here: a forwarded client certificate header
             // is read only on the API proxy's socket.
             serve_http(
-                TokioIo::new(tls),
+                tls,
                 service,
                 limits.header_timeout,
                 &remote.to_string(),
@@ -336,7 +337,8 @@ async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
 }
 
 /// Serves HTTP/1.1 on one connection until it ends or `stop` turns true (then gracefully).
-/// `connection` says, per request, what the handler learns of the connection.
+/// `connection` says, per request, what the handler learns of the connection. Response
+/// header names go out in their conventional spelling ([`head_case`]).
 async fn serve_http<S, IO, C>(
     io: IO,
     service: Arc<S>,
@@ -346,10 +348,13 @@ async fn serve_http<S, IO, C>(
     connection: C,
 ) where
     S: Service,
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     C: Fn(&Request<Incoming>) -> Arc<Connection> + Send + Sync + 'static,
 {
-    let handler = service_fn(move |request| {
+    let methods = head_case::Methods::default();
+    let io = TokioIo::new(head_case::HeadCase::new(io, methods.clone()));
+    let handler = service_fn(move |request: Request<Incoming>| {
+        methods.note(request.method());
         let service = service.clone();
         let connection = connection(&request);
         async move { Ok::<_, std::convert::Infallible>(service.call(request, connection).await) }

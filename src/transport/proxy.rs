@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::net::UnixListener;
@@ -212,7 +211,7 @@ pub async fn serve<S: Service>(
             let _open = open;
             let _slot = slot;
             serve_http(
-                TokioIo::new(stream),
+                stream,
                 service,
                 limits.header_timeout,
                 "api-proxy socket",

@@ -60,6 +60,58 @@ impl std::fmt::Display for ChainTooLarge {
 
 impl std::error::Error for ChainTooLarge {}
 
+/// The bridge from the `log` records of rustls (and other libraries) into `tracing`, as
+/// `tracing_log::LogTracer`, except that rustls' warning for an IP address sent as TLS SNI
+/// goes out at debug: RFC 6066 forbids it, but libest and other clients send one on every
+/// connection to an address, and a warning per connection would bury the log.
+pub struct LogBridge(tracing_log::LogTracer);
+
+/// Whether `record` is rustls' warning about an IP address in the SNI extension.
+fn is_ip_address_sni(record: &log::Record<'_>) -> bool {
+    record.level() == log::Level::Warn
+        && record.target().starts_with("rustls")
+        && record
+            .args()
+            .to_string()
+            .contains("IP address presented as hostname")
+}
+
+impl LogBridge {
+    /// Installs the bridge as the `log` logger; call once, after the tracing subscriber is
+    /// set. Records up to the subscriber's level pass.
+    pub fn install() -> Result<(), log::SetLoggerError> {
+        log::set_boxed_logger(Box::new(LogBridge(tracing_log::LogTracer::new())))?;
+        log::set_max_level(tracing_log::AsLog::as_log(
+            &tracing::level_filters::LevelFilter::current(),
+        ));
+        Ok(())
+    }
+}
+
+impl log::Log for LogBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !is_ip_address_sni(record) {
+            return self.0.log(record);
+        }
+        let args = *record.args();
+        let demoted = log::Record::builder()
+            .args(args)
+            .level(log::Level::Debug)
+            .target(record.target())
+            .module_path(record.module_path())
+            .file(record.file())
+            .line(record.line())
+            .build();
+        self.0.log(&demoted);
+    }
+
+    fn flush(&self) {}
+}
+
 /// Accepts any client certificate whose key the client proves to hold; see the module docs.
 #[derive(Debug)]
 struct PossessionOnlyVerifier {

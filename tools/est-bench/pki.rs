@@ -165,6 +165,8 @@ key = "server.key"
 max_connections_per_address = 0
 rate_per_address = 0.0
 rate_per_identity = 0.0
+enroll_per_name = 0.0
+keygen_per_identity = 0.0
 
 [issuers.plant]
 certificate = "@ISSUER@.pem"
@@ -198,6 +200,8 @@ key = "server.key"
 max_connections_per_address = 0
 rate_per_address = 0.0
 rate_per_identity = 0.0
+enroll_per_name = 0.0
+keygen_per_identity = 0.0
 
 [trust.ras]
 certificates = ["ra-ca.pem"]
@@ -240,6 +244,8 @@ key = "server.key"
 max_connections_per_address = 0
 rate_per_address = 0.0
 rate_per_identity = 0.0
+enroll_per_name = 0.0
+keygen_per_identity = 0.0
 
 [trust.ras]
 certificates = ["ra-ca.pem"]
@@ -285,6 +291,8 @@ key = "server.key"
 max_connections_per_address = 0
 rate_per_address = 0.0
 rate_per_identity = 0.0
+enroll_per_name = 0.0
+keygen_per_identity = 0.0
 
 [upstreams.parent]
 url = "https://localhost:@UPSTREAM_PORT@/.well-known/est"
