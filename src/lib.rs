@@ -17,6 +17,7 @@ pub mod est;
 pub mod health;
 pub mod issue;
 pub mod journal;
+pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod manifest;
