@@ -14,10 +14,10 @@ use x509_parser::prelude::*;
 
 use super::profile::{Profile, ProfileClass};
 use super::{IssueError, Issued};
-use crate::keys::IssuerKey;
 use crate::auth::client_cert::hex;
 use crate::est::name::AttributeType;
 use crate::est::{KeyKind, SanEntry, Subject};
+use crate::keys::IssuerKey;
 
 /// Issued certificates start this long before "now", for devices whose clocks lag.
 const BACKDATE: ::time::Duration = ::time::Duration::minutes(5);

@@ -383,6 +383,9 @@ impl TokenObject {
             Err(
                 e @ CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _),
             ) => {
+                // A token that forgot the login hides its private objects: their handles are
+                // invalid rather than "not logged in". Log in again, find the key again.
+                self.token.with_session(|s| self.token.login(s))?;
                 let found = self
                     .token
                     .with_session(|s| s.find_objects(&self.template))?;
@@ -390,7 +393,8 @@ impl TokenObject {
                     return Err(e);
                 };
                 *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = *handle;
-                self.token.with_session(|s| s.sign(mechanism, *handle, data))
+                self.token
+                    .with_session(|s| s.sign(mechanism, *handle, data))
             }
             other => other,
         }

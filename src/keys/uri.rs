@@ -37,7 +37,8 @@ pub struct Pkcs11Uri {
 
 /// Whether a configured key names a token key rather than a file.
 pub fn is_pkcs11(text: &str) -> bool {
-    text.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("pkcs11:"))
+    text.get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("pkcs11:"))
 }
 
 /// `text` with the value of every `pin-value` attribute replaced: safe to print. Anything that
@@ -92,9 +93,12 @@ impl Pkcs11Uri {
         };
         let bad = |what: String| format!("{shown}: {what}");
         for attr in path.split(';').filter(|a| !a.is_empty()) {
-            let (name, value) = attr
-                .split_once('=')
-                .ok_or_else(|| bad(format!("path attribute {:?} has no value", redact_attr(attr))))?;
+            let (name, value) = attr.split_once('=').ok_or_else(|| {
+                bad(format!(
+                    "path attribute {:?} has no value",
+                    redact_attr(attr)
+                ))
+            })?;
             let decoded = || decode(value).map_err(|e| bad(format!("{name}: {e}")));
             let text_value = || {
                 decoded().and_then(|v| {
@@ -116,14 +120,19 @@ impl Pkcs11Uri {
                 }
                 "type" => {
                     if text_value()? != "private" {
-                        return Err(bad("type: only private keys can be used (type=private)".into()));
+                        return Err(bad(
+                            "type: only private keys can be used (type=private)".into()
+                        ));
                     }
                 }
                 // Attributes that select nothing a signing key needs (library-*, slot-*),
                 // accepted as RFC 7512 requires of unknown attributes... except that an
                 // unknown attribute could be a typo that silently widens the match.
-                "library-manufacturer" | "library-description" | "library-version"
-                | "slot-description" | "slot-manufacturer" => {}
+                "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-description"
+                | "slot-manufacturer" => {}
                 "pin-value" | "pin-source" | "module-path" | "module-name" => {
                     return Err(bad(format!("{name} belongs in the query (after '?')")))
                 }
@@ -131,9 +140,12 @@ impl Pkcs11Uri {
             }
         }
         for attr in query.split('&').filter(|a| !a.is_empty()) {
-            let (name, value) = attr
-                .split_once('=')
-                .ok_or_else(|| bad(format!("query attribute {:?} has no value", redact_attr(attr))))?;
+            let (name, value) = attr.split_once('=').ok_or_else(|| {
+                bad(format!(
+                    "query attribute {:?} has no value",
+                    redact_attr(attr)
+                ))
+            })?;
             let text_value = || {
                 decode(value)
                     .ok()
@@ -217,7 +229,10 @@ mod tests {
             Some(PinSource::Value(pin)) => assert_eq!(pin.expose_secret(), "1234"),
             _ => panic!("pin-value not read"),
         }
-        assert_eq!(uri.shown, "pkcs11:slot-id=0;object=est-id?pin-value=(redacted)");
+        assert_eq!(
+            uri.shown,
+            "pkcs11:slot-id=0;object=est-id?pin-value=(redacted)"
+        );
         assert!(!uri.shown.contains("1234"));
     }
 
@@ -242,15 +257,29 @@ mod tests {
     fn refusals_never_show_the_pin() {
         for (text, expect) in [
             ("pkcs11:token=a?pin-value=s3cret", "names no key"),
-            ("pkcs11:token=a;object=k;bogus=1?pin-value=s3cret", "unknown path attribute"),
+            (
+                "pkcs11:token=a;object=k;bogus=1?pin-value=s3cret",
+                "unknown path attribute",
+            ),
             ("pkcs11:object=k;pin-value=s3cret", "belongs in the query"),
-            ("pkcs11:object=k?pin-value=s3cret&pin-value=s3cret", "more than one PIN"),
+            (
+                "pkcs11:object=k?pin-value=s3cret&pin-value=s3cret",
+                "more than one PIN",
+            ),
             ("pkcs11:object=k;slot-id=x?pin-value=s3cret", "slot-id"),
-            ("pkcs11:object=k;type=secret-key?pin-value=s3cret", "only private keys"),
+            (
+                "pkcs11:object=k;type=secret-key?pin-value=s3cret",
+                "only private keys",
+            ),
             ("pkcs11:object=k%zz?pin-value=s3cret", "percent"),
-            ("pkcs11:object=k?pin-value=s3cret&what=1", "unknown query attribute"),
+            (
+                "pkcs11:object=k?pin-value=s3cret&what=1",
+                "unknown query attribute",
+            ),
         ] {
-            let err = Pkcs11Uri::parse(text).err().unwrap_or_else(|| panic!("{text} parsed"));
+            let err = Pkcs11Uri::parse(text)
+                .err()
+                .unwrap_or_else(|| panic!("{text} parsed"));
             assert!(err.contains(expect), "{text}: {err}");
             assert!(!err.contains("s3cret"), "{text}: the PIN shows in {err}");
         }
@@ -264,7 +293,10 @@ mod tests {
             redact("pkcs11:object=k?module-path=/x&pin-value=1&pin-value=2"),
             "pkcs11:object=k?module-path=/x&pin-value=(redacted)&pin-value=(redacted)"
         );
-        assert_eq!(redact("pkcs11:pin-value=9;object=k"), "pkcs11:pin-value=(redacted);object=k");
+        assert_eq!(
+            redact("pkcs11:pin-value=9;object=k"),
+            "pkcs11:pin-value=(redacted);object=k"
+        );
         assert_eq!(redact("/etc/key.pem"), "/etc/key.pem");
     }
 }
