@@ -64,8 +64,10 @@ pub struct Token {
 
 /// The tokens in use, by library and slot: PKCS#11 login state is per application and token,
 /// so keys on one token share its sessions.
-fn tokens() -> &'static Mutex<HashMap<(PathBuf, u64), Arc<Token>>> {
-    static TOKENS: OnceLock<Mutex<HashMap<(PathBuf, u64), Arc<Token>>>> = OnceLock::new();
+type Tokens = Mutex<HashMap<(PathBuf, u64), Arc<Token>>>;
+
+fn tokens() -> &'static Tokens {
+    static TOKENS: OnceLock<Tokens> = OnceLock::new();
     TOKENS.get_or_init(Default::default)
 }
 
