@@ -107,6 +107,7 @@ impl PublicKeyData for TokenPublic {
 enum Kind {
     Ec(&'static [u8]),
     Rsa2048,
+    Rsa1024,
 }
 
 /// Generates a key pair inside the token (sensitive, never extractable) labelled `object`.
@@ -155,11 +156,16 @@ fn generate(slot: Slot, object: &str, kind: Kind) -> TokenPublic {
             };
             TokenPublic { der: point, alg }
         }
-        Kind::Rsa2048 => {
+        Kind::Rsa2048 | Kind::Rsa1024 => {
+            let bits: u64 = if matches!(kind, Kind::Rsa1024) {
+                1024
+            } else {
+                2048
+            };
             let public = vec![
                 Attribute::Token(true),
                 Attribute::Verify(true),
-                Attribute::ModulusBits(2048.into()),
+                Attribute::ModulusBits(bits.into()),
                 Attribute::PublicExponent(vec![1, 0, 1]),
                 label,
             ];
@@ -292,6 +298,14 @@ async fn concurrent_enrollments_and_relogin_after_the_token_forgets() {
     let key_uri = uri("pool", "issuing-ca");
     let server = TestServer::start(dir.path(), &with_token_issuer(&pki, &key_uri)).await;
 
+    // The pool opens a second session while one is busy instead of waiting for it.
+    let key = TokenKey::open(&key_uri, Some(&module()), &chain).unwrap();
+    let token = key.token().clone();
+    token
+        .with_session(|_| token.with_session(|_| Ok(())))
+        .unwrap();
+    assert!(token.idle_sessions() >= 2, "{}", token.idle_sessions());
+
     let mut tasks = Vec::new();
     for i in 0..16 {
         let addr = server.addr;
@@ -305,7 +319,6 @@ async fn concurrent_enrollments_and_relogin_after_the_token_forgets() {
     }
 
     // The token forgets the login (what a reset does): the application is logged out of it.
-    let key = TokenKey::open(&key_uri, Some(&module()), &chain).unwrap();
     key.token().logout_for_test().unwrap();
     let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
     let probe = ctx.open_ro_session(slot).unwrap();
@@ -377,12 +390,20 @@ fn every_load_error_names_the_uri_and_never_the_pin() {
     generate(slot, "other-p256", Kind::Ec(P256));
     generate(slot, "a-p384", Kind::Ec(P384));
     generate(slot, "a-p521", Kind::Ec(P521));
+    generate(slot, "a-rsa1024", Kind::Rsa1024);
     token_issuing_ca(dir.path(), &pki, &public);
     let pin_file = dir.path().join("pin");
     std::fs::write(&pin_file, format!("{USER_PIN}\n")).unwrap();
 
-    // Positive controls: the key by label, by id, with the PIN from a file, by slot-id.
+    let serial = {
+        let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+        ctx.get_token_info(slot).unwrap().serial_number().to_owned()
+    };
+    // Positive controls: the key by label, by id, with the PIN from a file, by slot-id, by
+    // serial, with the module in the URI.
     for good in [
+        format!("pkcs11:serial={serial};object=issuing-ca?pin-value={USER_PIN}"),
+        format!("pkcs11:token=errors;object=issuing-ca?pin-value={USER_PIN}&module-path={SOFTHSM}"),
         uri("errors", "issuing-ca"),
         format!("pkcs11:token=errors;id=issuing-ca?pin-value={USER_PIN}"),
         format!(
@@ -433,6 +454,10 @@ fn every_load_error_names_the_uri_and_never_the_pin() {
         (
             with_token_issuer(&pki, &uri("errors", "a-p521")),
             "key type unsupported: an EC key on a curve other than P-256 and P-384",
+        ),
+        (
+            with_token_issuer(&pki, &uri("errors", "a-rsa1024")),
+            "key type unsupported: an RSA key of 1024 bits (at least 2048)",
         ),
         (
             with_token_issuer(&pki, &uri("errors", "other-p256")),
@@ -501,6 +526,18 @@ fn every_load_error_names_the_uri_and_never_the_pin() {
     // Positive control: the same upstream with a key file loads.
     config.upstreams.get_mut("parent").unwrap().key = Some(PathBuf::from("server.key"));
     edge_est::runtime::Runtime::build(&config, dir.path()).unwrap();
+}
+
+#[test]
+fn iot_edge_lib_path_names_the_module() {
+    let config: Config = toml::from_str(
+        r#"
+lib_path = "/usr/lib/softhsm/libsofthsm2.so"
+labels = []
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.pkcs11_module, Some(PathBuf::from(SOFTHSM)));
 }
 
 #[test]

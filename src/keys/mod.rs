@@ -173,6 +173,10 @@ impl TokenKey {
 
     /// ECDSA with the curve's hash, DER-encoded; RSA PKCS#1 v1.5 with SHA-256.
     fn sign_default(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        blocking(|| self.sign_default_now(message))
+    }
+
+    fn sign_default_now(&self, message: &[u8]) -> Result<Vec<u8>, String> {
         match self.object.kind {
             TokenKeyKind::EcP256 | TokenKeyKind::EcP384 => self.sign_ecdsa(message),
             TokenKeyKind::Rsa { .. } => self.sign_rsa(message, false),
@@ -207,6 +211,18 @@ impl TokenKey {
         self.object
             .sign(&mechanism, message)
             .map_err(|e| format!("{}: {e}", self.object.shown))
+    }
+}
+
+/// Runs a token operation that may take a while (a TPM signs in tens of milliseconds): on a
+/// multi-threaded tokio runtime the worker hands its other tasks off first.
+fn blocking<T>(op: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(op)
+        }
+        _ => op(),
     }
 }
 
@@ -355,11 +371,11 @@ struct TlsTokenSigner {
 
 impl rustls::sign::Signer for TlsTokenSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        let signed = match self.scheme {
+        let signed = blocking(|| match self.scheme {
             SignatureScheme::RSA_PSS_SHA256 => self.key.sign_rsa(message, true),
             SignatureScheme::RSA_PKCS1_SHA256 => self.key.sign_rsa(message, false),
             _ => self.key.sign_ecdsa(message),
-        };
+        });
         signed.map_err(|e| {
             tracing::error!(error = %e, "the TLS key's token failed to sign");
             rustls::Error::General("the TLS key's token failed to sign".into())

@@ -253,6 +253,11 @@ impl Token {
         }
     }
 
+    /// Sessions open and idle in the pool.
+    pub fn idle_sessions(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Logs the application out of the token (every session): what a token reset does to the
     /// login. For tests of the re-login path.
     pub fn logout_for_test(&self) -> Result<(), CkError> {
