@@ -403,7 +403,10 @@ fn every_load_error_names_the_uri_and_never_the_pin() {
     // serial, with the module in the URI.
     for good in [
         format!("pkcs11:serial={serial};object=issuing-ca?pin-value={USER_PIN}"),
-        format!("pkcs11:token=errors;object=issuing-ca?pin-value={USER_PIN}&module-path={SOFTHSM}"),
+        format!(
+            "pkcs11:token=errors;manufacturer=SoftHSM%20project;model=SoftHSM%20v2;\
+             object=issuing-ca?pin-value={USER_PIN}"
+        ),
         uri("errors", "issuing-ca"),
         format!("pkcs11:token=errors;id=issuing-ca?pin-value={USER_PIN}"),
         format!(
@@ -419,7 +422,24 @@ fn every_load_error_names_the_uri_and_never_the_pin() {
             .unwrap_or_else(|e| panic!("{good}: {e}"));
     }
 
+    // module-path= in the URI wins over pkcs11_module.
+    let mut config = with_token_issuer(
+        &pki,
+        &format!(
+            "pkcs11:token=errors;object=issuing-ca?pin-value={USER_PIN}&module-path={SOFTHSM}"
+        ),
+    );
+    config.pkcs11_module = Some(PathBuf::from("/nonexistent/libpkcs11.so"));
+    edge_est::runtime::Runtime::build(&config, dir.path()).unwrap();
+
     let cases: Vec<(Config, &str)> = vec![
+        (
+            with_token_issuer(
+                &pki,
+                &format!("pkcs11:token=errors;model=Other;object=issuing-ca?pin-value={USER_PIN}"),
+            ),
+            "no such token",
+        ),
         (
             {
                 let mut c = with_token_issuer(&pki, &uri("errors", "issuing-ca"));
