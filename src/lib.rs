@@ -18,6 +18,7 @@ pub mod health;
 pub mod issue;
 pub mod journal;
 pub mod keygen;
+pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod manifest;

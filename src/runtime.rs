@@ -18,6 +18,7 @@ use crate::est::{self, Label};
 use crate::issue::fallback::Fallback;
 use crate::issue::profile::{self, ProfileClass};
 use crate::issue::{LocalIssuer, Profile, Upstream};
+use crate::keys::{IssuerKey, PrivateKey, TokenKey};
 use crate::policy::Policy;
 
 pub struct Runtime {
@@ -95,7 +96,7 @@ impl Runtime {
             )
         })?;
         let tls_chain = tls_config.certificate.read(base, "tls.certificate")?;
-        let tls_key = read_path(base, &tls_config.key, "tls.key")?;
+        let tls_key = load_key(config, base, &tls_config.key, &tls_chain, "tls.key")?;
         let tls = crate::transport::tls::server_config(&tls_chain, &tls_key)
             .map_err(|e| ConfigError::invalid("tls", e))?;
         let tls_not_after = CertificateDer::pem_slice_iter(tls_chain.as_bytes())
@@ -135,14 +136,32 @@ impl Runtime {
             let chain = issuer
                 .certificate
                 .read(base, &format!("issuers.{name}.certificate"))?;
-            let key = read_path(base, &issuer.key, &format!("issuers.{name}.key"))?;
-            let loaded = LocalIssuer::load(&chain, &key)
-                .map_err(|e| ConfigError::invalid(format!("issuers.{name}"), e))?;
+            let field = format!("issuers.{name}");
+            let loaded =
+                match load_key(config, base, &issuer.key, &chain, &format!("{field}.key"))? {
+                    PrivateKey::Pem(key) => LocalIssuer::load(&chain, &key),
+                    PrivateKey::Token(key) => LocalIssuer::load_with(&chain, IssuerKey::Token(key)),
+                }
+                .map_err(|e| ConfigError::invalid(field, e))?;
             issuers.insert(name.clone(), Arc::new(loaded));
         }
 
         let mut upstreams: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
+            if let Some(key) = upstream.key.as_ref().and_then(|k| k.to_str()) {
+                if crate::keys::is_pkcs11(key) {
+                    // Not read as a file either: the URI (and a PIN in it) would show in the
+                    // "cannot read" error.
+                    return Err(ConfigError::invalid(
+                        format!("upstreams.{name}.key"),
+                        format!(
+                            "{}: keys in a PKCS#11 token are not supported for the upstream \
+                             client credential yet; give a key file",
+                            crate::keys::redact(key)
+                        ),
+                    ));
+                }
+            }
             upstreams.insert(name.clone(), Upstream::new(name, upstream, base)?.shared());
         }
 
@@ -325,4 +344,25 @@ fn lookup<T: Clone>(
     field: impl Fn() -> String,
 ) -> Result<Option<T>, ConfigError> {
     name.map(|name| required(items, name, field)).transpose()
+}
+
+/// Reads a configured private key: a PEM file, or (a `pkcs11:` URI) a key in a token, opened
+/// and checked against the first certificate of `chain_pem`. Errors name the URI with its PIN
+/// redacted.
+fn load_key(
+    config: &Config,
+    base: &Path,
+    path: &Path,
+    chain_pem: &str,
+    field: &str,
+) -> Result<PrivateKey, ConfigError> {
+    match path.to_str().filter(|p| crate::keys::is_pkcs11(p)) {
+        Some(uri) => {
+            let module = config.pkcs11_module.as_ref().map(|m| base.join(m));
+            TokenKey::open(uri, module.as_deref(), chain_pem)
+                .map(PrivateKey::Token)
+                .map_err(|e| ConfigError::invalid(field, e.to_string()))
+        }
+        None => read_path(base, path, field).map(PrivateKey::Pem),
+    }
 }

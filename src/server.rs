@@ -1100,7 +1100,7 @@ impl App {
             Err(crate::keygen::KeygenError::OverBudget(wait)) => {
                 self.metrics.rate_limited(LimitScope::Identity);
                 Err(RequestError::RateLimited {
-                    scope: "this identity for server-side RSA key generation",
+                    scope: "server-side RSA keys for this identity",
                     retry_after: crate::limits::retry_after_secs(wait),
                 })
             }

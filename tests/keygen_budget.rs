@@ -53,9 +53,9 @@ async fn rsa_keys_past_the_identity_budget_are_refused_with_429() {
     let refused = post("serverkeygen", USER, "rsa-dev").await;
     assert_eq!(refused.status, 429, "{}", refused.text());
     assert!(
-        refused.text().starts_with(
-            "too many requests from this identity for server-side RSA key generation: retry after"
-        ),
+        refused
+            .text()
+            .starts_with("too many server-side RSA keys for this identity: retry after"),
         "{}",
         refused.text()
     );

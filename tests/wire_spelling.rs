@@ -630,7 +630,11 @@ async fn the_proxy_socket_and_the_metrics_listener_spell_them_too() {
 async fn recording_upstream(pki_dir: &Path) -> (SocketAddr, tokio::sync::mpsc::Receiver<String>) {
     let chain = std::fs::read_to_string(pki_dir.join("server.pem")).unwrap();
     let key = std::fs::read_to_string(pki_dir.join("server.key")).unwrap();
-    let config = edge_est::transport::tls::server_config(&chain, &key).unwrap();
+    let config = edge_est::transport::tls::server_config(
+        &chain,
+        &edge_est::keys::PrivateKey::Pem(key.clone()),
+    )
+    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -169,6 +169,7 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
         )]),
         upstreams: BTreeMap::new(),
         profiles: BTreeMap::new(),
+        pkcs11_module: None,
         labels: vec![LabelConfig {
             name: None,
             mode: Mode::Sign,

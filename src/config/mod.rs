@@ -57,6 +57,10 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// The EST labels served. A label without `name` serves the unlabeled path.
     pub labels: Vec<LabelConfig>,
+    /// The PKCS#11 library (absolute path, or relative to the configuration file) for keys
+    /// given as `pkcs11:` URIs (RFC 7512) instead of file paths. IoT Edge calls it `lib_path`.
+    #[serde(default, alias = "lib_path", skip_serializing_if = "Option::is_none")]
+    pub pkcs11_module: Option<PathBuf>,
 }
 
 fn default_journal() -> PathBuf {
@@ -92,7 +96,7 @@ impl PemSource {
 pub struct TlsConfig {
     /// The server certificate followed by its chain (PEM).
     pub certificate: PemSource,
-    /// Path of the server's private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    /// Path of the server's private key (PEM: PKCS#8, SEC1 or PKCS#1), or a `pkcs11:` URI.
     pub key: PathBuf,
 }
 
@@ -201,7 +205,7 @@ pub struct TrustConfig {
 pub struct IssuerConfig {
     /// The issuing CA certificate first, then its chain up to and including the root.
     pub certificate: PemSource,
-    /// Path of the issuing CA's private key.
+    /// Path of the issuing CA's private key, or a `pkcs11:` URI of a key in a token.
     pub key: PathBuf,
 }
 

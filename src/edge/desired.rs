@@ -243,6 +243,15 @@ pub fn check_twin_secrets(value: &Value, path: &str) -> Result<(), ConfigError> 
                     "contains a private key; private keys are given as file paths only",
                 ));
             }
+            if text.contains("pin-value") {
+                // The PIN of a PKCS#11 token (a `pkcs11:` key URI's `pin-value`); the message
+                // must not repeat it.
+                return Err(ConfigError::invalid(
+                    path,
+                    "holds a PKCS#11 PIN (pin-value); the twin is no place for it: use \
+                     pin-source=file:<path> with the PIN in a file on a mounted volume",
+                ));
+            }
             if text.contains("sharedaccesskey=") || text.contains("sharedaccesssignature ") {
                 return Err(ConfigError::invalid(
                     path,
@@ -543,6 +552,28 @@ mod tests {
             )),
             "{err}"
         );
+    }
+
+    fn a_token_pin_is_refused_in_the_twin_and_never_repeated() {
+        let defaults = ModuleDefaults::placeholder(Some("p"));
+        for uri in [
+            "pkcs11:token=plant;object=ca?pin-value=7731-secret",
+            "pkcs11:token=plant;object=ca?module-path=/m.so&PIN-VALUE=7731-secret",
+        ] {
+            let mut doc = desired();
+            doc["issuers"]["plant"]["key"] = json!(uri);
+            let err = module_config(&doc, &defaults).unwrap_err().to_string();
+            assert!(
+                err.starts_with("issuers.plant.key:") && err.contains("pin-source=file:"),
+                "{err}"
+            );
+            assert!(!err.contains("7731-secret"), "the PIN shows: {err}");
+        }
+        // Positive control: the same key with its PIN in a file on a mounted volume passes.
+        let mut doc = desired();
+        doc["issuers"]["plant"]["key"] =
+            json!("pkcs11:token=plant;object=ca?pin-source=file:/run/secrets/hsm-pin");
+        module_config(&doc, &defaults).unwrap();
     }
 
     #[test]

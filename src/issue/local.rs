@@ -17,12 +17,13 @@ use super::{IssueError, Issued};
 use crate::auth::client_cert::hex;
 use crate::est::name::AttributeType;
 use crate::est::{KeyKind, SanEntry, Subject};
+use crate::keys::IssuerKey;
 
 /// Issued certificates start this long before "now", for devices whose clocks lag.
 const BACKDATE: ::time::Duration = ::time::Duration::minutes(5);
 
 pub struct LocalIssuer {
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, IssuerKey>,
     /// The issuing CA certificate first, up to and including the root.
     chain: Vec<CertificateDer<'static>>,
     subject: Subject,
@@ -35,6 +36,14 @@ impl LocalIssuer {
     /// Loads and checks an issuing CA: its chain (issuing certificate first, root last) and
     /// its private key.
     pub fn load(chain_pem: &str, key_pem: &str) -> Result<LocalIssuer, String> {
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|e| format!("key: unreadable private key: {e}"))?;
+        Self::load_with(chain_pem, IssuerKey::File(key))
+    }
+
+    /// [`LocalIssuer::load`] with a key already opened: a key file's or a token's (a token
+    /// key was checked against the certificate when it was opened).
+    pub fn load_with(chain_pem: &str, key: IssuerKey) -> Result<LocalIssuer, String> {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(chain_pem.as_bytes())
                 .collect::<Result<_, _>>()
@@ -100,8 +109,6 @@ impl LocalIssuer {
             ));
         }
 
-        let key =
-            KeyPair::from_pem(key_pem).map_err(|e| format!("key: unreadable private key: {e}"))?;
         if key.subject_public_key_info() != ca.public_key().raw {
             return Err("key: does not belong to the issuing CA certificate".into());
         }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 
@@ -19,17 +19,20 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Builds the server configuration from a PEM chain (leaf first) and a PEM private key.
-pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<ServerConfig, String> {
+/// Builds the server configuration from a PEM chain (leaf first) and its private key (PEM, or
+/// a key in a PKCS#11 token).
+pub fn server_config(
+    chain_pem: &str,
+    key: &crate::keys::PrivateKey,
+) -> Result<ServerConfig, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("tls.certificate: not PEM certificates: {e}"))?;
     if chain.is_empty() {
         return Err("tls.certificate: holds no certificate".into());
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("tls.key: unreadable private key: {e}"))?;
     let provider = provider();
+    let certified = crate::keys::tls_certified_key(chain, key, &provider)?;
     let verifier = Arc::new(PossessionOnlyVerifier {
         algorithms: provider.signature_verification_algorithms,
     });
@@ -37,8 +40,7 @@ pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<ServerConfig, Str
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| format!("tls: {e}"))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("tls: certificate and key do not fit together: {e}"))?;
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     // IoT Edge's client offers no ALPN; curl offers h2 and http/1.1. We speak HTTP/1.1.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // TLS 1.3 tickets are not sent: a device enrolls and goes, and two tickets per handshake

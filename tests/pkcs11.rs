@@ -1,0 +1,617 @@
+//! Keys in a PKCS#11 token (SoftHSM2, tokens made at test time): issuance with a token-held
+//! issuing CA key through the real TLS server, TLS with a token-held server key, every load
+//! error with its message (the PIN never in it), re-login after the token forgot the login,
+//! and keys that stay unexportable.
+//!
+//! SoftHSM reads `SOFTHSM2_CONF` once per process: every test of this binary shares one token
+//! directory and makes its own token in it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use common::{
+    client, enrolled, openssl_verify, sh, standard_config, stderr, stdout, Pki, TestServer,
+};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+use cryptoki::session::UserType;
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use edge_est::config::Config;
+use edge_est::keys::{TokenKey, TokenKeyKind};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, PublicKeyData, SanType};
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const USER_PIN: &str = "7731-user-pin";
+const SO_PIN: &str = "so-pin-0000";
+const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+const P521: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
+
+/// The SoftHSM library, with a token directory of this test process. No silent skip: a
+/// machine without SoftHSM fails here and says what to install.
+fn module() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        assert!(
+            Path::new(SOFTHSM).exists(),
+            "{SOFTHSM} missing: install Debian's softhsm2 (.ci/run does)"
+        );
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::create_dir(dir.join("tokens")).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        // Before the library is initialised (below, once), while no other thread reads it.
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        dir
+    });
+    PathBuf::from(SOFTHSM)
+}
+
+/// A fresh token labelled `label`, user PIN [`USER_PIN`]; returns its slot.
+fn new_token(label: &str) -> Slot {
+    static CREATING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+    let free = ctx
+        .get_all_slots()
+        .unwrap()
+        .into_iter()
+        .find(|s| !ctx.get_token_info(*s).unwrap().token_initialized())
+        .expect("SoftHSM offers a free slot");
+    ctx.init_token(free, &AuthPin::from(SO_PIN), label).unwrap();
+    let slot = slot_of(label);
+    let session = ctx.open_rw_session(slot).unwrap();
+    session
+        .login(UserType::So, Some(&AuthPin::from(SO_PIN)))
+        .unwrap();
+    session.init_pin(&AuthPin::from(USER_PIN)).unwrap();
+    session.logout().unwrap();
+    slot
+}
+
+fn slot_of(label: &str) -> Slot {
+    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+    ctx.get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == label)
+        .unwrap()
+}
+
+/// A public key read from the token, for rcgen to put in a certificate.
+struct TokenPublic {
+    der: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl PublicKeyData for TokenPublic {
+    fn der_bytes(&self) -> &[u8] {
+        &self.der
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Ec(&'static [u8]),
+    Rsa2048,
+    Rsa1024,
+}
+
+/// Generates a key pair inside the token (sensitive, never extractable) labelled `object`.
+fn generate(slot: Slot, object: &str, kind: Kind) -> TokenPublic {
+    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    match session.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("login: {e}"),
+    }
+    let label = Attribute::Label(object.as_bytes().to_vec());
+    let private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        label.clone(),
+        Attribute::Id(object.as_bytes().to_vec()),
+    ];
+    match kind {
+        Kind::Ec(params) => {
+            let public = vec![
+                Attribute::Token(true),
+                Attribute::Verify(true),
+                Attribute::EcParams(params.to_vec()),
+                label,
+            ];
+            let (public, _) = session
+                .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+                .unwrap();
+            let point = match &session
+                .get_attributes(public, &[AttributeType::EcPoint])
+                .unwrap()[0]
+            {
+                // An OCTET STRING around the uncompressed point.
+                Attribute::EcPoint(p) => p[2..].to_vec(),
+                other => panic!("{other:?}"),
+            };
+            let alg = if params == P384 {
+                &rcgen::PKCS_ECDSA_P384_SHA384
+            } else {
+                &rcgen::PKCS_ECDSA_P256_SHA256
+            };
+            TokenPublic { der: point, alg }
+        }
+        Kind::Rsa2048 | Kind::Rsa1024 => {
+            let bits: u64 = if matches!(kind, Kind::Rsa1024) {
+                1024
+            } else {
+                2048
+            };
+            let public = vec![
+                Attribute::Token(true),
+                Attribute::Verify(true),
+                Attribute::ModulusBits(bits.into()),
+                Attribute::PublicExponent(vec![1, 0, 1]),
+                label,
+            ];
+            let (public, _) = session
+                .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+                .unwrap();
+            let modulus = match &session
+                .get_attributes(public, &[AttributeType::Modulus])
+                .unwrap()[0]
+            {
+                Attribute::Modulus(m) => m.clone(),
+                other => panic!("{other:?}"),
+            };
+            TokenPublic {
+                der: rsa_public_key(&modulus),
+                alg: &rcgen::PKCS_RSA_SHA256,
+            }
+        }
+    }
+}
+
+/// DER RSAPublicKey { modulus, 65537 }.
+fn rsa_public_key(modulus: &[u8]) -> Vec<u8> {
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match body.len() {
+            n if n < 0x80 => out.push(n as u8),
+            n if n < 0x100 => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    let mut n = vec![0u8];
+    n.extend_from_slice(modulus);
+    let body = [tlv(0x02, &n), tlv(0x02, &[1, 0, 1])].concat();
+    tlv(0x30, &body)
+}
+
+fn uri(token: &str, object: &str) -> String {
+    format!("pkcs11:token={token};object={object}?pin-value={USER_PIN}")
+}
+
+/// The issuing CA of `pki` replaced by one whose key is `key` in a token (same name, signed
+/// by the test root): issuing-ca.pem in `dir`.
+fn token_issuing_ca(dir: &Path, pki: &Pki, key: &TokenPublic) -> String {
+    let params = edge_est::pki::ca_params(
+        "edge-est token issuing CA",
+        Some(1),
+        time::Duration::days(3650),
+    );
+    let cert = params.signed_by(key, &pki.root.issuer).unwrap();
+    let chain = format!("{}{}", cert.pem(), pki.root.cert_pem);
+    std::fs::write(dir.join("issuing-ca.pem"), &chain).unwrap();
+    chain
+}
+
+/// A localhost server certificate for `key`, issued by the PKI's issuing CA: server.pem.
+fn token_server_cert(dir: &Path, pki: &Pki, key: &TokenPublic) {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params.subject_alt_names = vec![
+        SanType::DnsName("localhost".try_into().unwrap()),
+        SanType::IpAddress([127, 0, 0, 1].into()),
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(key, &pki.issuing.issuer).unwrap();
+    std::fs::write(
+        dir.join("server.pem"),
+        format!("{}{}", cert.pem(), pki.issuing.cert_pem),
+    )
+    .unwrap();
+}
+
+fn with_token_issuer(pki: &Pki, key_uri: &str) -> Config {
+    let mut config = standard_config(pki);
+    config.issuers.get_mut("plant").unwrap().key = PathBuf::from(key_uri);
+    config.pkcs11_module = Some(module());
+    config
+}
+
+fn load_error(config: &Config, dir: &Path) -> String {
+    match edge_est::runtime::Runtime::build(config, dir) {
+        Ok(_) => panic!("the configuration loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issuance_with_a_token_issuing_key_verifies_with_openssl() {
+    for (name, kind) in [
+        ("iss-p256", Kind::Ec(P256)),
+        ("iss-p384", Kind::Ec(P384)),
+        ("iss-rsa", Kind::Rsa2048),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate_p256(dir.path());
+        let slot = new_token(name);
+        let public = generate(slot, "issuing-ca", kind);
+        token_issuing_ca(dir.path(), &pki, &public);
+        let config = with_token_issuer(&pki, &uri(name, "issuing-ca"));
+        let server = TestServer::start(dir.path(), &config).await;
+        let issued = enrolled(&server, &pki.root.cert_pem, "device-1").await;
+        std::fs::write(dir.path().join("leaf.pem"), &issued.cert_pem).unwrap();
+        assert!(
+            openssl_verify(dir.path(), "root.pem", "issuing-ca.pem", "leaf.pem"),
+            "{name}: the chain does not verify"
+        );
+        // Negative control: the old (file) issuing CA does not vouch for the certificate.
+        std::fs::write(dir.path().join("other-ca.pem"), &pki.issuing.cert_pem).unwrap();
+        assert!(!openssl_verify(
+            dir.path(),
+            "root.pem",
+            "other-ca.pem",
+            "leaf.pem"
+        ));
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enrollments_and_relogin_after_the_token_forgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let slot = new_token("pool");
+    let public = generate(slot, "issuing-ca", Kind::Ec(P256));
+    let chain = token_issuing_ca(dir.path(), &pki, &public);
+    let key_uri = uri("pool", "issuing-ca");
+    let server = TestServer::start(dir.path(), &with_token_issuer(&pki, &key_uri)).await;
+
+    // The pool opens a second session while one is busy instead of waiting for it.
+    let key = TokenKey::open(&key_uri, Some(&module()), &chain).unwrap();
+    let token = key.token().clone();
+    token
+        .with_session(|_| token.with_session(|_| Ok(())))
+        .unwrap();
+    assert!(token.idle_sessions() >= 2, "{}", token.idle_sessions());
+
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let addr = server.addr;
+        let root = pki.root.cert_pem.clone();
+        tasks.push(tokio::spawn(async move {
+            common::enrolled_at(addr, &root, &format!("device-{i}")).await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    // The token forgets the login (what a reset does): the application is logged out of it.
+    key.token().logout_for_test().unwrap();
+    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+    let probe = ctx.open_ro_session(slot).unwrap();
+    let found = probe
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .unwrap();
+    assert!(found.is_empty(), "still logged in: private objects visible");
+    drop(probe);
+    // The next enrollment logs in again and succeeds.
+    let issued = enrolled(&server, &pki.root.cert_pem, "after-reset").await;
+    std::fs::write(dir.path().join("leaf.pem"), &issued.cert_pem).unwrap();
+    assert!(openssl_verify(
+        dir.path(),
+        "root.pem",
+        "issuing-ca.pem",
+        "leaf.pem"
+    ));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_token_server_key_curl_and_openssl_verify() {
+    for (name, kind) in [("tls-rsa", Kind::Rsa2048), ("tls-p256", Kind::Ec(P256))] {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate_p256(dir.path());
+        let slot = new_token(name);
+        let public = generate(slot, "server", kind);
+        token_server_cert(dir.path(), &pki, &public);
+        let mut config = standard_config(&pki);
+        config.tls.as_mut().unwrap().key = PathBuf::from(uri(name, "server"));
+        config.pkcs11_module = Some(module());
+        let server = TestServer::start(dir.path(), &config).await;
+
+        let (status, body) = common::curl(&server, &[&server.url("cacerts")]);
+        assert_eq!(status, 200, "{name}: {body}");
+        // TLS 1.2 and 1.3 through openssl, the certificate verified against the test root;
+        // for RSA, TLS 1.2 with PKCS#1 v1.5 too (TLS 1.3 signs with PSS).
+        let mut runs = vec![("-tls1_3", ""), ("-tls1_2", "")];
+        if matches!(kind, Kind::Rsa2048) {
+            runs.push(("-tls1_2", "-sigalgs RSA+SHA256"));
+        }
+        for (version, sigalgs) in runs {
+            let out = sh(
+                &format!(
+                    "echo | openssl s_client {version} {sigalgs} -connect 127.0.0.1:{} \
+                     -servername localhost -verify_hostname localhost -CAfile root.pem \
+                     -verify_return_error 2>&1",
+                    server.addr.port()
+                ),
+                dir.path(),
+            );
+            let text = stdout(&out);
+            assert!(
+                out.status.success() && text.contains("Verify return code: 0 (ok)"),
+                "{name} {version} {sigalgs}: {text}{}",
+                stderr(&out)
+            );
+        }
+        server.stop().await;
+    }
+}
+
+#[test]
+fn every_load_error_names_the_uri_and_never_the_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let slot = new_token("errors");
+    let public = generate(slot, "issuing-ca", Kind::Ec(P256));
+    generate(slot, "other-p256", Kind::Ec(P256));
+    generate(slot, "a-p384", Kind::Ec(P384));
+    generate(slot, "a-p521", Kind::Ec(P521));
+    generate(slot, "a-rsa1024", Kind::Rsa1024);
+    token_issuing_ca(dir.path(), &pki, &public);
+    let pin_file = dir.path().join("pin");
+    std::fs::write(&pin_file, format!("{USER_PIN}\n")).unwrap();
+
+    let serial = {
+        let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+        ctx.get_token_info(slot).unwrap().serial_number().to_owned()
+    };
+    // Positive controls: the key by label, by id, with the PIN from a file, by slot-id, by
+    // serial, with the module in the URI.
+    for good in [
+        format!("pkcs11:serial={serial};object=issuing-ca?pin-value={USER_PIN}"),
+        format!(
+            "pkcs11:token=errors;manufacturer=SoftHSM%20project;model=SoftHSM%20v2;\
+             object=issuing-ca?pin-value={USER_PIN}"
+        ),
+        uri("errors", "issuing-ca"),
+        format!("pkcs11:token=errors;id=issuing-ca?pin-value={USER_PIN}"),
+        format!(
+            "pkcs11:token=errors;object=issuing-ca?pin-source=file:{}",
+            pin_file.display()
+        ),
+        format!(
+            "pkcs11:slot-id={};object=issuing-ca?pin-value={USER_PIN}",
+            slot.id()
+        ),
+    ] {
+        edge_est::runtime::Runtime::build(&with_token_issuer(&pki, &good), dir.path())
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+
+    // module-path= in the URI wins over pkcs11_module.
+    let mut config = with_token_issuer(
+        &pki,
+        &format!(
+            "pkcs11:token=errors;object=issuing-ca?pin-value={USER_PIN}&module-path={SOFTHSM}"
+        ),
+    );
+    config.pkcs11_module = Some(PathBuf::from("/nonexistent/libpkcs11.so"));
+    edge_est::runtime::Runtime::build(&config, dir.path()).unwrap();
+
+    let cases: Vec<(Config, &str)> = vec![
+        (
+            with_token_issuer(
+                &pki,
+                &format!("pkcs11:token=errors;model=Other;object=issuing-ca?pin-value={USER_PIN}"),
+            ),
+            "no such token",
+        ),
+        (
+            {
+                let mut c = with_token_issuer(&pki, &uri("errors", "issuing-ca"));
+                c.pkcs11_module = Some(PathBuf::from("/nonexistent/libpkcs11.so"));
+                c
+            },
+            "PKCS#11 module /nonexistent/libpkcs11.so cannot be loaded",
+        ),
+        (
+            {
+                let mut c = with_token_issuer(&pki, &uri("errors", "issuing-ca"));
+                c.pkcs11_module = None;
+                c
+            },
+            "no PKCS#11 module",
+        ),
+        (
+            with_token_issuer(&pki, &uri("no-such-token", "issuing-ca")),
+            "no such token",
+        ),
+        (
+            with_token_issuer(
+                &pki,
+                "pkcs11:token=errors;object=issuing-ca?pin-value=wrong-4242",
+            ),
+            "wrong PIN",
+        ),
+        (
+            with_token_issuer(&pki, &uri("errors", "no-such-key")),
+            "no private key with this object=/id=",
+        ),
+        (
+            with_token_issuer(&pki, &uri("errors", "a-p521")),
+            "key type unsupported: an EC key on a curve other than P-256 and P-384",
+        ),
+        (
+            with_token_issuer(&pki, &uri("errors", "a-rsa1024")),
+            "key type unsupported: an RSA key of 1024 bits (at least 2048)",
+        ),
+        (
+            with_token_issuer(&pki, &uri("errors", "other-p256")),
+            "does not belong to the certificate (a test signature does not verify",
+        ),
+        (
+            with_token_issuer(&pki, &uri("errors", "a-p384")),
+            "does not belong to the certificate (the token holds an EC P-384 key, the \
+             certificate's key is an EC P-256 key)",
+        ),
+    ];
+    for (config, expected) in cases {
+        let err = load_error(&config, dir.path());
+        assert!(
+            err.starts_with("issuers.plant.key: ") && err.contains(expected),
+            "expected {expected:?}: {err}"
+        );
+        assert!(
+            !err.contains(USER_PIN) && !err.contains("wrong-4242"),
+            "PIN shows: {err}"
+        );
+        if !expected.starts_with("PKCS#11 module") {
+            assert!(err.contains("pin-value=(redacted)"), "{err}");
+        }
+    }
+    // After a wrong PIN, the right one still works (the token was not left logged out).
+    edge_est::runtime::Runtime::build(
+        &with_token_issuer(&pki, &uri("errors", "issuing-ca")),
+        dir.path(),
+    )
+    .unwrap();
+
+    // The TLS key and an upstream credential: same messages under their own fields.
+    let mut config = standard_config(&pki);
+    config.tls.as_mut().unwrap().key = PathBuf::from(uri("errors", "no-such-key"));
+    config.pkcs11_module = Some(module());
+    let err = load_error(&config, dir.path());
+    assert!(
+        err.starts_with("tls.key: ") && err.contains("no private key"),
+        "{err}"
+    );
+    assert!(!err.contains(USER_PIN), "{err}");
+
+    // An upstream RA key in a token is not supported yet: refused by name, PIN redacted,
+    // never read as a file (whose error would print the path, PIN and all).
+    let mut config = with_token_issuer(&pki, &uri("errors", "issuing-ca"));
+    config.upstreams.insert(
+        "parent".into(),
+        serde_json::from_value(serde_json::json!({
+            "url": "https://127.0.0.1:1/.well-known/est",
+            "trust": ["root.pem"],
+            "certificate": "server.pem",
+            "key": uri("errors", "issuing-ca"),
+        }))
+        .unwrap(),
+    );
+    let err = load_error(&config, dir.path());
+    assert!(
+        err.starts_with("upstreams.parent.key: ") && err.contains("not supported"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(USER_PIN) && err.contains("pin-value=(redacted)"),
+        "{err}"
+    );
+    // Positive control: the same upstream with a key file loads.
+    config.upstreams.get_mut("parent").unwrap().key = Some(PathBuf::from("server.key"));
+    edge_est::runtime::Runtime::build(&config, dir.path()).unwrap();
+}
+
+#[test]
+fn iot_edge_lib_path_names_the_module() {
+    let config: Config = toml::from_str(
+        r#"
+lib_path = "/usr/lib/softhsm/libsofthsm2.so"
+labels = []
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.pkcs11_module, Some(PathBuf::from(SOFTHSM)));
+}
+
+#[test]
+fn token_keys_stay_unexportable() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let slot = new_token("sealed");
+    let public = generate(slot, "issuing-ca", Kind::Ec(P256));
+    let chain = token_issuing_ca(dir.path(), &pki, &public);
+    let key = TokenKey::open(&uri("sealed", "issuing-ca"), Some(&module()), &chain).unwrap();
+    assert_eq!(key.kind(), TokenKeyKind::EcP256);
+    assert_eq!(key.protection().unwrap(), (Some(true), Some(false)));
+
+    // Asking the token for the private value is refused.
+    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&AuthPin::from(USER_PIN)));
+    let handle = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(b"issuing-ca".to_vec()),
+        ])
+        .unwrap()[0];
+    match session.get_attributes(handle, &[AttributeType::Value]) {
+        Ok(values) => assert!(
+            !values.iter().any(|a| matches!(a, Attribute::Value(_))),
+            "the private value came out"
+        ),
+        Err(e) => assert!(e.to_string().contains("ensitive"), "{e}"),
+    }
+    // The configuration with this key loads (it is used through the token, by handle).
+    let runtime = edge_est::runtime::Runtime::build(
+        &with_token_issuer(&pki, &uri("sealed", "issuing-ca")),
+        dir.path(),
+    )
+    .unwrap();
+    drop(runtime);
+}
+
+#[tokio::test]
+async fn cacerts_is_served_by_a_token_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let slot = new_token("cacerts");
+    let public = generate(slot, "issuing-ca", Kind::Ec(P256));
+    token_issuing_ca(dir.path(), &pki, &public);
+    let server = TestServer::start(
+        dir.path(),
+        &with_token_issuer(&pki, &uri("cacerts", "issuing-ca")),
+    )
+    .await;
+    let answer = client::EstClient::new(server.addr, &pki.root.cert_pem, None)
+        .request("GET", "cacerts", &[], Vec::new())
+        .await;
+    assert_eq!(answer.status, 200);
+    server.stop().await;
+}
