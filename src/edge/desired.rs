@@ -554,6 +554,7 @@ mod tests {
         );
     }
 
+    #[test]
     fn a_token_pin_is_refused_in_the_twin_and_never_repeated() {
         let defaults = ModuleDefaults::placeholder(Some("p"));
         for uri in [
