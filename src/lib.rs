@@ -19,7 +19,6 @@ pub mod issue;
 pub mod journal;
 pub mod limits;
 pub mod logging;
-pub mod manifest;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

@@ -128,7 +128,7 @@ fn main() -> anyhow::Result<()> {
             parent_hostname,
             no_parent,
         } => {
-            use edge_est::manifest::{check_file, CheckOptions, Parent};
+            use edge_est::edge::manifest::{check_file, CheckOptions, Parent};
             let options = CheckOptions {
                 modules,
                 parent: match (parent_hostname, no_parent) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base64::Engine;
-use edge_est::manifest::{check, check_file, CheckOptions, Parent, Report, Via};
+use edge_est::edge::manifest::{check, check_file, CheckOptions, Parent, Report, Via};
 use serde_json::{json, Value};
 
 fn deployment_dir() -> PathBuf {

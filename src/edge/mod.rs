@@ -13,6 +13,7 @@ pub mod certs;
 pub mod desired;
 pub mod env;
 pub mod lkg;
+pub mod manifest;
 pub mod reported;
 pub mod sas;
 pub mod twin;
