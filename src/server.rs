@@ -215,11 +215,12 @@ impl Service for App {
         let runtime = self.runtime.load_full();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
+        let health_probe = is_health_probe(&request, &connection);
         let mut trace = Trace::default();
         let result = self
             .dispatch(&runtime, request, &connection, &mut trace)
             .await;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed_ms = crate::logging::millis(started.elapsed());
         let label = trace.label.as_deref().unwrap_or("-");
         let identity = trace.identity.as_deref().unwrap_or("-");
         let via = if connection.forwarded.is_some() {
@@ -234,6 +235,10 @@ impl Service for App {
         self.metrics
             .request(label, trace.operation.unwrap_or("-"), status.as_u16());
         match result {
+            Ok(response) if health_probe && trace.operation == Some("cacerts") => {
+                tracing::debug!(remote = %connection.remote, %path, status = response.status().as_u16(), elapsed_ms, "health probe served");
+                response
+            }
             Ok(response) => {
                 tracing::info!(
                     remote = %connection.remote, via, %method, %path, status = response.status().as_u16(),
@@ -254,6 +259,18 @@ impl Service for App {
             }
         }
     }
+}
+
+/// `edge-est health` probing from loopback over TLS: its successful `cacerts` is logged at
+/// debug, not info. Anything else it asks, or the same from elsewhere, is logged as usual.
+fn is_health_probe(request: &Request<Incoming>, connection: &Connection) -> bool {
+    connection.forwarded.is_none()
+        && connection.remote.ip().is_loopback()
+        && request.method() == http::Method::GET
+        && request
+            .headers()
+            .get(http::header::USER_AGENT)
+            .is_some_and(|ua| ua.as_bytes() == crate::health::PROBE_USER_AGENT.as_bytes())
 }
 
 /// A client certificate chain verified for a label, kept for the connection it came on: a
