@@ -269,8 +269,14 @@ async fn the_twin_configures_the_module_live() {
     assert!(reason.starts_with("upstreams.top.password:"), "{reason}");
     assert!(!reported.to_string().contains("hunter2"));
     let v5 = twin.patch_desired(json!({ "upstreams": null })).await;
-    twin.wait_reported("configVersion 5", |r| r["configVersion"] == v5)
+    let reported = twin
+        .wait_reported("configVersion 5", |r| r["configVersion"] == v5)
         .await;
+    assert!(
+        reported["lastRejection"].is_null(),
+        "an accepted document clears the refusal of an earlier one: {reported:#}"
+    );
+    assert_eq!(reported["status"], "running");
     assert_eq!(enroll(&child, "v4-1").await.status, 200);
 
     let key = KeyPair::generate().unwrap().serialize_pem();
@@ -317,6 +323,24 @@ async fn the_twin_configures_the_module_live() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(closed, "the old address {addr} still accepts connections");
+    // `edge-est health` (the container's HEALTHCHECK) follows the listener through the record
+    // the module keeps on its data directory.
+    let health = tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-est"))
+        .arg("health")
+        .env("EDGE_EST_DATA_DIR", rig.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains(&moved.to_string()),
+        "{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
 
     // Counters arrive, throttled.
     let reported = twin
