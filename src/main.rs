@@ -251,6 +251,9 @@ fn main() -> anyhow::Result<()> {
                 for error in &report.errors {
                     eprintln!("{}: {error}", file.display());
                 }
+                for warning in &report.warnings {
+                    eprintln!("{}: warning: {warning}", file.display());
+                }
                 println!("{}: {}", file.display(), report.summary());
                 if !report.is_ok() {
                     failed += 1;

@@ -586,10 +586,24 @@ fn the_readme_twin_example_is_valid() {
     let block = &readme[start + "```json\n\"estproxy\": ".len()..];
     let block = &block[..block.find("```").unwrap()];
     let manifest: Value = serde_json::from_str(block).expect("the example is JSON");
-    let desired = manifest["properties.desired"].to_string().replace(
-        "$argon2id$v=19$m=19456,t=2,p=1$...$...",
-        &common::pki::password_hash(),
-    );
+    // The placeholders stand for a real hash and a real certificate (a placeholder PEM is
+    // refused, by the module as by check-config and check-manifest).
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::generate_p256(dir.path());
+    let desired = manifest["properties.desired"]
+        .to_string()
+        .replace(
+            "$argon2id$v=19$m=19456,t=2,p=1$...$...",
+            &common::pki::password_hash(),
+        )
+        .replace(
+            &serde_json::to_string(
+                "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n",
+            )
+            .unwrap()[1..],
+            &serde_json::to_string(&pki.bootstrap.cert_pem).unwrap()[1..],
+        );
+    assert!(!desired.contains("MIIB..."), "{desired}");
     let desired: Value = serde_json::from_str(&desired).unwrap();
     let config = edge::module_config(
         &desired,

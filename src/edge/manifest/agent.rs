@@ -14,17 +14,21 @@ impl Checker {
                 "1.1".to_owned()
             }
             None => {
-                self.err(format!("{path}.schemaVersion"), "missing (\"1.1\")");
+                if !self.layered {
+                    self.err(format!("{path}.schemaVersion"), "missing (\"1.1\")");
+                }
                 "1.1".to_owned()
             }
         };
-        self.runtime(agent.get("runtime"), &format!("{path}.runtime"));
+        if !self.layered || agent.contains_key("runtime") {
+            self.runtime(agent.get("runtime"), &format!("{path}.runtime"));
+        }
 
         let mut modules = Vec::new();
         match agent.get("systemModules") {
             Some(Value::Object(system)) => {
                 for required in ["edgeAgent", "edgeHub"] {
-                    if !system.contains_key(required) {
+                    if !self.layered && !system.contains_key(required) {
                         self.err(format!("{path}.systemModules.{required}"), "missing");
                     }
                 }
@@ -48,6 +52,7 @@ impl Checker {
                 }
             }
             Some(_) => self.err(format!("{path}.systemModules"), "must be an object"),
+            None if self.layered => {}
             None => self.err(format!("{path}.systemModules"), "missing"),
         }
         match agent.get("modules") {
@@ -370,6 +375,9 @@ impl Checker {
                     mounts.push(Mount {
                         source: parts[0].to_owned(),
                         target: PathBuf::from(parts[1]),
+                        read_only: parts
+                            .get(2)
+                            .is_some_and(|o| o.split(',').any(|o| o == "ro")),
                     });
                 }
             }
@@ -391,6 +399,7 @@ impl Checker {
                             mounts.push(Mount {
                                 source: source.to_owned(),
                                 target: PathBuf::from(t),
+                                read_only: mount.get("ReadOnly") == Some(&Value::Bool(true)),
                             });
                         }
                         (Some("tmpfs"), Some(t)) if t.starts_with('/') => {}

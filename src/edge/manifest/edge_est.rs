@@ -3,28 +3,28 @@
 use super::*;
 
 impl Checker {
-    pub(super) fn edge_est(
+    /// An edge-est module's desired properties through the module's own validator.
+    pub(super) fn edge_est_desired(
         &mut self,
         content: &Map<String, Value>,
         base: &str,
-        module: &ModuleInfo,
+        name: &str,
         parent: Option<&str>,
-        endpoints: &mut Vec<Endpoint>,
     ) -> Option<Config> {
-        let desired_path = format!("{base}.{}.properties.desired", module.name);
-        let Ok(desired) = desired_of(content, &module.name) else {
+        let desired_path = format!("{base}.{name}.properties.desired");
+        let Ok(desired) = desired_of(content, name) else {
             self.err(
-                format!("{base}.{}", module.name),
+                format!("{base}.{name}"),
                 "edge-est takes its whole configuration from these desired properties: without \
                  them it waits for a configuration and never opens its EST port",
             );
             return None;
         };
-        let config = match module_config(
+        match module_config(
             &Value::Object(desired.clone()),
             &ModuleDefaults::placeholder(parent),
         ) {
-            Ok(config) => config,
+            Ok(config) => Some(config),
             Err(e) => {
                 let (field, reason) = match e {
                     ConfigError::Invalid { field, reason } => (field, reason),
@@ -41,10 +41,36 @@ impl Checker {
                 } else {
                     ""
                 };
-                self.err(path, format!("{reason}{hint}"));
-                return None;
+                // A layer that sets parts of the document may name what the base defines.
+                let elsewhere = [
+                    "no issuer named",
+                    "no upstream named",
+                    "no trust set named",
+                    "at least one label",
+                ];
+                if self.partial.contains(name) && elsewhere.iter().any(|e| reason.contains(e)) {
+                    self.warn(
+                        path,
+                        format!("{reason}{hint}, unless the base deployment or another layer defines it (this layer sets parts of the desired properties only)"),
+                    );
+                } else {
+                    self.err(path, format!("{reason}{hint}"));
+                }
+                None
             }
-        };
+        }
+    }
+
+    pub(super) fn edge_est(
+        &mut self,
+        content: &Map<String, Value>,
+        base: &str,
+        module: &ModuleInfo,
+        parent: Option<&str>,
+        endpoints: &mut Vec<Endpoint>,
+    ) -> Option<Config> {
+        let desired_path = format!("{base}.{}.properties.desired", module.name);
+        let config = self.edge_est_desired(content, base, &module.name, parent)?;
 
         // What the container needs: its data directory and every file on a volume.
         let data_dir = PathBuf::from(
@@ -65,8 +91,24 @@ impl Checker {
                 ),
             );
         }
+        let placeholder_keys = placeholder_keys();
         for (field, file) in files_of(&config) {
             let absolute = data_dir.join(&file);
+            if field.ends_with(".key") && !placeholder_keys.contains(&file) {
+                if let Some((mount, _)) = module.mount_of(&absolute).filter(|(m, _)| !m.read_only) {
+                    self.warn(
+                        format!("{desired_path}.{field}"),
+                        format!(
+                            "the private key {} is on a read-write mount ({} on {}): edge-est \
+                             only reads it; mount its directory read-only (\":ro\" in Binds, \
+                             \"ReadOnly\": true in Mounts)",
+                            absolute.display(),
+                            mount.source,
+                            mount.target.display()
+                        ),
+                    );
+                }
+            }
             if absolute.starts_with(&data_dir) {
                 continue;
             }
@@ -95,6 +137,19 @@ impl Checker {
                          both containers mount (HostConfig.Binds [\"edge-est-proxy:{}\"])",
                         socket.display(),
                         socket.parent().unwrap_or(Path::new("/")).display()
+                    ),
+                );
+            }
+        }
+
+        for (user, hash) in &config.users {
+            if is_example_password(hash) {
+                self.warn(
+                    format!("{desired_path}.users.{user}"),
+                    format!(
+                        "the hash of `{EXAMPLE_PASSWORD}`, the example password of the README and \
+                         deployment/: anyone who read them can enroll; make your own with \
+                         `edge-est hash-password`"
                     ),
                 );
             }
@@ -143,6 +198,28 @@ impl Checker {
         }
         Some(config)
     }
+}
+
+/// The password the README and the files of `deployment/` use as an example.
+pub const EXAMPLE_PASSWORD: &str = "change-me";
+
+/// Whether an argon2 hash is that of [`EXAMPLE_PASSWORD`].
+fn is_example_password(hash: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        argon2::Argon2::default()
+            .verify_password(EXAMPLE_PASSWORD.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// The key files the module writes itself (workload certificates), as the placeholder
+/// defaults name them: not the operator's to mount.
+fn placeholder_keys() -> Vec<PathBuf> {
+    let defaults = ModuleDefaults::placeholder(Some(PLACEHOLDER_PARENT));
+    let mut keys: Vec<PathBuf> = defaults.tls.map(|t| t.key).into_iter().collect();
+    keys.extend(defaults.identity.map(|(_, key)| key));
+    keys
 }
 
 /// Every file path a configuration names (not inline PEM), with its field.

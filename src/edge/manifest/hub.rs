@@ -14,7 +14,9 @@ impl Checker {
                 "1.2"
             }
             None => {
-                self.err(format!("{path}.schemaVersion"), "missing (\"1.2\")");
+                if !self.layered {
+                    self.err(format!("{path}.schemaVersion"), "missing (\"1.2\")");
+                }
                 "1.2"
             }
         };
@@ -66,6 +68,7 @@ impl Checker {
                 }
             }
             Some(_) => self.err(format!("{path}.routes"), "must be an object"),
+            None if self.layered => {}
             None => self.err(format!("{path}.routes"), "missing"),
         }
         if let Some(store) = hub.get("storeAndForwardConfiguration") {

@@ -150,6 +150,11 @@ pub struct Report {
     pub parent_inferred: bool,
     pub endpoints: Vec<Endpoint>,
     pub errors: Vec<ManifestError>,
+    /// Findings that do not fail the check (a key on a read-write mount, no edge-est module,
+    /// the README's example password).
+    pub warnings: Vec<ManifestError>,
+    /// A layered deployment (`properties.desired.<path>` sections): checked in parts.
+    pub layered: bool,
 }
 
 impl Report {
@@ -180,10 +185,18 @@ impl Report {
                 Via::ApiProxy(p) => format!("{} via {p} to {}", e.host_port, e.module),
             })
             .collect();
-        let status = if self.is_ok() {
+        let mut status = if self.is_ok() {
             "ok".to_owned()
         } else {
             format!("{} error(s)", self.errors.len())
+        };
+        if !self.warnings.is_empty() {
+            status.push_str(&format!(", {} warning(s)", self.warnings.len()));
+        }
+        let layer = if self.layered {
+            format!("layered deployment; {layer}")
+        } else {
+            layer
         };
         format!(
             "{status}: {} module(s); {layer}; edge-est: {}; EST on host port {}",
@@ -230,6 +243,7 @@ pub fn check(manifest: &Value, options: &CheckOptions) -> Report {
     let report = checker.run(manifest, options);
     Report {
         errors: checker.errors,
+        warnings: checker.warnings,
         ..report
     }
 }
