@@ -57,9 +57,14 @@ enum Command {
     /// Starts a three-layer hierarchy on loopback and enrolls a child IoT Edge device
     /// through it: identity certificate, Edge CA, renewal. Exits non-zero on any failure.
     Demo {
-        /// Where to keep the generated PKI, configurations and journals.
+        /// Where to keep the generated PKI, configurations and journals (default: a new
+        /// directory in the system's temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// First loopback port of the three configurations it writes (then +1, +2); the
+        /// demo's own run uses free ports.
+        #[arg(long, default_value_t = edge_est::demo::CONFIG_PORT)]
+        config_port: u16,
     },
     /// Liveness probe for container health checks: exits 0 if edge-est answers `cacerts` on
     /// its EST listener. It probes --addr, else the listener of --config, else the address the
@@ -298,11 +303,20 @@ fn main() -> anyhow::Result<()> {
             println!("{status}");
             Ok(())
         }
-        Command::Demo { dir } => {
+        Command::Demo { dir, config_port } => {
+            anyhow::ensure!(
+                config_port <= u16::MAX - 2,
+                "--config-port: the three layers need it and the two ports after it"
+            );
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("edge-est-demo-{}", std::process::id()))
             });
-            std::fs::create_dir_all(&dir)
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder
+                .create(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let _logging = match std::env::var_os("RUST_LOG") {
                 Some(_) => Some(init_logging(cli.log_format, false)?),
@@ -312,7 +326,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime
-                .block_on(edge_est::demo::run(&dir))
+                .block_on(edge_est::demo::run(&dir, config_port))
                 .map_err(|e| anyhow::anyhow!("demo failed: {e}"))
         }
         Command::Serve {
@@ -462,10 +476,10 @@ fn print_dev_instructions(setup: &dev::DevSetup, local: SocketAddr) {
         "\nedge-est development server on https://{host}/.well-known/est (trust anchor: {root})\n\
          Enroll a device with curl and openssl:\n\n  \
          openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout device.key -subj /CN=device1 -out device.csr\n  \
-         curl -sf --cacert {root} -u {user}:{password} -H 'Content-Type: application/pkcs10' \\\n      \
+         curl -sS --fail-with-body --cacert {root} -u {user}:{password} -H 'Content-Type: application/pkcs10' \\\n      \
          --data-binary @device.csr https://{host}/.well-known/est/simpleenroll \\\n    \
          | openssl base64 -d | openssl pkcs7 -inform DER -print_certs -out device.pem\n  \
-         curl -sf --cacert {root} https://{host}/.well-known/est/cacerts | openssl base64 -d | openssl pkcs7 -inform DER -print_certs -out chain.pem\n  \
+         curl -sS --fail-with-body --cacert {root} https://{host}/.well-known/est/cacerts | openssl base64 -d | openssl pkcs7 -inform DER -print_certs -out chain.pem\n  \
          openssl verify -CAfile {root} -untrusted chain.pem device.pem\n",
         root = setup.root_pem().display(),
         user = dev::DEV_USER,

@@ -242,3 +242,56 @@ fn health_probe_answers_for_a_running_server_only() {
         stderr(&impostor)
     );
 }
+
+#[test]
+fn hash_password_prompts_without_echo_on_a_terminal_and_reads_a_pipe() {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let verifies = |hash: &str, password: &str| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &PasswordHash::new(hash).unwrap())
+            .is_ok()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_edge-est");
+
+    // A pipe: one line, no prompt.
+    let piped = sh(
+        &format!("printf 'pipe-secret\\n' | {binary} hash-password"),
+        dir.path(),
+    );
+    assert!(piped.status.success(), "{}", stderr(&piped));
+    assert!(verifies(stdout(&piped).trim(), "pipe-secret"));
+    assert!(!stderr(&piped).contains("Password"));
+
+    // A terminal (script(1) gives it a pseudo-terminal): prompted twice, nothing echoed.
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "script(1) (util-linux) is missing in CI"
+        );
+        eprintln!("skipped: script(1) is missing");
+        return;
+    }
+    let typed = sh(
+        &format!(
+            "(sleep 1; printf 'tty-secret\\n'; sleep 0.5; printf 'tty-secret\\n'; sleep 3) \
+             | script -qec '{binary} hash-password' /dev/null"
+        ),
+        dir.path(),
+    );
+    let screen = stdout(&typed);
+    assert!(
+        screen.contains("Password: ") && screen.contains("Again: "),
+        "{screen}"
+    );
+    assert!(
+        !screen.contains("tty-secret"),
+        "the password was echoed: {screen}"
+    );
+    let hash = screen
+        .lines()
+        .find(|l| l.starts_with("$argon2id$"))
+        .unwrap_or_else(|| panic!("no hash in {screen}"))
+        .trim();
+    assert!(verifies(hash, "tty-secret"));
+}
