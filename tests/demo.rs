@@ -133,6 +133,18 @@ fn a_relative_dir_keeps_private_keys_and_configurations_that_serve() {
         stdout(&enroll),
         stderr(&enroll)
     );
+    // `edge-est health --config` probes a configuration's listener.
+    let health = Command::new(env!("CARGO_BIN_EXE_edge-est"))
+        .args(["health", "--config", "./demo1/bottom.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(health.status.success(), "{}", stderr(&health));
+    assert!(
+        stdout(&health).contains(&format!("127.0.0.1:{bottom}")),
+        "{}",
+        stdout(&health)
+    );
     drop(serving);
     let top = std::fs::read_to_string(demo1.join("journal-top.jsonl")).unwrap();
     assert_eq!(

@@ -358,3 +358,21 @@ fn module_mode_lines_carry_edge_agents_severity_prefix() {
         assert!(level <= 4, "{line}");
     }
 }
+
+#[test]
+fn module_mode_refuses_listen_flags_the_twin_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edge-est"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("IOTEDGE_WORKLOADURI", "unix:///nonexistent.sock")
+        .env("EDGE_EST_DATA_DIR", dir.path().join("d"));
+    let out = command.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--listen and --metrics-listen do not apply to an IoT Edge module"),
+        "{}",
+        stderr(&out)
+    );
+}
