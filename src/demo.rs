@@ -46,7 +46,13 @@ fn err(e: impl std::fmt::Display) -> String {
 ///   `layer3-ra.pem`/`.key` (clientAuth + id-kp-cmcRA);
 /// - `child-password`: the bottom layer's Basic password for children.
 pub fn write_pki(dir: &Path) -> Result<(), String> {
-    let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).map_err(err);
+    let write = |name: &str, text: &str| {
+        if name.ends_with(".key") || name == "child-password" {
+            write_private(&dir.join(name), text)
+        } else {
+            std::fs::write(dir.join(name), text).map_err(err)
+        }
+    };
     let root_key = KeyPair::generate().map_err(err)?;
     let root_params = ca_params("hierarchy root", None, TEN_YEARS);
     let root = root_params.self_signed(&root_key).map_err(err)?;
@@ -108,11 +114,33 @@ pub fn write_pki(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes a file only its owner may read (mode 0600 on unix), replacing any earlier one.
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let _ = std::fs::remove_file(path);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(err)?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// The top layer: signs with `top-ca`, serves the RA `layer2-ra` (any name, Edge CAs too)
 /// and its own certificates' renewals.
 pub fn top_config() -> Config {
-    config_from(
-        r#"
+    config_from(TOP_CONFIG)
+}
+
+const TOP_CONFIG: &str = r#"
 journal = "journal-top.jsonl"
 [tls]
 certificate = "server.pem"
@@ -137,14 +165,21 @@ dns_names = ["*"]
 match = ["certificate:issuer"]
 common_names = ["{cn}"]
 ca_common_names = ["aziot-edge CA {cn}"]
-"#,
-    )
-}
+"#;
 
 /// A forwarding layer: `name` (journal-NAME.jsonl), forwarding to `upstream_port` with the RA
 /// credential `ra` ("layer2-ra" or "layer3-ra"), serving the RA `serves_ra` below it (if any)
 /// and Basic children (user `estuser`) and renewals by certificates of the hierarchy's CA.
 pub fn forward_config(name: &str, upstream_port: u16, ra: &str, serves_ra: Option<&str>) -> Config {
+    config_from(&forward_config_text(name, upstream_port, ra, serves_ra))
+}
+
+fn forward_config_text(
+    name: &str,
+    upstream_port: u16,
+    ra: &str,
+    serves_ra: Option<&str>,
+) -> String {
     let ra_rule = serves_ra
         .map(|below| {
             format!(
@@ -159,7 +194,7 @@ dns_names = ["*"]
             )
         })
         .unwrap_or_default();
-    config_from(&format!(
+    format!(
         r#"
 journal = "journal-{name}.jsonl"
 [tls]
@@ -193,7 +228,39 @@ common_names = ["{{cn}}"]
 ca_common_names = ["aziot-edge CA {{cn}}"]
 "#,
         hash = child_password_hash(),
-    ))
+    )
+}
+
+/// The configuration files of the three layers, on `port`, `port + 1` and `port + 2` of
+/// loopback: `top.toml`, `middle.toml` and `bottom.toml` in `dir` (paths in them relative to
+/// it), for `edge-est serve --config`.
+pub fn write_configs(dir: &Path, port: u16) -> Result<[PathBuf; 3], String> {
+    let [top, middle, bottom] = [port, port + 1, port + 2];
+    let files = [
+        ("top.toml", top, TOP_CONFIG.to_owned()),
+        (
+            "middle.toml",
+            middle,
+            forward_config_text("middle", top, "layer2-ra", Some("layer3-ra")),
+        ),
+        (
+            "bottom.toml",
+            bottom,
+            forward_config_text("bottom", middle, "layer3-ra", None),
+        ),
+    ];
+    let mut written = Vec::new();
+    for (name, port, text) in files {
+        let text = format!(
+            "# Written by `edge-est demo`: run with `edge-est serve --config {name}`.\n\
+             listen = \"127.0.0.1:{port}\"{text}"
+        );
+        config_from(&text);
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok([written[0].clone(), written[1].clone(), written[2].clone()])
 }
 
 fn child_password_hash() -> String {
@@ -368,10 +435,15 @@ fn write_pem(dir: &Path, name: &str, ders: &[&[u8]]) -> Result<PathBuf, String> 
     Ok(path)
 }
 
-/// Runs the demo in `dir`; prints each step, its time and its chain.
-pub async fn run(dir: &Path) -> Result<(), String> {
+/// The first port of the configurations the demo writes (then +1, +2).
+pub const CONFIG_PORT: u16 = 18085;
+
+/// Runs the demo in `dir`; prints each step, its time and its chain. The configurations it
+/// leaves listen on `config_port` and the two ports after it.
+pub async fn run(dir: &Path, config_port: u16) -> Result<(), String> {
     let started = Instant::now();
     write_pki(dir)?;
+    let configs = write_configs(dir, config_port)?;
     let layers = start_hierarchy(dir).await?;
     let [top, middle, bottom] = &layers;
     println!("hierarchy on loopback (PKI in {}):", dir.display());
@@ -431,14 +503,14 @@ pub async fn run(dir: &Path) -> Result<(), String> {
         &cacerts,
         took,
     )?;
-    let device_cert = write_pem(dir, "child-device.pem", &[&certs[0]])?;
-    std::fs::write(dir.join("child-device.key"), device_key.serialize_pem()).map_err(err)?;
+    write_pem(dir, "child-device.pem", &[&certs[0]])?;
+    write_private(&dir.join("child-device.key"), &device_key.serialize_pem())?;
 
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(err)?;
     let as_device = child_client(
         dir,
         port,
-        Some((&device_cert.to_string_lossy(), "child-device.key")),
+        Some(("child-device.pem", "child-device.key")),
         false,
     )?;
     let (certs, cacerts, took) =
@@ -471,7 +543,7 @@ pub async fn run(dir: &Path) -> Result<(), String> {
     let as_device = child_client(
         dir,
         port,
-        Some((&device_cert.to_string_lossy(), "child-device.key")),
+        Some(("child-device.pem", "child-device.key")),
         false,
     )?;
     let (certs, cacerts, took) =
@@ -486,28 +558,52 @@ pub async fn run(dir: &Path) -> Result<(), String> {
     let top_journal = crate::journal::Journal::read_all(top.app.journal().path()).map_err(err)?;
     let bottom_journal =
         crate::journal::Journal::read_all(bottom.app.journal().path()).map_err(err)?;
-    println!(
-        "\njournals: top {} entries (requested by {}), bottom {} entries (requested by {})",
-        top_journal.len(),
-        top_journal
-            .first()
-            .map(|e| e.identity.as_str())
-            .unwrap_or("-"),
-        bottom_journal.len(),
-        bottom_journal
-            .first()
-            .map(|e| e.identity.as_str())
-            .unwrap_or("-")
-    );
+    println!("\njournals (who asked each layer, as that layer authenticated it):");
+    for (name, journal) in [("top", &top_journal), ("bottom", &bottom_journal)] {
+        println!(
+            "  {name:<7} {} entries: {}",
+            journal.len(),
+            who_asked(journal.iter().map(|e| e.identity.as_str()))
+        );
+    }
     if top_journal.len() != 3 || bottom_journal.len() != 3 {
         return Err("the journals do not hold the three certificates".into());
     }
     for layer in layers {
         layer.stop().await;
     }
+    let name = |p: &PathBuf| p.display().to_string();
+    println!(
+        "\nconfigurations: {} (127.0.0.1:{config_port}), {} (:{}), {} (:{}); run each with\n  \
+         edge-est serve --config {}",
+        name(&configs[0]),
+        name(&configs[1]),
+        config_port + 1,
+        name(&configs[2]),
+        config_port + 2,
+        name(&configs[0]),
+    );
     println!(
         "demo passed in {:.0} ms",
         started.elapsed().as_secs_f64() * 1000.0
     );
     Ok(())
+}
+
+/// `a, b ×2` for the identities `a, b, b` (runs of the same identity counted).
+fn who_asked<'a>(identities: impl Iterator<Item = &'a str>) -> String {
+    let mut runs: Vec<(&str, usize)> = Vec::new();
+    for identity in identities {
+        match runs.last_mut() {
+            Some((last, count)) if *last == identity => *count += 1,
+            _ => runs.push((identity, 1)),
+        }
+    }
+    runs.iter()
+        .map(|(identity, count)| match count {
+            1 => (*identity).to_owned(),
+            n => format!("{identity} ×{n}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

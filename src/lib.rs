@@ -21,7 +21,6 @@ pub mod keygen;
 pub mod keys;
 pub mod limits;
 pub mod logging;
-pub mod manifest;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

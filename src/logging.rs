@@ -1,18 +1,182 @@
-//! Log output: lines are formatted where they happen and reach stderr in batches.
+//! Log output: the filter (`RUST_LOG`, else IoT Edge's `RuntimeLogLevel`), the line format
+//! (human, JSON, or IoT Edge's `<N>` syslog-severity prefix) and the writer.
 //!
-//! A busy server logs a line per request. Writing each one with a `write(2)` of its own costs a
-//! system call per request on the thread that serves it. Here, info and debug lines go to a
-//! shared buffer that a writer thread empties [`FLUSH_INTERVAL`] after its first line (or the
-//! logger itself, once the buffer holds [`BATCH_BYTES`]). Warnings and errors are written at
-//! once, after whatever is buffered, so the order of lines is kept and the lines an operator
-//! needs most are out even if the process dies right after.
+//! Lines are formatted where they happen and reach stderr in batches. A busy server logs a
+//! line per request. Writing each one with a `write(2)` of its own costs a system call per
+//! request on the thread that serves it. Here, info and debug lines go to a shared buffer that
+//! a writer thread empties [`FLUSH_INTERVAL`] after its first line (or the logger itself, once
+//! the buffer holds [`BATCH_BYTES`]). Warnings and errors are written at once, after whatever
+//! is buffered, so the order of lines is kept and the lines an operator needs most are out even
+//! if the process dies right after.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tracing::{Level, Metadata};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::{Event, Level, Metadata, Subscriber};
+use tracing_subscriber::filter::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The environment variable edgeAgent gives every module: its own log level, by .NET name.
+pub const RUNTIME_LOG_LEVEL: &str = "RuntimeLogLevel";
+
+/// How lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Style {
+    /// tracing's default line; coloured on a terminal only.
+    Human,
+    /// One JSON object per line.
+    Json,
+    /// IoT Edge's own format, which edgeAgent's log parser reads for `GetModuleLogs` and
+    /// `UploadModuleLogs`: `<6> 2025-01-31 12:00:00.123 +00:00 [INF] - target: message k=v`
+    /// (syslog severity, UTC time with milliseconds, level). Never coloured.
+    IotEdge,
+}
+
+/// edgeAgent's level names (`RuntimeLogLevel`; Serilog's, compared without case) as a level
+/// for edge-est's own lines: verbose → trace, debug, info/information, warning, error, fatal →
+/// error. Rust's `trace` and `warn` are taken too. `None`: not a level name.
+pub fn runtime_level(name: &str) -> Option<Level> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "verbose" | "trace" => Some(Level::TRACE),
+        "debug" => Some(Level::DEBUG),
+        "info" | "information" => Some(Level::INFO),
+        "warning" | "warn" => Some(Level::WARN),
+        "error" | "fatal" => Some(Level::ERROR),
+        _ => None,
+    }
+}
+
+/// The filter: `RUST_LOG` if set (it wins), else `RuntimeLogLevel` (edge-est's lines at that
+/// level, other crates' at most at info), else info. The second value is a warning to log
+/// once the subscriber is up (an unknown `RuntimeLogLevel` or a malformed `RUST_LOG`).
+pub fn filter(
+    rust_log: Option<&str>,
+    runtime_log_level: Option<&str>,
+) -> (EnvFilter, Option<String>) {
+    if let Some(directives) = rust_log.filter(|d| !d.trim().is_empty()) {
+        return match EnvFilter::try_new(directives) {
+            Ok(filter) => (filter, None),
+            Err(e) => (
+                EnvFilter::new("info"),
+                Some(format!(
+                    "RUST_LOG={directives:?} is not a filter ({e}); logging at info"
+                )),
+            ),
+        };
+    }
+    let Some(name) = runtime_log_level.filter(|n| !n.trim().is_empty()) else {
+        return (EnvFilter::new("info"), None);
+    };
+    match runtime_level(name) {
+        Some(level) => {
+            let others = if level > Level::INFO {
+                Level::INFO
+            } else {
+                level
+            };
+            let own = level.as_str().to_ascii_lowercase();
+            let others = others.as_str().to_ascii_lowercase();
+            (EnvFilter::new(format!("{others},edge_est={own}")), None)
+        }
+        None => (
+            EnvFilter::new("info"),
+            Some(format!(
+                "{RUNTIME_LOG_LEVEL}={name:?} is not one of verbose, debug, information, warning, \
+                 error, fatal; logging at information (as edgeAgent does)"
+            )),
+        ),
+    }
+}
+
+/// Syslog severity and IoT Edge's three-letter level (edgeAgent's own mapping).
+fn severity(level: &Level) -> (u8, &'static str) {
+    match *level {
+        Level::ERROR => (3, "ERR"),
+        Level::WARN => (4, "WRN"),
+        Level::INFO => (6, "INF"),
+        Level::DEBUG => (7, "DBG"),
+        Level::TRACE => (7, "VRB"),
+    }
+}
+
+/// The [`Style::IotEdge`] line.
+pub struct IotEdgeFormat;
+
+const IOT_EDGE_TIME: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3] +00:00"
+);
+
+impl<S, N> FormatEvent<S, N> for IotEdgeFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let (severity, level) = severity(meta.level());
+        let now = time::OffsetDateTime::now_utc()
+            .format(IOT_EDGE_TIME)
+            .unwrap_or_default();
+        write!(writer, "<{severity}> {now} [{level}] - {}: ", meta.target())?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// A duration in milliseconds for a log field, to the microsecond (`102.519`, not
+/// `102.51900499999999`).
+pub fn millis(elapsed: Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// Whether stderr is a terminal that takes colour (`NO_COLOR` unset).
+pub fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Installs the global subscriber: [`filter`] from the environment, `style`, colour only on a
+/// terminal, lines through a [`BatchedWriter`] on stderr. Keep the guard until the program
+/// ends (dropping it writes what is buffered).
+pub fn init(style: Style) -> io::Result<FlushGuard<io::Stderr>> {
+    let (filter, warning) = filter(
+        std::env::var("RUST_LOG").ok().as_deref(),
+        std::env::var(RUNTIME_LOG_LEVEL).ok().as_deref(),
+    );
+    let (writer, guard) = BatchedWriter::new(io::stderr())?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    // `log` records (rustls) are bridged by the caller (`transport::tls::LogBridge`), which
+    // demotes rustls' IP-address-as-SNI warning; `init()` would install a plain bridge.
+    let set = match style {
+        Style::Human => {
+            tracing::subscriber::set_global_default(builder.with_ansi(colour_on_stderr()).finish())
+        }
+        Style::Json => {
+            tracing::subscriber::set_global_default(builder.json().with_ansi(false).finish())
+        }
+        Style::IotEdge => tracing::subscriber::set_global_default(
+            builder
+                .with_ansi(false)
+                .event_format(IotEdgeFormat)
+                .finish(),
+        ),
+    };
+    set.map_err(io::Error::other)?;
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    Ok(guard)
+}
 
 /// How long an info line may wait in the buffer.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
@@ -255,5 +419,96 @@ mod tests {
         assert_eq!(lines.len(), 2, "{text}");
         assert!(lines[0].contains("INFO") && lines[0].ends_with("first"));
         assert!(lines[1].contains("WARN") && lines[1].ends_with("second"));
+    }
+
+    #[test]
+    fn edge_agent_level_names() {
+        for (name, level) in [
+            ("Verbose", Level::TRACE),
+            ("debug", Level::DEBUG),
+            ("Information", Level::INFO),
+            ("info", Level::INFO),
+            ("Warning", Level::WARN),
+            ("ERROR", Level::ERROR),
+            ("Fatal", Level::ERROR),
+        ] {
+            assert_eq!(runtime_level(name), Some(level), "{name}");
+        }
+        assert_eq!(runtime_level("loud"), None);
+    }
+
+    #[test]
+    fn rust_log_wins_over_the_runtime_level() {
+        let (f, warning) = filter(Some("warn"), Some("Debug"));
+        assert_eq!(f.to_string(), "warn");
+        assert!(warning.is_none());
+        let (f, _) = filter(None, Some("Debug"));
+        assert_eq!(f.to_string(), "edge_est=debug,info");
+        let (f, _) = filter(None, Some("Warning"));
+        assert_eq!(f.to_string(), "edge_est=warn,warn");
+        let (f, warning) = filter(None, Some("loud"));
+        assert_eq!(f.to_string(), "info");
+        assert!(warning.unwrap().contains("\"loud\""));
+        assert_eq!(filter(None, None).0.to_string(), "info");
+    }
+
+    #[test]
+    fn milliseconds_are_rounded_to_the_microsecond() {
+        assert_eq!(millis(Duration::from_nanos(102_519_004)), 102.519);
+        assert_eq!(
+            format!("{:?}", millis(Duration::from_nanos(102_519_004))),
+            "102.519"
+        );
+    }
+
+    #[test]
+    fn iot_edge_lines_carry_the_syslog_severity() {
+        let sink = Sink::default();
+        let (writer, guard) = BatchedWriter::with_interval(sink.clone(), NEVER).unwrap();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer)
+            .with_ansi(false)
+            .with_max_level(Level::TRACE)
+            .event_format(IotEdgeFormat)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(code = 5, "e");
+            tracing::warn!("w");
+            tracing::info!(elapsed_ms = millis(Duration::from_micros(1500)), "i");
+            tracing::debug!("d");
+            tracing::trace!("t");
+        });
+        drop(guard);
+        let text = sink.text();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        for (line, prefix) in lines.iter().zip(["<3>", "<4>", "<6>", "<7>", "<7>"]) {
+            assert!(line.starts_with(prefix), "{line}");
+        }
+        // edgeAgent's LogMessageParser: `^(<(?<logLevel>\d)>)?\s*((?<timestamp>\d{4}-\d{2}-\d{2}
+        // \s\d{2}:\d{2}:\d{2}.\d{3}\s[+-]\d{2}:\d{2})\s)?`
+        let line = lines[0];
+        let stamp = &line[4..34];
+        assert!(
+            time::PrimitiveDateTime::parse(
+                &stamp[..23],
+                time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]"
+                )
+            )
+            .is_ok(),
+            "{stamp}"
+        );
+        assert_eq!(&stamp[23..], " +00:00");
+        assert!(
+            line.ends_with("[ERR] - edge_est::logging::tests: e code=5"),
+            "{line}"
+        );
+        assert!(
+            lines[2].ends_with("[INF] - edge_est::logging::tests: i elapsed_ms=1.5"),
+            "{}",
+            lines[2]
+        );
+        assert!(!text.contains('\x1b'), "no colour: {text:?}");
     }
 }

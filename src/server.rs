@@ -407,6 +407,7 @@ impl Service for App {
         connection: Arc<Connection>,
     ) -> Response<Full<Bytes>> {
         let runtime = self.runtime.load_full();
+        let health_probe = is_health_probe(&request, &connection);
         // Logs the request when it ends, also if the client goes away first and the answer
         // is never finished (the future is dropped).
         let mut log = RequestLog {
@@ -432,7 +433,7 @@ impl Service for App {
             .dispatch(&runtime, request, &connection, deadline, &mut log.trace)
             .await;
         log.done = true;
-        let elapsed_ms = log.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed_ms = crate::logging::millis(log.started.elapsed());
         let (remote, via, method, path) = (log.remote, log.via, &log.method, &log.path);
         let trace = &log.trace;
         let label = trace.label.as_deref().unwrap_or("-");
@@ -444,6 +445,10 @@ impl Service for App {
         self.metrics
             .request(label, trace.operation.unwrap_or("-"), status.as_u16());
         match result {
+            Ok(response) if health_probe && trace.operation == Some("cacerts") => {
+                tracing::debug!(remote = %connection.remote, %path, status = response.status().as_u16(), elapsed_ms, "health probe served");
+                response
+            }
             Ok(response) => {
                 tracing::info!(
                     %remote, via, %method, %path, status = response.status().as_u16(),
@@ -465,6 +470,18 @@ impl Service for App {
             }
         }
     }
+}
+
+/// `edge-est health` probing from loopback over TLS: its successful `cacerts` is logged at
+/// debug, not info. Anything else it asks, or the same from elsewhere, is logged as usual.
+fn is_health_probe(request: &Request<Incoming>, connection: &Connection) -> bool {
+    connection.forwarded.is_none()
+        && connection.remote.ip().is_loopback()
+        && request.method() == http::Method::GET
+        && request
+            .headers()
+            .get(http::header::USER_AGENT)
+            .is_some_and(|ua| ua.as_bytes() == crate::health::PROBE_USER_AGENT.as_bytes())
 }
 
 /// The status counted for a request whose client went away before its answer (nginx's).
@@ -497,7 +514,7 @@ impl Drop for RequestLog<'_> {
         tracing::info!(
             remote = %self.remote, via = self.via, method = %self.method, path = %self.path,
             status = ABANDONED, label, identity,
-            elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            elapsed_ms = crate::logging::millis(self.started.elapsed()),
             "request abandoned: the client went away before the answer"
         );
     }

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use edge_est::manifest::{check_file, CheckOptions, Report, EST_PATH};
+use edge_est::edge::manifest::{check_file, CheckOptions, Report, EST_PATH};
 use toml::Value;
 
 fn child_dir() -> PathBuf {

@@ -183,20 +183,115 @@ fn password_from_the_environment() {
 fn health_probe_answers_for_a_running_server_only() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let probe = |port: u16| {
+    let probe = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_edge-est"))
-            .args(["health", "--addr", &format!("127.0.0.1:{port}")])
+            .arg("health")
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("EDGE_EST_DATA_DIR")
             .output()
             .unwrap()
     };
-    let down = probe(port);
+    let addr = format!("127.0.0.1:{port}");
+    let down = probe(&["--addr", &addr]);
     assert!(!down.status.success(), "nothing listens yet");
-    let _server = start(dir.path(), port, Some("pw"));
-    let up = probe(port);
+    let server = start(dir.path(), port, Some("pw"));
+    // By address, by host name, and through the record the server keeps in its data
+    // directory (no --addr: the HEALTHCHECK's form).
+    for args in [
+        vec!["--addr", addr.as_str()],
+        vec!["--addr", &format!("localhost:{port}")],
+        vec!["--data-dir", "data"],
+    ] {
+        let up = probe(&args);
+        assert!(up.status.success(), "{args:?}: {}", stderr(&up));
+        assert!(
+            stdout(&up).starts_with(&format!(
+                "edge-est answers on 127.0.0.1:{port}: cacerts 200"
+            )),
+            "{args:?}: {}",
+            stdout(&up)
+        );
+    }
+    let recorded = std::fs::read_to_string(dir.path().join("data/edge-est.listen")).unwrap();
+    assert_eq!(recorded.trim(), addr);
+    drop(server);
+
+    // Any other HTTPS server on the port is not edge-est: openssl's status page answers 200.
+    let mut other = Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .args(["-cert", "data/server.pem", "-key", "data/server.key"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "openssl s_server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let impostor = probe(&["--data-dir", "data"]);
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!impostor.status.success(), "{}", stdout(&impostor));
     assert!(
-        up.status.success(),
+        stderr(&impostor).contains("not edge-est"),
         "{}",
-        String::from_utf8_lossy(&up.stderr)
+        stderr(&impostor)
     );
-    assert!(String::from_utf8_lossy(&up.stdout).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn hash_password_prompts_without_echo_on_a_terminal_and_reads_a_pipe() {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let verifies = |hash: &str, password: &str| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &PasswordHash::new(hash).unwrap())
+            .is_ok()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let binary = env!("CARGO_BIN_EXE_edge-est");
+
+    // A pipe: one line, no prompt.
+    let piped = sh(
+        &format!("printf 'pipe-secret\\n' | {binary} hash-password"),
+        dir.path(),
+    );
+    assert!(piped.status.success(), "{}", stderr(&piped));
+    assert!(verifies(stdout(&piped).trim(), "pipe-secret"));
+    assert!(!stderr(&piped).contains("Password"));
+
+    // A terminal (script(1) gives it a pseudo-terminal): prompted twice, nothing echoed.
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "script(1) (util-linux) is missing in CI"
+        );
+        eprintln!("skipped: script(1) is missing");
+        return;
+    }
+    let typed = sh(
+        &format!(
+            "(sleep 1; printf 'tty-secret\\n'; sleep 0.5; printf 'tty-secret\\n'; sleep 3) \
+             | script -qec '{binary} hash-password' /dev/null"
+        ),
+        dir.path(),
+    );
+    let screen = stdout(&typed);
+    assert!(
+        screen.contains("Password: ") && screen.contains("Again: "),
+        "{screen}"
+    );
+    assert!(
+        !screen.contains("tty-secret"),
+        "the password was echoed: {screen}"
+    );
+    let hash = screen
+        .lines()
+        .find(|l| l.starts_with("$argon2id$"))
+        .unwrap_or_else(|| panic!("no hash in {screen}"))
+        .trim();
+    assert!(verifies(hash, "tty-secret"));
 }

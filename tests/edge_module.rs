@@ -269,8 +269,14 @@ async fn the_twin_configures_the_module_live() {
     assert!(reason.starts_with("upstreams.top.password:"), "{reason}");
     assert!(!reported.to_string().contains("hunter2"));
     let v5 = twin.patch_desired(json!({ "upstreams": null })).await;
-    twin.wait_reported("configVersion 5", |r| r["configVersion"] == v5)
+    let reported = twin
+        .wait_reported("configVersion 5", |r| r["configVersion"] == v5)
         .await;
+    assert!(
+        reported["lastRejection"].is_null(),
+        "an accepted document clears the refusal of an earlier one: {reported:#}"
+    );
+    assert_eq!(reported["status"], "running");
     assert_eq!(enroll(&child, "v4-1").await.status, 200);
 
     let key = KeyPair::generate().unwrap().serialize_pem();
@@ -317,6 +323,24 @@ async fn the_twin_configures_the_module_live() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(closed, "the old address {addr} still accepts connections");
+    // `edge-est health` (the container's HEALTHCHECK) follows the listener through the record
+    // the module keeps on its data directory.
+    let health = tokio::process::Command::new(env!("CARGO_BIN_EXE_edge-est"))
+        .arg("health")
+        .env("EDGE_EST_DATA_DIR", rig.path().join("data"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains(&moved.to_string()),
+        "{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
 
     // Counters arrive, throttled.
     let reported = twin
@@ -562,10 +586,24 @@ fn the_readme_twin_example_is_valid() {
     let block = &readme[start + "```json\n\"estproxy\": ".len()..];
     let block = &block[..block.find("```").unwrap()];
     let manifest: Value = serde_json::from_str(block).expect("the example is JSON");
-    let desired = manifest["properties.desired"].to_string().replace(
-        "$argon2id$v=19$m=19456,t=2,p=1$...$...",
-        &common::pki::password_hash(),
-    );
+    // The placeholders stand for a real hash and a real certificate (a placeholder PEM is
+    // refused, by the module as by check-config and check-manifest).
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::generate_p256(dir.path());
+    let desired = manifest["properties.desired"]
+        .to_string()
+        .replace(
+            "$argon2id$v=19$m=19456,t=2,p=1$...$...",
+            &common::pki::password_hash(),
+        )
+        .replace(
+            &serde_json::to_string(
+                "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n",
+            )
+            .unwrap()[1..],
+            &serde_json::to_string(&pki.bootstrap.cert_pem).unwrap()[1..],
+        );
+    assert!(!desired.contains("MIIB..."), "{desired}");
     let desired: Value = serde_json::from_str(&desired).unwrap();
     let config = edge::module_config(
         &desired,
@@ -579,9 +617,10 @@ fn the_readme_twin_example_is_valid() {
     );
 }
 
-/// On a nested device the module forwards to the parent's edge-est by default: same port on
-/// `IOTEDGE_PARENTHOSTNAME`, the trust bundle as anchors, its workload identity certificate as
-/// its registration-authority credential.
+/// On a nested device the module forwards to the parent's edge-est by default: on
+/// `IOTEDGE_PARENTHOSTNAME` at `EDGE_EST_PARENT_PORT` (whatever our own listener), the trust
+/// bundle as anchors, its workload identity certificate as its registration-authority
+/// credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nested_module_forwards_to_its_parent_by_default() {
     let Some(rig) = Rig::new().await else { return };
@@ -621,7 +660,7 @@ common_names = ["nested-*"]
 
     let broker = rig.broker(free_port());
     let desired = json!({
-        "listen": format!("127.0.0.2:{port}"),
+        "listen": "127.0.0.2:0",
         "metrics_listen": "127.0.0.2:0",
         "users": { USER: rig.pki.password_hash },
         "labels": [ {
@@ -634,8 +673,9 @@ common_names = ["nested-*"]
     let twin = rig.twin(broker.port, desired).await;
     let mut vars_env = rig.env(broker.port);
     vars_env.parent_hostname = Some("127.0.0.1".into());
+    vars_env.parent_port = port;
     let (module, addr) = started(vars_env).await;
-    assert_eq!(addr, SocketAddr::from(([127, 0, 0, 2], port)));
+    assert_eq!(addr.ip(), std::net::IpAddr::from([127, 0, 0, 2]));
     twin.wait_reported("configVersion 1", |r| r["configVersion"] == 1)
         .await;
 

@@ -9,12 +9,12 @@ use std::time::SystemTime;
 
 use edge_est::auth::{Identity, TrustSet};
 use edge_est::config::Config;
+use edge_est::edge::manifest::{check, check_file, CheckOptions};
 use edge_est::est::name::AttributeType;
 use edge_est::est::{Csr, Subject};
 use edge_est::issue::fallback::{
     across_layers, ra_rules, within_upper_allowance, Fallback, LayerConfig,
 };
-use edge_est::manifest::{check, check_file, CheckOptions};
 use edge_est::policy::{Grant, Policy};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,

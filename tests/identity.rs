@@ -153,6 +153,8 @@ fn defaults(dir: &Path, listen: &str, journal: &str) -> ModuleDefaults {
         }),
         trust_bundle: Some(edge_est::config::PemSource("root.pem".into())),
         parent_hostname: None,
+        // The layers here share one port on different loopback addresses.
+        parent_port: listen.parse::<std::net::SocketAddr>().unwrap().port(),
         identity: None,
     }
 }

@@ -46,6 +46,10 @@ fn io(path: &Path, e: impl ToString) -> ConfigError {
     ConfigError::Io(path.to_owned(), e.to_string())
 }
 
+fn cannot_write(path: &Path, e: std::io::Error) -> ConfigError {
+    ConfigError::Write(path.to_owned(), super::write_error_text(&e))
+}
+
 fn write_private(path: &Path, contents: &str) -> Result<(), ConfigError> {
     use std::io::Write;
     #[cfg(unix)]
@@ -54,12 +58,13 @@ fn write_private(path: &Path, contents: &str) -> Result<(), ConfigError> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     options.mode(0o600);
-    let mut file = options.open(path).map_err(|e| io(path, e))?;
-    file.write_all(contents.as_bytes()).map_err(|e| io(path, e))
+    let mut file = options.open(path).map_err(|e| cannot_write(path, e))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| cannot_write(path, e))
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<(), ConfigError> {
-    std::fs::write(path, contents).map_err(|e| io(path, e))
+    std::fs::write(path, contents).map_err(|e| cannot_write(path, e))
 }
 
 fn sign_err(e: rcgen::Error) -> ConfigError {
@@ -68,7 +73,7 @@ fn sign_err(e: rcgen::Error) -> ConfigError {
 
 /// Creates (on first start) or reuses the development PKI in `data_dir`.
 pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| io(data_dir, e))?;
+    std::fs::create_dir_all(data_dir).map_err(|e| cannot_write(data_dir, e))?;
     let root_pem = data_dir.join("root.pem");
     let ca_pem = data_dir.join("issuing-ca.pem");
     let ca_key = data_dir.join("issuing-ca.key");

@@ -4,7 +4,10 @@
 //! argon2 PHC hashes.
 
 pub mod dev;
+mod files;
 mod validate;
+
+pub use files::FileKind;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -496,10 +499,26 @@ pub enum ConfigError {
         shown: String,
         reason: String,
     },
+    #[error("cannot write {0}: {1}")]
+    Write(PathBuf, String),
     #[error("cannot parse {0}: {1}")]
     Parse(PathBuf, String),
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
+}
+
+/// What a failed write says: the system's reason, and on a permission error who the process
+/// runs as (a container's data volume must be writable by the image's user).
+pub fn write_error_text(e: &std::io::Error) -> String {
+    #[cfg(unix)]
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        return format!(
+            "{e} (this process runs as uid {uid}, gid {gid}: the directory must be writable by it)"
+        );
+    }
+    e.to_string()
 }
 
 impl ConfigError {

@@ -11,60 +11,109 @@ use crate::issue::profile::{self, Profile};
 use crate::policy::Policy;
 
 impl Config {
+    /// Validates the whole configuration; the first problem found, in the order of
+    /// [`Config::problems`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.check_no_secrets()?;
-        check_limits(&self.limits)?;
+        match self.problems().into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
+    }
+
+    /// Every problem the validation finds (none: valid), in the order of the file's sections:
+    /// secrets, limits, trust and users, upstreams, profiles, then each label.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut found = Vec::new();
+        self.collect_problems(&mut found);
+        found
+    }
+
+    fn collect_problems(&self, found: &mut Vec<ConfigError>) {
+        if let Err(e) = self.check_no_secrets() {
+            found.push(e);
+        }
+        check_limits(&self.limits, found);
         for set in &self.limits.unlimited_trust {
             if !self.trust.contains_key(set) {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     "limits.unlimited_trust",
                     format!("no trust set named {set:?}"),
                 ));
             }
         }
         if let Some(socket) = &self.proxy_socket {
-            check_proxy_socket(socket)?;
+            if let Err(e) = check_proxy_socket(socket) {
+                found.push(e);
+            }
         }
         if self.trust.contains_key("issuer") {
-            return Err(ConfigError::invalid(
+            found.push(ConfigError::invalid(
                 "trust.issuer",
                 "the name `issuer` is reserved",
             ));
         }
+        for (name, set) in &self.trust {
+            for (i, source) in set.certificates.iter().enumerate() {
+                check_inline_pem(source, || format!("trust.{name}.certificates[{i}]"), found);
+            }
+        }
+        if let Some(tls) = &self.tls {
+            check_inline_pem(&tls.certificate, || "tls.certificate".to_owned(), found);
+        }
+        for (name, issuer) in &self.issuers {
+            check_inline_pem(
+                &issuer.certificate,
+                || format!("issuers.{name}.certificate"),
+                found,
+            );
+        }
         for (user, hash) in &self.users {
-            argon2::password_hash::PasswordHash::new(hash).map_err(|e| {
-                ConfigError::invalid(
+            if let Err(e) = argon2::password_hash::PasswordHash::new(hash) {
+                found.push(ConfigError::invalid(
                     format!("users.{user}"),
                     format!("not an argon2 PHC hash: {e}"),
-                )
-            })?;
+                ));
+            }
         }
         for (name, upstream) in &self.upstreams {
             let field = |f: &str| format!("upstreams.{name}.{f}");
-            let uri: http::Uri = upstream
-                .url
-                .parse()
-                .map_err(|e| ConfigError::invalid(field("url"), format!("not a URL: {e}")))?;
-            if uri.scheme_str() != Some("https") || uri.host().is_none() || uri.query().is_some() {
-                return Err(ConfigError::invalid(
+            match upstream.url.parse::<http::Uri>() {
+                Err(e) => found.push(ConfigError::invalid(
                     field("url"),
-                    "must be an https:// URL with a host and no query",
-                ));
+                    format!("not a URL: {e}"),
+                )),
+                Ok(uri)
+                    if uri.scheme_str() != Some("https")
+                        || uri.host().is_none()
+                        || uri.query().is_some() =>
+                {
+                    found.push(ConfigError::invalid(
+                        field("url"),
+                        "must be an https:// URL with a host and no query",
+                    ))
+                }
+                Ok(_) => {}
             }
             if upstream.trust.is_empty() {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("trust"),
                     "names no CA certificate",
                 ));
             }
+            for (i, source) in upstream.trust.iter().enumerate() {
+                check_inline_pem(source, || field(&format!("trust[{i}]")), found);
+            }
+            if let Some(certificate) = &upstream.certificate {
+                check_inline_pem(certificate, || field("certificate"), found);
+            }
             if upstream.certificate.is_some() != upstream.key.is_some() {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("key"),
                     "certificate and key go together",
                 ));
             }
             if upstream.username.is_some() != upstream.password_file.is_some() {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("password_file"),
                     "username and password_file go together",
                 ));
@@ -72,24 +121,31 @@ impl Config {
             if !(1..=120).contains(&upstream.request_timeout_secs)
                 || !(1..=120).contains(&upstream.connect_timeout_secs)
             {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("request_timeout_secs"),
                     "timeouts must be between 1 and 120 s",
                 ));
             }
         }
-        let mut profiles = profile::builtin();
-        profiles.extend(self.profiles.clone());
-        let profiles = profiles
-            .iter()
-            .map(|(name, p)| {
-                Profile::try_from((name.as_str(), p)).map(|built| (name.clone(), built))
-            })
-            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
-            .map_err(|e| ConfigError::invalid("profiles", e))?;
+        let mut profile_configs = profile::builtin();
+        profile_configs.extend(self.profiles.clone());
+        let mut profiles = std::collections::BTreeMap::new();
+        for (name, p) in &profile_configs {
+            match Profile::try_from((name.as_str(), p)) {
+                Ok(built) => {
+                    profiles.insert(name.clone(), built);
+                }
+                Err(e) => found.push(ConfigError::invalid("profiles", e)),
+            }
+        }
+        // A profile that does not build is reported once, not again by each label naming it.
+        let broken: BTreeSet<&String> = profile_configs
+            .keys()
+            .filter(|name| !profiles.contains_key(*name))
+            .collect();
 
         if self.labels.is_empty() {
-            return Err(ConfigError::invalid(
+            found.push(ConfigError::invalid(
                 "labels",
                 "at least one label is needed",
             ));
@@ -98,17 +154,19 @@ impl Config {
         for (i, label) in self.labels.iter().enumerate() {
             let field = |f: &str| format!("labels[{i}].{f}");
             if let Some(name) = &label.name {
-                Label::new(name).map_err(|e| ConfigError::invalid(field("name"), e.to_string()))?;
+                if let Err(e) = Label::new(name) {
+                    found.push(ConfigError::invalid(field("name"), e.to_string()));
+                }
             }
             if !names.insert(label.name.clone()) {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("name"),
                     "another label has the same name",
                 ));
             }
             if let Some(issuer) = &label.issuer {
                 if !self.issuers.contains_key(issuer) {
-                    return Err(ConfigError::invalid(
+                    found.push(ConfigError::invalid(
                         field("issuer"),
                         format!("no issuer named {issuer:?}"),
                     ));
@@ -116,7 +174,7 @@ impl Config {
             }
             if let Some(upstream) = &label.upstream {
                 if !self.upstreams.contains_key(upstream) {
-                    return Err(ConfigError::invalid(
+                    found.push(ConfigError::invalid(
                         field("upstream"),
                         format!("no upstream named {upstream:?}"),
                     ));
@@ -126,73 +184,73 @@ impl Config {
                 (Mode::Sign, true, false)
                 | (Mode::Forward, false, true)
                 | (Mode::Auto, true, true) => {}
-                (Mode::Sign, _, _) => {
-                    return Err(ConfigError::invalid(
-                        field("mode"),
-                        "sign needs an issuer and no upstream",
-                    ))
-                }
-                (Mode::Forward, _, _) => {
-                    return Err(ConfigError::invalid(
-                        field("mode"),
-                        "forward needs an upstream and no issuer",
-                    ))
-                }
-                (Mode::Auto, _, _) => {
-                    return Err(ConfigError::invalid(
-                        field("mode"),
-                        "auto needs both an upstream and an issuer",
-                    ))
-                }
+                (Mode::Sign, _, _) => found.push(ConfigError::invalid(
+                    field("mode"),
+                    "sign needs an issuer and no upstream",
+                )),
+                (Mode::Forward, _, _) => found.push(ConfigError::invalid(
+                    field("mode"),
+                    "forward needs an upstream and no issuer",
+                )),
+                (Mode::Auto, _, _) => found.push(ConfigError::invalid(
+                    field("mode"),
+                    "auto needs both an upstream and an issuer",
+                )),
             }
             if let Some(upstream_label) = &label.upstream_label {
-                Label::new(upstream_label)
-                    .map_err(|e| ConfigError::invalid(field("upstream_label"), e.to_string()))?;
+                if let Err(e) = Label::new(upstream_label) {
+                    found.push(ConfigError::invalid(field("upstream_label"), e.to_string()));
+                }
                 if label.upstream.is_none() {
-                    return Err(ConfigError::invalid(
+                    found.push(ConfigError::invalid(
                         field("upstream_label"),
                         "needs an upstream",
                     ));
                 }
             }
-            if profiles.get(&label.profile).is_none_or(Profile::is_ca) {
-                return Err(ConfigError::invalid(
+            if !broken.contains(&label.profile)
+                && profiles.get(&label.profile).is_none_or(Profile::is_ca)
+            {
+                found.push(ConfigError::invalid(
                     field("profile"),
                     format!("{:?} is not an end-entity profile", label.profile),
                 ));
             }
-            if !profiles.get(&label.ca_profile).is_some_and(Profile::is_ca) {
-                return Err(ConfigError::invalid(
+            if !broken.contains(&label.ca_profile)
+                && !profiles.get(&label.ca_profile).is_some_and(Profile::is_ca)
+            {
+                found.push(ConfigError::invalid(
                     field("ca_profile"),
                     format!("{:?} is not a CA profile", label.ca_profile),
                 ));
             }
             for set in &label.client_trust {
                 if set != "issuer" && !self.trust.contains_key(set) {
-                    return Err(ConfigError::invalid(
+                    found.push(ConfigError::invalid(
                         field("client_trust"),
                         format!("no trust set named {set:?}"),
                     ));
                 }
             }
             if label.authentication.certificate && label.client_trust.is_empty() {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("client_trust"),
                     "certificate authentication is on but no trust set is named",
                 ));
             }
             if !label.authentication.certificate && !label.authentication.basic {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("authentication"),
                     "turns off every method",
                 ));
             }
-            Policy::new(&label.rules, &label.deny, &label.client_trust)
-                .map_err(|e| ConfigError::invalid(field("rules"), e))?;
+            if let Err(e) = Policy::new(&label.rules, &label.deny, &label.client_trust) {
+                found.push(ConfigError::invalid(field("rules"), e));
+            }
             for other in &label.issuer_labels {
                 let key = super::issuer_label_key(other);
                 if !self.labels.iter().any(|l| l.name == key) || key == label.name {
-                    return Err(ConfigError::invalid(
+                    found.push(ConfigError::invalid(
                         field("issuer_labels"),
                         format!(
                             "{other:?} is not another label of this configuration \
@@ -203,24 +261,26 @@ impl Config {
                 }
             }
             if label.grace_expired_secs > 366 * 86_400 {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("grace_expired_secs"),
                     "must be at most a year (31622400 s)",
                 ));
             }
             if label.grace_expired_secs > 0 && !label.authentication.certificate {
-                return Err(ConfigError::invalid(
+                found.push(ConfigError::invalid(
                     field("grace_expired_secs"),
                     "a grace window for expired client certificates needs certificate authentication",
                 ));
             }
             for attribute in &label.csr_attributes {
-                crate::est::csrattrs::parse_csr_attr(attribute)
-                    .map_err(|e| ConfigError::invalid(field("csr_attributes"), e))?;
+                if let Err(e) = crate::est::csrattrs::parse_csr_attr(attribute) {
+                    found.push(ConfigError::invalid(field("csr_attributes"), e));
+                }
             }
         }
-        crate::auth::ra::check_config(self)?;
-        Ok(())
+        if let Err(e) = crate::auth::ra::check_config(self) {
+            found.push(e);
+        }
     }
 
     /// What `check-config` and `check-manifest` warn about: the configuration loads, but a
@@ -228,6 +288,34 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         crate::auth::ra::warnings(self)
     }
+}
+
+/// An inline PEM (a certificate given in the configuration itself) must hold certificates
+/// that parse: a placeholder such as `MIIB...` is refused here, before any file is read, so
+/// that `check-config`, `check-manifest` and the module agree.
+fn check_inline_pem(
+    source: &super::PemSource,
+    field: impl FnOnce() -> String,
+    found: &mut Vec<ConfigError>,
+) {
+    if !source.is_inline() {
+        return;
+    }
+    use rustls::pki_types::pem::PemObject;
+    let certs: Result<Vec<_>, _> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(source.0.as_bytes()).collect();
+    let reason = match certs {
+        Err(e) => format!("inline PEM that does not parse ({e:?})"),
+        Ok(certs) if certs.is_empty() => "inline PEM without a certificate".to_owned(),
+        Ok(certs) => match certs
+            .iter()
+            .position(|der| x509_parser::parse_x509_certificate(der).is_err())
+        {
+            Some(i) => format!("inline PEM whose certificate {i} is not X.509"),
+            None => return,
+        },
+    };
+    found.push(ConfigError::invalid(field(), reason));
 }
 
 /// Longest unix socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
@@ -254,13 +342,13 @@ fn check_proxy_socket(socket: &std::path::Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
-    let bad = |f: &str, r: &str| Err(ConfigError::invalid(format!("limits.{f}"), r));
+fn check_limits(limits: &Limits, found: &mut Vec<ConfigError>) {
+    let mut bad = |f: &str, r: &str| found.push(ConfigError::invalid(format!("limits.{f}"), r));
     if !(1024..=1024 * 1024).contains(&limits.max_body_bytes) {
-        return bad("max_body_bytes", "must be between 1024 and 1048576");
+        bad("max_body_bytes", "must be between 1024 and 1048576");
     }
     if limits.max_connections == 0 || limits.max_connections > 1_000_000 {
-        return bad("max_connections", "must be between 1 and 1000000");
+        bad("max_connections", "must be between 1 and 1000000");
     }
     for (f, v) in [
         ("handshake_timeout_secs", limits.handshake_timeout_secs),
@@ -268,14 +356,14 @@ fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
         ("body_timeout_secs", limits.body_timeout_secs),
     ] {
         if !(1..=300).contains(&v) {
-            return bad(f, "must be between 1 and 300 seconds");
+            bad(f, "must be between 1 and 300 seconds");
         }
     }
     if limits.password_checks == 0 || limits.password_checks > 64 {
-        return bad("password_checks", "must be between 1 and 64");
+        bad("password_checks", "must be between 1 and 64");
     }
     if limits.max_connections_per_address > limits.max_connections {
-        return bad(
+        bad(
             "max_connections_per_address",
             "must be at most max_connections (0: no per-address cap)",
         );
@@ -319,14 +407,13 @@ fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
         ),
     ] {
         if !rate.is_finite() || !(0.0..=1_000_000.0).contains(&rate) {
-            return bad(rate_field, "must be between 0 (off) and 1000000 per second");
+            bad(rate_field, "must be between 0 (off) and 1000000 per second");
         }
         if rate > 0.0 && (!burst.is_finite() || !(1.0..=1_000_000.0).contains(&burst)) {
-            return bad(
+            bad(
                 burst_field,
                 "must be between 1 and 1000000 when the rate is on",
             );
         }
     }
-    Ok(())
 }

@@ -17,6 +17,8 @@ pub const TRUST_BUNDLE_SET: &str = "edge-trust-bundle";
 pub const PARENT_UPSTREAM: &str = "parent";
 /// The module listens on all interfaces of its container unless the twin says otherwise.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8085";
+/// The port of the parent's edge-est that the default upstream uses.
+pub const DEFAULT_PARENT_PORT: u16 = 8085;
 
 /// What the module supplies when the twin leaves it out.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,8 +34,12 @@ pub struct ModuleDefaults {
     /// [`TRUST_BUNDLE_SET`], and the anchors of the default parent upstream.
     pub trust_bundle: Option<PemSource>,
     /// `IOTEDGE_PARENTHOSTNAME`: with it, an upstream [`PARENT_UPSTREAM`] is defined at
-    /// `https://<parent>:<our port>/.well-known/est` unless the twin defines one.
+    /// `https://<parent>:<parent_port>/.well-known/est` unless the twin defines one.
     pub parent_hostname: Option<String>,
+    /// The parent's EST port for that default upstream ([`DEFAULT_PARENT_PORT`] unless
+    /// `EDGE_EST_PARENT_PORT` says otherwise): independent of our own `listen`, so that one
+    /// layer can move its listener without breaking the layer below.
+    pub parent_port: u16,
     /// The module's workload identity certificate and key path: the default RA credential
     /// towards the parent.
     pub identity: Option<(PemSource, PathBuf)>,
@@ -53,6 +59,7 @@ impl ModuleDefaults {
             }),
             trust_bundle: Some(PemSource("workload/trust-bundle.pem".into())),
             parent_hostname: parent_hostname.map(str::to_owned),
+            parent_port: DEFAULT_PARENT_PORT,
             identity: Some((
                 PemSource("workload/identity.pem".into()),
                 PathBuf::from("workload/identity.key"),
@@ -107,18 +114,30 @@ pub fn module_config(desired: &Value, defaults: &ModuleDefaults) -> Result<Confi
     if let (Some(parent), Some(bundle)) = (&defaults.parent_hostname, &defaults.trust_bundle) {
         let upstreams = object_entry(&mut doc, "upstreams")?;
         if !upstreams.contains_key(PARENT_UPSTREAM) {
-            let upstream =
-                parent_upstream(parent, listen.port(), bundle, defaults.identity.as_ref());
+            let upstream = parent_upstream(
+                parent,
+                defaults.parent_port,
+                bundle,
+                defaults.identity.as_ref(),
+            );
             upstreams.insert(PARENT_UPSTREAM.into(), to_value(&upstream)?);
         }
     }
-    let config: Config = serde_json::from_value(Value::Object(doc))
-        .map_err(|e| ConfigError::invalid("desired properties", e.to_string()))?;
+    // The error names the field it is about (`labels[0].rules[0]`), not the whole document.
+    let config: Config = serde_path_to_error::deserialize(Value::Object(doc)).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "desired properties".to_owned()
+        } else {
+            path
+        };
+        ConfigError::invalid(field, e.into_inner().to_string())
+    })?;
     config.validate()?;
     Ok(config)
 }
 
-/// The default upstream: the parent's edge-est on the same port as ours, trusted by the
+/// The default upstream: the parent's edge-est on `port`, trusted by the
 /// trust bundle (the hierarchy's root), authenticated by our workload identity certificate.
 pub fn parent_upstream(
     parent: &str,
@@ -340,7 +359,19 @@ mod tests {
     }
 
     #[test]
-    fn the_twin_overrides_defaults_and_the_parent_follows_our_port() {
+    fn an_unknown_field_is_reported_where_it_is() {
+        let mut doc = desired();
+        doc["labels"][0]["rules"][0]["colour"] = json!("red");
+        let err = module_config(&doc, &ModuleDefaults::placeholder(None)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("labels[0].rules[0].colour: unknown field `colour`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_twin_overrides_defaults_and_the_parent_port_is_not_ours() {
         let mut doc = desired();
         doc["listen"] = json!("0.0.0.0:9443");
         doc["tls"] =
@@ -351,8 +382,15 @@ mod tests {
             PathBuf::from("/etc/edge-est/server.key")
         );
         assert_eq!(
+            config.upstreams[PARENT_UPSTREAM].url, "https://[fd00::1]:8085/.well-known/est",
+            "moving our listener does not move the parent's"
+        );
+        let mut defaults = ModuleDefaults::placeholder(Some("fd00::1"));
+        defaults.parent_port = 443;
+        let config = module_config(&doc, &defaults).unwrap();
+        assert_eq!(
             config.upstreams[PARENT_UPSTREAM].url,
-            "https://[fd00::1]:9443/.well-known/est"
+            "https://[fd00::1]:443/.well-known/est"
         );
 
         doc["upstreams"] = json!({ "parent": { "url": "https://ca.contoso.local/.well-known/est", "trust": ["/etc/edge-est/root.pem"] } });

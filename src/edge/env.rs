@@ -35,6 +35,8 @@ pub struct EdgeEnv {
     /// The parent gateway of a nested device, if any.
     pub parent_hostname: Option<String>,
     pub mqtt_port: u16,
+    /// The parent's EST port for the default upstream (`EDGE_EST_PARENT_PORT`, default 8085).
+    pub parent_port: u16,
     /// Where the journal and the last-known-good configuration live (`EDGE_EST_DATA_DIR`,
     /// default `/data`); relative paths of the twin's configuration resolve against it.
     pub data_dir: PathBuf,
@@ -88,6 +90,13 @@ impl EdgeEnv {
             })?,
             None => DEFAULT_MQTT_PORT,
         };
+        let parent_port = match get("EDGE_EST_PARENT_PORT").filter(|v| !v.is_empty()) {
+            Some(port) => port.parse().map_err(|_| EnvError::Invalid {
+                name: "EDGE_EST_PARENT_PORT",
+                reason: format!("{port:?} is not a port number"),
+            })?,
+            None => crate::edge::desired::DEFAULT_PARENT_PORT,
+        };
         let data_dir = get("EDGE_EST_DATA_DIR")
             .filter(|v| !v.is_empty())
             .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from);
@@ -103,6 +112,7 @@ impl EdgeEnv {
             gateway_hostname: required("IOTEDGE_GATEWAYHOSTNAME")?,
             parent_hostname: get("IOTEDGE_PARENTHOSTNAME").filter(|v| !v.trim().is_empty()),
             mqtt_port,
+            parent_port,
             data_dir,
             runtime_dir,
         })

@@ -14,6 +14,7 @@ pub mod certs;
 pub mod desired;
 pub mod env;
 pub mod lkg;
+pub mod manifest;
 pub mod methods;
 pub mod reported;
 pub mod sas;
@@ -399,6 +400,7 @@ impl Controller {
                 .has_trust_bundle()
                 .then(|| path(&self.material.trust_bundle_path())),
             parent_hostname: self.env.parent_hostname.clone(),
+            parent_port: self.env.parent_port,
             identity: self
                 .identity
                 .as_ref()
@@ -565,6 +567,9 @@ impl Controller {
         match self.apply(desired, Source::Twin).await {
             Ok(()) => {
                 self.desired_rejected = false;
+                // The twin's current document is in force: a refusal of an earlier one is
+                // history, and `lastRejection` goes (reported as null).
+                self.rejection = None;
                 tracing::info!(version, "desired configuration in force");
             }
             Err(reason) => {
@@ -645,6 +650,9 @@ impl Controller {
                 tracing::info!(old = %old.addr, new = %addr, "EST listener moved");
             }
             tracing::info!(listen = %addr, "serving EST");
+            if let Err(e) = crate::health::record_listen(&self.env.data_dir, addr) {
+                tracing::warn!(dir = %self.env.data_dir.display(), error = %crate::config::write_error_text(&e), "cannot record the listener's address for `edge-est health`");
+            }
             let _ = self.addr_tx.send(Some(addr));
         }
         if proxy_changed {
