@@ -381,9 +381,20 @@ async fn enrollment_edge_ca_and_renewal_through_every_outage_shape() {
     // the top is away (kept on disk), so it serves cacerts, authenticates certificates the
     // top issued and signs at once.
     middle.stop().await;
-    let middle = Layer::start("middle", dir, &middle_config(top_addr.port()), middle_addr)
-        .await
-        .unwrap();
+    // The stopped listener's sockets may take a moment to go (a loaded machine): bind again
+    // until the address is free, within a bound.
+    let mut attempts = 0;
+    let middle = loop {
+        match Layer::start("middle", dir, &middle_config(top_addr.port()), middle_addr).await {
+            Ok(layer) => break layer,
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                eprintln!("middle restart: {e}; again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the middle does not restart: {e}"),
+        }
+    };
     assert_eq!(upstream_of(&middle).health.state(), State::Away);
     let cacerts = EstClient::new(middle_addr, &root(dir), None)
         .request("GET", "cacerts", &[], Vec::new())
