@@ -7,6 +7,37 @@ pub mod mqtt;
 pub mod pki;
 pub mod workload;
 
+/// Set to `1` to let the tests that need an absent external program skip (say so on stderr
+/// and pass). Unset, a missing program fails the test that needs it: a green run means every
+/// test ran. `.ci/run` never sets it.
+pub const SKIP_MISSING_TOOLS: &str = "EDGE_EST_SKIP_MISSING_TOOLS";
+
+/// The external program `name` (on `PATH` or in an sbin directory), or, when it is missing
+/// and [`SKIP_MISSING_TOOLS`] is `1`, `None` (the caller returns: the test is skipped).
+/// Missing without the opt-out, the test fails, naming the Debian package to install.
+pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
+    for dir in ["/usr/sbin", "/usr/local/sbin", "/sbin"] {
+        candidates.push(Path::new(dir).join(name));
+    }
+    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
+        return Some(found);
+    }
+    missing(&format!("{name} is not installed (apt-get install {package})"))
+}
+
+/// A precondition of a test that the machine lacks: fails the test, unless
+/// [`SKIP_MISSING_TOOLS`] is `1`, in which case it says so and returns `None`.
+pub fn missing<T>(what: &str) -> Option<T> {
+    if std::env::var(SKIP_MISSING_TOOLS).is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED ({SKIP_MISSING_TOOLS}=1): {what}");
+        return None;
+    }
+    panic!("{what}; set {SKIP_MISSING_TOOLS}=1 to skip the tests that need it");
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
