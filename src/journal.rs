@@ -232,6 +232,8 @@ struct Gathering {
 }
 
 fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gathering) {
+    // The length of what is on disk and answered for: a group that fails is cut off again.
+    let mut committed = file.metadata().map(|m| m.len()).unwrap_or(0);
     while let Ok(first) = receiver.recv() {
         let first_at = Instant::now();
         let mut group = Vec::new();
@@ -267,6 +269,14 @@ fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gatheri
                 .write_all(&buffer)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| e.to_string());
+            match result {
+                Ok(()) => committed += buffer.len() as u64,
+                // A full device takes part of a write: nothing half-written stays behind (the
+                // next group would continue the torn line), nor an entry whose request fails.
+                Err(_) => {
+                    let _ = file.set_len(committed);
+                }
+            }
             gathering.flushes.fetch_add(1, Ordering::Relaxed);
             for (_, done) in group {
                 let _ = done.send(result.clone());

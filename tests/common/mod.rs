@@ -2,6 +2,7 @@
 //! on a loopback port, external clients (curl, openssl) and a small Rust EST client.
 #![allow(dead_code)]
 
+pub mod bin;
 pub mod client;
 pub mod mqtt;
 pub mod pki;
@@ -25,7 +26,9 @@ pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
     if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
         return Some(found);
     }
-    missing(&format!("{name} is not installed (apt-get install {package})"))
+    missing(&format!(
+        "{name} is not installed (apt-get install {package})"
+    ))
 }
 
 /// A precondition of a test that the machine lacks: fails the test, unless
@@ -127,7 +130,13 @@ impl TestServer {
 /// label `strict`; Basic user `estuser` (password `estpass`) and bootstrap certificates may
 /// enroll, certificates from the issuer may renew and get their Edge CA.
 pub fn standard_config(pki: &Pki) -> Config {
-    let text = format!(
+    toml::from_str(&standard_config_toml(pki)).expect("standard config parses")
+}
+
+/// [`standard_config`] as the TOML file the shipped binary reads (paths relative to the
+/// PKI's directory, `listen` to be given with `--listen`).
+pub fn standard_config_toml(pki: &Pki) -> String {
+    format!(
         r#"
 listen = "127.0.0.1:0"
 journal = "journal.jsonl"
@@ -184,8 +193,7 @@ match = ["certificate:issuer"]
 common_names = ["{{cn}}"]
 "#,
         hash = pki.password_hash,
-    );
-    toml::from_str(&text).expect("standard config parses")
+    )
 }
 
 pub fn label<'a>(config: &'a mut Config, name: Option<&str>) -> &'a mut LabelConfig {
