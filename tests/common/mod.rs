@@ -6,6 +6,7 @@ pub mod bin;
 pub mod client;
 pub mod mqtt;
 pub mod pki;
+pub mod upstream_stub;
 pub mod workload;
 
 /// Set to `1` to let the tests that need an absent external program skip (say so on stderr
