@@ -356,7 +356,7 @@ ca_common_names = ["*"]
     let now = ::time::OffsetDateTime::now_utc();
     let days =
         |cert: &X509Certificate<'_>| (cert.validity().not_after.to_datetime() - now).whole_days();
-    let usage = |cert: &X509Certificate<'_>| cert.key_usage().unwrap().unwrap().value.clone();
+    let usage = |cert: &X509Certificate<'_>| *cert.key_usage().unwrap().unwrap().value;
     let eku_client = |cert: &X509Certificate<'_>| {
         cert.extended_key_usage()
             .unwrap()

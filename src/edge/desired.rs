@@ -386,7 +386,8 @@ mod tests {
         assert_eq!(config.listen, "0.0.0.0:9085".parse().unwrap());
         // The same document with one mistake each: refused, naming the field, and nothing of
         // it comes back (the result is an error, not a partial configuration).
-        let cases: [(&str, fn(&mut Value), &[&str]); 5] = [
+        type Case = (&'static str, fn(&mut Value), &'static [&'static str]);
+        let cases: [Case; 5] = [
             (
                 "no labels",
                 |d| {
