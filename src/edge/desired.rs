@@ -375,6 +375,31 @@ mod tests {
     }
 
     #[test]
+    fn secrets_inside_arrays_are_refused_too() {
+        let defaults = ModuleDefaults::placeholder(Some("p"));
+        // A key pasted among a trust set's certificates, and a shared access key in a rule.
+        let mut doc = desired();
+        doc["trust"] = json!({ "bootstrap": { "certificates": [
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            "-----BEGIN PRIVATE KEY-----\nMIGH\n-----END PRIVATE KEY-----\n" ] } });
+        let err = module_config(&doc, &defaults).unwrap_err().to_string();
+        assert!(
+            err.starts_with("trust.bootstrap.certificates[1]:") && err.contains("private key"),
+            "{err}"
+        );
+        let mut doc = desired();
+        doc["labels"][0]["rules"][0]["common_names"] =
+            json!(["plant1-*", "HostName=h;SharedAccessKey=c2VjcmV0"]);
+        let err = module_config(&doc, &defaults).unwrap_err().to_string();
+        assert!(
+            err.starts_with("labels[0].rules[0].common_names[1]:")
+                && err.contains("shared access key"),
+            "{err}"
+        );
+        assert!(!err.contains("c2VjcmV0"), "the key is repeated: {err}");
+    }
+
+    #[test]
     fn invalid_documents_are_refused_whole() {
         // With a parent, so that `upstream = "parent"` of desired() exists: without one the
         // document is refused anyway, and every case below would pass whatever it checked.
