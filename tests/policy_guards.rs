@@ -252,3 +252,68 @@ async fn simplereenroll_keeps_subject_and_alt_names_where_the_rules_would_grant_
     assert_eq!(journal.len(), 1 + 6 + 1);
     server.stop().await;
 }
+
+/// `subject_attributes` keys are short names or OIDs, and a key allows only its own attribute:
+/// `O = ["Contoso"]` does not let `OU=Contoso` through, while `"2.5.4.11" = ["Plant"]` (OU by
+/// its OID) lets `OU=Plant` through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_attributes_match_their_own_attribute_by_short_name_or_oid() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let text = standard_config_toml(&pki)
+        + r#"
+[[labels]]
+name = "attrs"
+issuer = "plant"
+client_trust = ["bootstrap"]
+
+[[labels.rules]]
+match = ["user:estuser"]
+common_names = ["*"]
+subject_attributes = { O = ["Contoso"], "2.5.4.11" = ["Plant"] }
+"#;
+    let server = TestServer::start(dir.path(), &toml::from_str(&text).unwrap()).await;
+    let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
+    let ask = |attrs: &[(DnType, &str)]| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "dev50");
+        for (kind, value) in attrs {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
+        params
+            .serialize_request(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .to_vec()
+    };
+    let ou = DnType::OrganizationalUnitName;
+    let answer = post(
+        &client,
+        "attrs/simpleenroll",
+        true,
+        ask(&[(ou.clone(), "Contoso")]),
+    )
+    .await;
+    refused(&answer, &["OU", "Contoso"]);
+    let answer = post(
+        &client,
+        "attrs/simpleenroll",
+        true,
+        ask(&[(DnType::OrganizationName, "Plant")]),
+    )
+    .await;
+    refused(&answer, &["O", "Plant"]);
+    // Controls: each attribute with a value its own key allows.
+    let answer = post(&client, "attrs/simpleenroll", true, ask(&[(ou, "Plant")])).await;
+    granted(&answer, "dev50");
+    let answer = post(
+        &client,
+        "attrs/simpleenroll",
+        true,
+        ask(&[(DnType::OrganizationName, "Contoso")]),
+    )
+    .await;
+    granted(&answer, "dev50");
+    server.stop().await;
+}

@@ -21,7 +21,7 @@ fi
 # The test targets that can kill a mutant in a file. The lib's unit tests always run.
 tests_for() {
   case "$1" in
-    src/policy/*) echo "--test policy_guards --test refusals --test grace" ;;
+    src/policy/*) echo "--test policy_guards --test refusals --test grace --test rate_limits" ;;
     src/journal.rs) echo "--test journal_durability --test journal_restart" ;;
     src/edge/desired.rs) echo "" ;;
     src/auth/*) echo "--test refusals --test grace --test kept_connections" ;;
