@@ -317,3 +317,44 @@ subject_attributes = { O = ["Contoso"], "2.5.4.11" = ["Plant"] }
     granted(&answer, "dev50");
     server.stop().await;
 }
+
+/// `ip_addresses` patterns match the address as text: `10.1.*` takes 10.1.2.3 and refuses
+/// 10.2.0.1 (and an IPv6 address), naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_address_patterns_match_the_address_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let text = standard_config_toml(&pki)
+        + r#"
+[[labels]]
+name = "ips"
+issuer = "plant"
+client_trust = ["bootstrap"]
+
+[[labels.rules]]
+match = ["user:estuser"]
+common_names = ["*"]
+ip_addresses = ["10.1.*"]
+"#;
+    let server = TestServer::start(dir.path(), &toml::from_str(&text).unwrap()).await;
+    let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
+    let ask = |ip: &str| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "dev60");
+        params.subject_alt_names = vec![SanType::IpAddress(ip.parse().unwrap())];
+        params
+            .serialize_request(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .to_vec()
+    };
+    for refused_ip in ["10.2.0.1", "fd00::10:1"] {
+        let answer = post(&client, "ips/simpleenroll", true, ask(refused_ip)).await;
+        refused(&answer, &[refused_ip]);
+    }
+    // Control.
+    let answer = post(&client, "ips/simpleenroll", true, ask("10.1.2.3")).await;
+    granted(&answer, "dev60");
+    server.stop().await;
+}
