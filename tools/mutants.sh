@@ -6,9 +6,11 @@
 #   tools/mutants.sh FILE...         every mutant in these files (globs quoted: 'src/policy/*.rs')
 #
 # Only the test targets that matter for the files are built and run (the map below);
-# MUTANTS_TESTS="--lib --test refusals" overrides it. MUTANTS_JOBS (default 1) mutants at once (not with MUTANTS_WORKDIR),
-# MUTANTS_OUT (default target/mutants) for the report (mutants.out/outcomes.json, caught.txt,
-# missed.txt, timeout.txt, unviable.txt). The crate is built without debug info (faster builds).
+# MUTANTS_TESTS="--lib --test refusals" overrides it. MUTANTS_JOBS (default 1) mutants at once
+# (not with MUTANTS_WORKDIR). MUTANTS_OUT (default target/mutants) holds the report
+# (mutants.out/: outcomes.json, caught.txt, missed.txt, timeout.txt, unviable.txt, a log per
+# mutant). MUTANTS_ARGS passes more options to cargo-mutants (MUTANTS_ARGS=--iterate re-tests
+# only what the last run in MUTANTS_OUT did not catch). The crate is built without debug info.
 # Install: cargo install cargo-mutants --locked
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,4 +101,5 @@ exec nice -n 10 cargo mutants \
   --no-shuffle \
   --cargo-arg=--config=profile.dev.package.edge-est.debug=false \
   "${targets[@]}" \
-  --output "${MUTANTS_OUT:-target/mutants}"
+  --output "${MUTANTS_OUT:-target/mutants}" \
+  ${MUTANTS_ARGS:-}
