@@ -122,6 +122,15 @@ impl Journal {
             .read(true)
             .open(path)
             .map_err(fail)?;
+        // A device or pipe can neither be read back at start (`/dev/full` reads forever) nor
+        // made durable with fdatasync: the journal is a regular file or nothing.
+        let kind = file.metadata().map_err(fail)?.file_type();
+        if !kind.is_file() {
+            return Err(JournalError::Open(
+                path.to_owned(),
+                "not a regular file (the journal must be a file on a disk)".into(),
+            ));
+        }
         terminate_torn_line(&mut file).map_err(fail)?;
         let (queue, receiver) = mpsc::channel::<Message>();
         let expected = Arc::new(AtomicUsize::new(0));
@@ -199,11 +208,15 @@ impl Journal {
 
     /// Reads every entry of a journal file (for tests and tools). Torn lines are skipped.
     pub fn read_all(path: &Path) -> std::io::Result<Vec<JournalEntry>> {
-        let text = std::fs::read_to_string(path)?;
-        Ok(text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect())
+        use std::io::BufRead;
+        // Line by line: a journal of years of issuances is never held whole in memory.
+        let mut entries = Vec::new();
+        for line in std::io::BufReader::new(File::open(path)?).split(b'\n') {
+            if let Ok(entry) = serde_json::from_slice(&line?) {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
     }
 }
 
@@ -232,6 +245,8 @@ struct Gathering {
 }
 
 fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gathering) {
+    // The length of what is on disk and answered for: a group that fails is cut off again.
+    let mut committed = file.metadata().map(|m| m.len()).unwrap_or(0);
     while let Ok(first) = receiver.recv() {
         let first_at = Instant::now();
         let mut group = Vec::new();
@@ -267,6 +282,14 @@ fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gatheri
                 .write_all(&buffer)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| e.to_string());
+            match result {
+                Ok(()) => committed += buffer.len() as u64,
+                // A full device takes part of a write: nothing half-written stays behind (the
+                // next group would continue the torn line), nor an entry whose request fails.
+                Err(_) => {
+                    let _ = file.set_len(committed);
+                }
+            }
             gathering.flushes.fetch_add(1, Ordering::Relaxed);
             for (_, done) in group {
                 let _ = done.send(result.clone());

@@ -3,8 +3,8 @@
 //! it: variables substituted, `#if_tag 0` blocks dropped, its file names pointed at the test
 //! PKI), in front of edge-est's proxy socket. curl is the child. What it shows: the client
 //! certificate nginx takes in its TLS handshake authenticates at edge-est; a header the client
-//! forges itself never arrives; Basic passes through. Skipped when nginx is not installed
-//! (`apt-get install nginx-light`), except in CI.
+//! forges itself never arrives; Basic passes through. Fails when nginx is not installed
+//! (`apt-get install nginx-light`), unless `EDGE_EST_SKIP_MISSING_TOOLS=1`.
 
 mod common;
 
@@ -19,17 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use tokio::sync::oneshot;
 
 fn nginx() -> Option<PathBuf> {
-    let found = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("nginx is not installed, and CI=true: .ci/run must install nginx-light");
-        }
-        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light)");
-    }
-    found
+    common::tool("nginx", "nginx-light")
 }
 
 /// `proxy_config` as the API proxy module renders it (its `config_parser.rs`): every

@@ -24,8 +24,14 @@ const MODULE: &str = "estmod";
 const HUB: &str = "test-hub.example";
 const GATEWAY: &str = "localhost";
 
+/// The MQTT user name edgeHub expects, written out from its parser's rules
+/// (`{host}/{device}/{module}/?api-version=…&DeviceClientType=<url-escaped product>`), not
+/// computed by the code under test.
 fn module_username() -> String {
-    edge::sas::username(GATEWAY, DEVICE, MODULE, &edge::sas::product())
+    format!(
+        "localhost/gw1/estmod/?api-version=2020-09-30&DeviceClientType=edge-est%2F{}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// Everything a module test runs against.

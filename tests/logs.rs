@@ -243,6 +243,8 @@ fn runtime_log_level_sets_the_level_and_rust_log_wins() {
     // An unknown name: information, as edgeAgent does, and a warning that says so.
     let port = free_port();
     let server = Server::dev(dir.path(), port, &[("RuntimeLogLevel", "loud")]);
+    // The port opens a moment before the line that says so is written.
+    server.wait_for("edge-est serving EST");
     let text = server.stop();
     assert!(
         text.contains("RuntimeLogLevel=\"loud\" is not one of"),

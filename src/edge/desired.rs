@@ -616,21 +616,81 @@ mod tests {
     }
 
     #[test]
-    fn invalid_documents_are_refused_whole() {
-        let defaults = ModuleDefaults::placeholder(None);
-        let err = module_config(&json!({"$version": 1}), &defaults).unwrap_err();
-        assert!(err.to_string().contains("labels"), "{err}");
+    fn secrets_inside_arrays_are_refused_too() {
+        let defaults = ModuleDefaults::placeholder(Some("p"));
+        // A key pasted among a trust set's certificates, and a shared access key in a rule.
         let mut doc = desired();
-        doc["labels"][0]["issuer"] = json!("nope");
-        let err = module_config(&doc, &defaults).unwrap_err();
+        doc["trust"] = json!({ "bootstrap": { "certificates": [
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            "-----BEGIN PRIVATE KEY-----\nMIGH\n-----END PRIVATE KEY-----\n" ] } });
+        let err = module_config(&doc, &defaults).unwrap_err().to_string();
         assert!(
-            err.to_string().contains("no issuer named \"nope\""),
+            err.starts_with("trust.bootstrap.certificates[1]:") && err.contains("private key"),
             "{err}"
         );
         let mut doc = desired();
-        doc["labelz"] = json!([]);
-        assert!(module_config(&doc, &defaults).is_err());
-        assert!(module_config(&json!([1]), &defaults).is_err());
+        doc["labels"][0]["rules"][0]["common_names"] =
+            json!(["plant1-*", "HostName=h;SharedAccessKey=c2VjcmV0"]);
+        let err = module_config(&doc, &defaults).unwrap_err().to_string();
+        assert!(
+            err.starts_with("labels[0].rules[0].common_names[1]:")
+                && err.contains("shared access key"),
+            "{err}"
+        );
+        assert!(!err.contains("c2VjcmV0"), "the key is repeated: {err}");
+    }
+
+    #[test]
+    fn invalid_documents_are_refused_whole() {
+        // With a parent, so that `upstream = "parent"` of desired() exists: without one the
+        // document is refused anyway, and every case below would pass whatever it checked.
+        let defaults = ModuleDefaults::placeholder(Some("parent.contoso.local"));
+        // Control: the document itself, and with a changed listen address, is accepted.
+        let mut changed = desired();
+        changed["listen"] = json!("0.0.0.0:9085");
+        let config = module_config(&changed, &defaults).expect("the control is accepted");
+        assert_eq!(config.listen, "0.0.0.0:9085".parse().unwrap());
+        // The same document with one mistake each: refused, naming the field, and nothing of
+        // it comes back (the result is an error, not a partial configuration).
+        type Case = (&'static str, fn(&mut Value), &'static [&'static str]);
+        let cases: [Case; 5] = [
+            (
+                "no labels",
+                |d| {
+                    d.as_object_mut().unwrap().remove("labels");
+                },
+                &["labels"],
+            ),
+            (
+                "an issuer that does not exist",
+                |d| d["labels"][0]["issuer"] = json!("nope"),
+                &["labels[0].issuer", "no issuer named \"nope\""],
+            ),
+            ("an unknown field", |d| d["labelz"] = json!([]), &["labelz"]),
+            (
+                "a listen address that is not one",
+                |d| d["listen"] = json!("nowhere"),
+                &["listen", "\"nowhere\" is not an address"],
+            ),
+            (
+                "a rule naming a trust set the label lacks",
+                |d| d["labels"][0]["rules"][0]["match"] = json!(["certificate:factory"]),
+                &["labels[0].rules", "rules[0].match", "factory"],
+            ),
+        ];
+        for (what, spoil, says) in cases {
+            let mut doc = changed.clone();
+            spoil(&mut doc);
+            let err = match module_config(&doc, &defaults) {
+                Ok(config) => panic!("{what}: accepted: {config:?}"),
+                Err(e) => e.to_string(),
+            };
+            for s in says {
+                assert!(err.contains(s), "{what}: {err:?} lacks {s:?}");
+            }
+        }
+        let err = module_config(&json!([1]), &defaults).unwrap_err();
+        assert!(err.to_string().contains("must be a JSON object"), "{err}");
     }
 
     #[test]

@@ -2,10 +2,45 @@
 //! on a loopback port, external clients (curl, openssl) and a small Rust EST client.
 #![allow(dead_code)]
 
+pub mod bin;
 pub mod client;
 pub mod mqtt;
 pub mod pki;
+pub mod upstream_stub;
 pub mod workload;
+
+/// Set to `1` to let the tests that need an absent external program skip (say so on stderr
+/// and pass). Unset, a missing program fails the test that needs it: a green run means every
+/// test ran. `.ci/run` never sets it.
+pub const SKIP_MISSING_TOOLS: &str = "EDGE_EST_SKIP_MISSING_TOOLS";
+
+/// The external program `name` (on `PATH` or in an sbin directory), or, when it is missing
+/// and [`SKIP_MISSING_TOOLS`] is `1`, `None` (the caller returns: the test is skipped).
+/// Missing without the opt-out, the test fails, naming the Debian package to install.
+pub fn tool(name: &str, package: &str) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
+    for dir in ["/usr/sbin", "/usr/local/sbin", "/sbin"] {
+        candidates.push(Path::new(dir).join(name));
+    }
+    if let Some(found) = candidates.into_iter().find(|p| p.is_file()) {
+        return Some(found);
+    }
+    missing(&format!(
+        "{name} is not installed (apt-get install {package})"
+    ))
+}
+
+/// A precondition of a test that the machine lacks: fails the test, unless
+/// [`SKIP_MISSING_TOOLS`] is `1`, in which case it says so and returns `None`.
+pub fn missing<T>(what: &str) -> Option<T> {
+    if std::env::var(SKIP_MISSING_TOOLS).is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED ({SKIP_MISSING_TOOLS}=1): {what}");
+        return None;
+    }
+    panic!("{what}; set {SKIP_MISSING_TOOLS}=1 to skip the tests that need it");
+}
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,7 +131,13 @@ impl TestServer {
 /// label `strict`; Basic user `estuser` (password `estpass`) and bootstrap certificates may
 /// enroll, certificates from the issuer may renew and get their Edge CA.
 pub fn standard_config(pki: &Pki) -> Config {
-    let text = format!(
+    toml::from_str(&standard_config_toml(pki)).expect("standard config parses")
+}
+
+/// [`standard_config`] as the TOML file the shipped binary reads (paths relative to the
+/// PKI's directory, `listen` to be given with `--listen`).
+pub fn standard_config_toml(pki: &Pki) -> String {
+    format!(
         r#"
 listen = "127.0.0.1:0"
 journal = "journal.jsonl"
@@ -154,8 +195,7 @@ match = ["certificate:issuer"]
 common_names = ["{{cn}}"]
 "#,
         hash = pki.password_hash,
-    );
-    toml::from_str(&text).expect("standard config parses")
+    )
 }
 
 /// A certificate of this server's issuer obtained as a device obtains its first one: enrolled

@@ -17,26 +17,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
-/// The mosquitto binary, if installed. Without it the broker tests are skipped, except in CI
-/// (`CI=true`), where its absence is a failure (`.ci/run` installs it).
+/// The mosquitto binary. Missing, the broker tests fail unless
+/// `EDGE_EST_SKIP_MISSING_TOOLS=1` ([`super::tool`]); `.ci/run` installs it.
 pub fn mosquitto() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("mosquitto"))
-                .collect()
-        })
-        .unwrap_or_default();
-    candidates.push(PathBuf::from("/usr/sbin/mosquitto"));
-    candidates.push(PathBuf::from("/usr/local/sbin/mosquitto"));
-    let found = candidates.into_iter().find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("mosquitto is not installed, and CI=true: .ci/run must install it");
-        }
-        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
-    }
-    found
+    super::tool("mosquitto", "mosquitto")
 }
 
 pub fn free_port() -> u16 {
