@@ -110,8 +110,58 @@ enum Kind {
     Rsa1024,
 }
 
-/// Generates a key pair inside the token (sensitive, never extractable) labelled `object`.
+/// Generates a key pair inside the token (sensitive, never extractable) labelled `object`,
+/// and checks that the token says so of the private key: every token key of these tests was
+/// made in its token (none imported) and cannot leave it.
 fn generate(slot: Slot, object: &str, kind: Kind) -> TokenPublic {
+    let public = generate_unchecked(slot, object, kind);
+    assert_unexportable(slot, object);
+    public
+}
+
+/// CKA_SENSITIVE, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE true, CKA_EXTRACTABLE false, as the
+/// token reports them for the private key labelled `object`, read through cryptoki.
+fn assert_unexportable(slot: Slot, object: &str) {
+    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&AuthPin::from(USER_PIN)));
+    let handles = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(object.as_bytes().to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(handles.len(), 1, "{object}");
+    let attributes = session
+        .get_attributes(
+            handles[0],
+            &[
+                AttributeType::Sensitive,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+            ],
+        )
+        .unwrap();
+    let mut seen = 0;
+    for attribute in attributes {
+        match attribute {
+            Attribute::Sensitive(v) | Attribute::AlwaysSensitive(v) => {
+                assert!(v, "{object}: {attribute:?}")
+            }
+            Attribute::Extractable(v) => assert!(!v, "{object}: CKA_EXTRACTABLE true"),
+            Attribute::NeverExtractable(v) => assert!(v, "{object}: CKA_NEVER_EXTRACTABLE false"),
+            other => panic!("{object}: {other:?}"),
+        }
+        seen += 1;
+    }
+    assert_eq!(
+        seen, 4,
+        "{object}: the token did not report every attribute"
+    );
+}
+
+fn generate_unchecked(slot: Slot, object: &str, kind: Kind) -> TokenPublic {
     let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
     match session.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
@@ -779,4 +829,102 @@ async fn upstream_ra_key_in_a_token_forwards_to_the_layer_above() {
         rogue.stop().await;
         top.stop().await;
     }
+}
+
+/// `edge-est check-config` opens token keys in every field that takes one (issuers.*.key,
+/// tls.key, upstreams.*.key) and reports a token's refusal under the field, PIN redacted.
+#[test]
+fn check_config_reports_token_errors_without_the_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    edge_est::demo::write_pki(dir.path()).unwrap();
+    let slot = new_token("check");
+    let ra_public = generate(slot, "ra", Kind::Ec(P256));
+    let (_, ra_ca) = new_ca("check RA CA");
+    std::fs::write(
+        dir.path().join("token-ra.pem"),
+        token_ra_cert(&ra_public, "layer2-ra", &ra_ca),
+    )
+    .unwrap();
+    edge_est::demo::write_configs(dir.path(), 18400).unwrap();
+    let top = std::fs::read_to_string(dir.path().join("top.toml")).unwrap();
+    let bottom = std::fs::read_to_string(dir.path().join("bottom.toml")).unwrap();
+    let with_module = |text: &str| {
+        text.replacen(
+            "journal = ",
+            &format!("pkcs11_module = \"{}\"\njournal = ", module().display()),
+            1,
+        )
+    };
+    let check = |name: &str, text: String| {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-est"))
+            .args(["check-config", name])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let wrong = "pkcs11:token=check;object=ra?pin-value=wrong-4242";
+    let cases = [
+        (
+            "issuer.toml",
+            top.replace("key = \"top-ca.key\"", &format!("key = \"{wrong}\"")),
+            "issuers.top.key: ",
+            "wrong PIN",
+        ),
+        (
+            "tls.toml",
+            top.replace(
+                "key = \"server.key\"",
+                &format!("key = \"{}\"", uri("check", "no-such-key")),
+            ),
+            "tls.key: ",
+            "no private key with this object=/id=",
+        ),
+        (
+            "upstream.toml",
+            bottom
+                .replace(
+                    "certificate = \"layer3-ra.pem\"",
+                    "certificate = \"token-ra.pem\"",
+                )
+                .replace("key = \"layer3-ra.key\"", &format!("key = \"{wrong}\"")),
+            "upstreams.parent.key: ",
+            "wrong PIN",
+        ),
+        (
+            "mismatch.toml",
+            bottom.replace(
+                "key = \"layer3-ra.key\"",
+                &format!("key = \"{}\"", uri("check", "ra")),
+            ),
+            "upstreams.parent.key: ",
+            "does not belong to the certificate",
+        ),
+    ];
+    for (name, text, field, expected) in cases {
+        let (ok, out, err) = check(name, with_module(&text));
+        assert!(!ok, "{name}: {out}");
+        assert!(
+            err.contains(&format!("{name}: {field}")) && err.contains(expected),
+            "{name}: {err}"
+        );
+        assert!(err.contains("pin-value=(redacted)"), "{name}: {err}");
+        assert!(
+            !err.contains("wrong-4242") && !err.contains(USER_PIN),
+            "{name}: PIN shows: {err}"
+        );
+    }
+    // Positive control: the upstream RA key in the token, with its certificate.
+    let good = bottom
+        .replace(
+            "certificate = \"layer3-ra.pem\"",
+            "certificate = \"token-ra.pem\"",
+        )
+        .replace(
+            "key = \"layer3-ra.key\"",
+            &format!("key = \"{}\"", uri("check", "ra")),
+        );
+    let (ok, out, err) = check("good.toml", with_module(&good));
+    assert!(ok && out.contains("configuration is valid"), "{out}{err}");
 }
