@@ -882,6 +882,21 @@ fn check_config_reports_token_errors_without_the_pin() {
             "no private key with this object=/id=",
         ),
         (
+            "tls-pin.toml",
+            top.replace("key = \"server.key\"", &format!("key = \"{wrong}\"")),
+            "tls.key: ",
+            "wrong PIN",
+        ),
+        (
+            "tls-mismatch.toml",
+            top.replace(
+                "key = \"server.key\"",
+                &format!("key = \"{}\"", uri("check", "ra")),
+            ),
+            "tls.key: ",
+            "does not belong to the certificate",
+        ),
+        (
             "upstream.toml",
             bottom
                 .replace(
