@@ -12,7 +12,8 @@
 #
 # Without --binary it runs `cargo build --release --locked --bin edge-est` (dynamically linked:
 # no crt-static). The image is <repository>:<version>-<platform>-pkcs11 (REPOSITORY, default
-# edge-est; IMAGE names the whole tag). --context-only lays out module/rootfs-pkcs11/ and stops.
+# edge-est; IMAGE names the whole tag). --context-only lays out module/rootfs-pkcs11/ (or
+# CONTEXT_DIR, which the image build does not use) and stops.
 set -euo pipefail
 here=$(cd -P "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 repo=${EDGE_EST_SOURCE:-$(dirname "$here")}
@@ -23,12 +24,18 @@ while [ $# -gt 0 ]; do
     --binary) binary="${2:?--binary needs a path}"; shift ;;
     --with) with+=("${2:?--with needs a library path}"); shift ;;
     --context-only) context_only=true ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 [ "${#with[@]}" -gt 0 ] || { echo "name the PKCS#11 module with --with (see --help)" >&2; exit 2; }
+for file in "${with[@]}"; do
+  [ -f "$file" ] || { echo "$file: no such file" >&2; exit 1; }
+done
+if [ -n "${CONTEXT_DIR:-}" ] && ! $context_only; then
+  echo "CONTEXT_DIR goes with --context-only (the image is built from module/rootfs-pkcs11)" >&2; exit 2
+fi
 case "$(uname -m)" in
   x86_64) platform=amd64 ;;
   aarch64) platform=arm64v8 ;;
@@ -45,7 +52,7 @@ fi
 readelf -lW "$binary" | grep -q 'Requesting program interpreter' \
   || { echo "$binary is statically linked: it cannot load a PKCS#11 library" >&2; exit 1; }
 
-context="$here/rootfs-pkcs11"
+context=${CONTEXT_DIR:-$here/rootfs-pkcs11}
 rm -rf "$context"
 mkdir -p "$context/data" "$context/tmp" "$context/var/run/edge-est"
 install -m 0755 "$binary" "$context/edge-est"
