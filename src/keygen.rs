@@ -1,10 +1,10 @@
 //! Server-side key generation (`/serverkeygen`), bounded. An RSA-2048 key costs tens of
-//! milliseconds of CPU (about 76 ms on the reference machine), a thousand times a CSR check:
-//! within the default per-identity burst one device could make the server spend 15 s of CPU.
+//! milliseconds of CPU (about 76 ms on the reference machine), a thousand times a CSR check.
 //! So RSA keys are made on the blocking pool, [`rsa_keys_at_once`] at a time whoever asks,
-//! and each identity has a key budget of its own: a token bucket at `1/RSA_KEY_COST` of the
-//! identity's request rate and burst (by default one key a second, ten at once). EC keys cost
-//! microseconds and are not counted.
+//! and each identity has one key budget: a token bucket of `keygen_per_identity` keys a
+//! second and `keygen_burst_per_identity` at once, where an EC key costs one and an RSA key
+//! [`RSA_KEY_COST`] (by default ten EC keys a second, fifty at once; or one RSA key a second,
+//! five at once).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use crate::est::KeyKind;
 use crate::limits::{Rate, RateLimiter};
 
 /// What one RSA key costs of an identity's server-side key budget (`keygen_per_identity`),
-/// in keys: an EC key costs next to nothing, an RSA key tens of milliseconds of CPU.
+/// in EC keys: an EC key costs next to nothing, an RSA key tens of milliseconds of CPU.
 pub const RSA_KEY_COST: f64 = 10.0;
 
 /// RSA keys generated at once by the whole server: at most half the cores (at least one), so
@@ -49,11 +49,19 @@ pub enum KeygenError {
 }
 
 impl KeyGenerator {
-    /// The RSA key budget of one identity under `limits` (off when the keygen rate is).
+    /// The key budget of one identity under `limits`, in EC keys (off at rate 0).
     pub fn budget(limits: &Limits) -> Rate {
         Rate {
-            per_second: limits.keygen_per_identity / RSA_KEY_COST,
-            burst: (limits.keygen_burst_per_identity / RSA_KEY_COST).max(1.0),
+            per_second: limits.keygen_per_identity,
+            burst: limits.keygen_burst_per_identity,
+        }
+    }
+
+    /// What a key of `kind` costs of the budget.
+    pub fn cost(kind: KeyKind) -> f64 {
+        match kind {
+            KeyKind::Rsa { .. } => RSA_KEY_COST,
+            _ => 1.0,
         }
     }
 
@@ -71,10 +79,15 @@ impl KeyGenerator {
             ServerKeygen::EcP384 => (&rcgen::PKCS_ECDSA_P384_SHA384, KeyKind::EcP384),
             ServerKeygen::Rsa2048 => (&rcgen::PKCS_RSA_SHA256, KeyKind::Rsa { bits: 2048 }),
         };
+        self.budgets
+            .check_cost(
+                identity.to_owned(),
+                Self::budget(limits),
+                Self::cost(key_kind),
+                Instant::now(),
+            )
+            .map_err(KeygenError::OverBudget)?;
         let permit = if matches!(key_kind, KeyKind::Rsa { .. }) {
-            self.budgets
-                .check(identity.to_owned(), Self::budget(limits), Instant::now())
-                .map_err(KeygenError::OverBudget)?;
             Some(
                 self.rsa_permits
                     .clone()
@@ -102,7 +115,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn rsa_keys_are_budgeted_per_identity_ec_keys_are_not() {
+    async fn one_key_budget_per_identity_an_rsa_key_costs_ten() {
         let generator = KeyGenerator::default();
         let limits = Limits {
             keygen_per_identity: 0.001,
@@ -124,17 +137,33 @@ mod tests {
             Err(KeygenError::OverBudget(wait)) => assert!(wait > Duration::from_secs(60)),
             other => panic!("a third RSA key: {:?}", other.map(|(_, k)| k)),
         }
-        // Positive controls: another identity, and EC keys for the same one.
+        // One budget: an EC key for the same identity is refused too (it costs one, and the
+        // bucket is empty).
+        assert!(matches!(
+            generator
+                .generate(ServerKeygen::EcP256, "device a", &limits)
+                .await,
+            Err(KeygenError::OverBudget(_))
+        ));
+        // Positive controls: another identity's RSA key; EC keys cost one each (twenty of
+        // them in the budget of two RSA keys).
         assert!(generator
             .generate(ServerKeygen::Rsa2048, "device b", &limits)
             .await
             .is_ok());
-        for _ in 0..5 {
-            assert!(generator
-                .generate(ServerKeygen::EcP256, "device a", &limits)
-                .await
-                .is_ok());
+        for i in 0..20 {
+            assert!(
+                generator
+                    .generate(ServerKeygen::EcP256, "device c", &limits)
+                    .await
+                    .is_ok(),
+                "EC key {i}"
+            );
         }
+        assert!(generator
+            .generate(ServerKeygen::EcP256, "device c", &limits)
+            .await
+            .is_err());
         // Rate limits off: no budget either.
         let off = Limits {
             keygen_per_identity: 0.0,
@@ -147,9 +176,11 @@ mod tests {
     }
 
     #[test]
-    fn the_default_budget_is_a_key_a_second_five_at_once() {
+    fn the_default_budget_is_an_rsa_key_a_second_five_at_once() {
         let rate = KeyGenerator::budget(&Limits::default());
-        assert_eq!(rate.per_second, 1.0);
-        assert_eq!(rate.burst, 5.0);
+        let rsa = KeyGenerator::cost(KeyKind::Rsa { bits: 2048 });
+        assert_eq!(rate.per_second / rsa, 1.0);
+        assert_eq!(rate.burst / rsa, 5.0);
+        assert_eq!(KeyGenerator::cost(KeyKind::EcP256), 1.0);
     }
 }

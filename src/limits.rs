@@ -52,10 +52,17 @@ impl<K: Hash + Eq> RateLimiter<K> {
 
     /// Takes one token from `key`'s bucket. `Err` holds how long until a token is back.
     pub fn check(&self, key: K, rate: Rate, now: Instant) -> Result<(), Duration> {
+        self.check_cost(key, rate, 1.0, now)
+    }
+
+    /// Takes `cost` tokens (at least one) from `key`'s bucket, or none. `Err` holds how long
+    /// until there are that many. A bucket smaller than `cost` holds `cost` at most.
+    pub fn check_cost(&self, key: K, rate: Rate, cost: f64, now: Instant) -> Result<(), Duration> {
         if rate.is_off() {
             return Ok(());
         }
-        let burst = rate.burst.max(1.0);
+        let cost = cost.max(1.0);
+        let burst = rate.burst.max(cost);
         let Ok(mut buckets) = self.buckets.lock() else {
             // A panic elsewhere poisoned the map: fail open rather than refuse everyone.
             return Ok(());
@@ -67,11 +74,11 @@ impl<K: Hash + Eq> RateLimiter<K> {
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate.per_second).min(burst);
         bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= cost {
+            bucket.tokens -= cost;
             Ok(())
         } else {
-            let missing = 1.0 - bucket.tokens;
+            let missing = cost - bucket.tokens;
             Err(Duration::from_secs_f64(missing / rate.per_second))
         }
     }

@@ -147,22 +147,10 @@ impl Runtime {
         }
 
         let mut upstreams: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
+        let module = config.pkcs11_module.as_ref().map(|m| base.join(m));
         for (name, upstream) in &config.upstreams {
-            if let Some(key) = upstream.key.as_ref().and_then(|k| k.to_str()) {
-                if crate::keys::is_pkcs11(key) {
-                    // Not read as a file either: the URI (and a PIN in it) would show in the
-                    // "cannot read" error.
-                    return Err(ConfigError::invalid(
-                        format!("upstreams.{name}.key"),
-                        format!(
-                            "{}: keys in a PKCS#11 token are not supported for the upstream \
-                             client credential yet; give a key file",
-                            crate::keys::redact(key)
-                        ),
-                    ));
-                }
-            }
-            upstreams.insert(name.clone(), Upstream::new(name, upstream, base)?.shared());
+            let loaded = Upstream::with_module(name, upstream, base, module.as_deref())?;
+            upstreams.insert(name.clone(), loaded.shared());
         }
 
         let mut profile_configs = profile::builtin();

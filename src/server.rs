@@ -66,9 +66,8 @@ pub struct App {
     /// password verification threads, see [`FailureLimits`]).
     failed_by_address: Arc<RateLimiter<IpAddr>>,
     failed_by_identity: Arc<RateLimiter<String>>,
-    /// Certificates per label and requested subject; server-generated keys per identity.
+    /// Certificates per label and requested subject (server-generated keys: `keygen`).
     name_limits: RateLimiter<String>,
-    keygen_limits: RateLimiter<String>,
     /// Leaf certificates (SHA-256) that authenticated: presented again (the handshake proved
     /// the key), they are verified as usual but not held back by the failure limits.
     known_leaves: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
@@ -106,7 +105,6 @@ impl App {
             failed_by_address: Arc::new(RateLimiter::new(crate::limits::MAX_TRACKED)),
             failed_by_identity: Arc::new(RateLimiter::new(crate::limits::MAX_TRACKED)),
             name_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
-            keygen_limits: RateLimiter::new(crate::limits::MAX_TRACKED),
             known_leaves: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(crate::limits::MAX_TRACKED)
                     .unwrap_or(std::num::NonZeroUsize::MIN),
@@ -233,14 +231,6 @@ impl App {
                     now,
                 ),
             ),
-            RateKey::Keygen(id) => (
-                LimitScope::Keygen,
-                self.keygen_limits.check(
-                    id,
-                    rate(limits.keygen_per_identity, limits.keygen_burst_per_identity),
-                    now,
-                ),
-            ),
         };
         checked.map_err(|wait| self.limited(scope, wait))
     }
@@ -287,8 +277,6 @@ enum RateKey {
     Identity(String),
     /// A label and a requested subject.
     Name(String),
-    /// An identity asking for server-generated keys.
-    Keygen(String),
 }
 
 /// The failed-authentication limits of one request: per address and per presented identity
@@ -1016,14 +1004,14 @@ impl App {
         } else {
             &label_rt.profile
         };
-        // One device enrolling its name over and over; one identity asking for keys.
+        // One device enrolling its name over and over (one identity asking for keys: within
+        // its key budget, in `generate_key`).
         self.rate_limit(
             runtime,
             RateKey::Name(format!("{} {}", label_rt.display_name(), grant.subject)),
         )?;
         let generated = match (operation, label_rt.serverkeygen) {
             (Operation::ServerKeygen, kind) => {
-                self.rate_limit(runtime, RateKey::Keygen(identity.to_string()))?;
                 Some(self.generate_key(runtime, &identity, kind).await?)
             }
             _ => None,
@@ -1115,11 +1103,7 @@ impl App {
         match self.keygen.generate(kind, &key, &runtime.limits).await {
             Ok(generated) => Ok(generated),
             Err(crate::keygen::KeygenError::OverBudget(wait)) => {
-                self.metrics.rate_limited(LimitScope::Identity);
-                Err(RequestError::RateLimited {
-                    scope: "server-side RSA keys for this identity",
-                    retry_after: crate::limits::retry_after_secs(wait),
-                })
+                Err(self.limited(LimitScope::Keygen, wait))
             }
             Err(crate::keygen::KeygenError::Failed(e)) => Err(RequestError::KeyGeneration(e)),
         }

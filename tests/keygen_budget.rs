@@ -1,6 +1,7 @@
 //! `/serverkeygen` with RSA keys costs the server tens of milliseconds of CPU a key: each
-//! identity has a key budget (by default a key a second, ten at once), past which it gets 429
-//! with `Retry-After` before any key is made. Positive controls: another identity still gets
+//! identity has one key budget (`keygen_per_identity`, an RSA key counting as ten; by default
+//! an RSA key a second, five at once), past which it gets 429 with `Retry-After` before any
+//! key is made. Positive controls: another identity still gets
 //! its key, and the same identity still enrolls with its own CSR.
 
 mod common;
@@ -14,7 +15,7 @@ async fn rsa_keys_past_the_identity_budget_are_refused_with_429() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate_p256(dir.path());
     let mut config = standard_config(&pki);
-    // A request budget of 40 at a trickle: two RSA keys (20 requests each), then none.
+    // A budget of 20 at a trickle: two RSA keys (10 each), then none.
     config.limits.keygen_per_identity = 0.01;
     config.limits.keygen_burst_per_identity = 20.0;
     config
@@ -55,7 +56,7 @@ async fn rsa_keys_past_the_identity_budget_are_refused_with_429() {
     assert!(
         refused
             .text()
-            .starts_with("too many server-side RSA keys for this identity: retry after"),
+            .starts_with("too many server-generated keys for this identity: retry after"),
         "{}",
         refused.text()
     );

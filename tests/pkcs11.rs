@@ -110,8 +110,58 @@ enum Kind {
     Rsa1024,
 }
 
-/// Generates a key pair inside the token (sensitive, never extractable) labelled `object`.
+/// Generates a key pair inside the token (sensitive, never extractable) labelled `object`,
+/// and checks that the token says so of the private key: every token key of these tests was
+/// made in its token (none imported) and cannot leave it.
 fn generate(slot: Slot, object: &str, kind: Kind) -> TokenPublic {
+    let public = generate_unchecked(slot, object, kind);
+    assert_unexportable(slot, object);
+    public
+}
+
+/// CKA_SENSITIVE, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE true, CKA_EXTRACTABLE false, as the
+/// token reports them for the private key labelled `object`, read through cryptoki.
+fn assert_unexportable(slot: Slot, object: &str) {
+    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&AuthPin::from(USER_PIN)));
+    let handles = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(object.as_bytes().to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(handles.len(), 1, "{object}");
+    let attributes = session
+        .get_attributes(
+            handles[0],
+            &[
+                AttributeType::Sensitive,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+            ],
+        )
+        .unwrap();
+    let mut seen = 0;
+    for attribute in attributes {
+        match attribute {
+            Attribute::Sensitive(v) | Attribute::AlwaysSensitive(v) => {
+                assert!(v, "{object}: {attribute:?}")
+            }
+            Attribute::Extractable(v) => assert!(!v, "{object}: CKA_EXTRACTABLE true"),
+            Attribute::NeverExtractable(v) => assert!(v, "{object}: CKA_NEVER_EXTRACTABLE false"),
+            other => panic!("{object}: {other:?}"),
+        }
+        seen += 1;
+    }
+    assert_eq!(
+        seen, 4,
+        "{object}: the token did not report every attribute"
+    );
+}
+
+fn generate_unchecked(slot: Slot, object: &str, kind: Kind) -> TokenPublic {
     let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
     match session.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
@@ -521,30 +571,43 @@ fn every_load_error_names_the_uri_and_never_the_pin() {
     );
     assert!(!err.contains(USER_PIN), "{err}");
 
-    // An upstream RA key in a token is not supported yet: refused by name, PIN redacted,
-    // never read as a file (whose error would print the path, PIN and all).
+    // The upstream RA key: same messages under its own field, never read as a file (whose
+    // error would print the path, PIN and all).
     let mut config = with_token_issuer(&pki, &uri("errors", "issuing-ca"));
     config.upstreams.insert(
         "parent".into(),
         serde_json::from_value(serde_json::json!({
             "url": "https://127.0.0.1:1/.well-known/est",
             "trust": ["root.pem"],
-            "certificate": "server.pem",
-            "key": uri("errors", "issuing-ca"),
+            "certificate": "issuing-ca.pem",
+            "key": "pkcs11:token=errors;object=issuing-ca?pin-value=wrong-4242",
         }))
         .unwrap(),
     );
     let err = load_error(&config, dir.path());
     assert!(
-        err.starts_with("upstreams.parent.key: ") && err.contains("not supported"),
+        err.starts_with("upstreams.parent.key: ") && err.contains("wrong PIN"),
         "{err}"
     );
     assert!(
-        !err.contains(USER_PIN) && err.contains("pin-value=(redacted)"),
+        !err.contains("wrong-4242") && err.contains("pin-value=(redacted)"),
         "{err}"
     );
-    // Positive control: the same upstream with a key file loads.
-    config.upstreams.get_mut("parent").unwrap().key = Some(PathBuf::from("server.key"));
+    config.upstreams.get_mut("parent").unwrap().key =
+        Some(PathBuf::from(uri("errors", "other-p256")));
+    let err = load_error(&config, dir.path());
+    assert!(
+        err.starts_with("upstreams.parent.key: ") && err.contains("does not belong"),
+        "{err}"
+    );
+    assert!(!err.contains(USER_PIN), "{err}");
+    // Positive controls: the same upstream with the right token key, and with a key file.
+    config.upstreams.get_mut("parent").unwrap().key =
+        Some(PathBuf::from(uri("errors", "issuing-ca")));
+    edge_est::runtime::Runtime::build(&config, dir.path()).unwrap();
+    let upstream = config.upstreams.get_mut("parent").unwrap();
+    upstream.certificate = Some(edge_est::config::PemSource("server.pem".into()));
+    upstream.key = Some(PathBuf::from("server.key"));
     edge_est::runtime::Runtime::build(&config, dir.path()).unwrap();
 }
 
@@ -614,4 +677,269 @@ async fn cacerts_is_served_by_a_token_issuer() {
         .await;
     assert_eq!(answer.status, 200);
     server.stop().await;
+}
+
+/// An RA credential for the token key `key`: CN `cn`, clientAuth + id-kp-cmcRA, signed by `ca`.
+fn token_ra_cert(
+    key: &TokenPublic,
+    cn: &str,
+    ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
+) -> String {
+    let cmc_ra = ExtendedKeyUsagePurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 28]);
+    edge_est::pki::leaf_params(
+        cn,
+        vec![ExtendedKeyUsagePurpose::ClientAuth, cmc_ra],
+        time::Duration::days(365),
+    )
+    .signed_by(key, ca)
+    .unwrap()
+    .pem()
+}
+
+fn new_ca(cn: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = edge_est::pki::ca_params(cn, Some(0), time::Duration::days(3650));
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), rcgen::Issuer::new(params, key))
+}
+
+/// A child's enrollment at `layer` (Basic auth), the answer as the layer gives it.
+async fn child_enrolls(layer: &edge_est::demo::Layer, root_pem: &str, cn: &str) -> client::Answer {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    client::EstClient::new(layer.addr, root_pem, None)
+        .request(
+            "POST",
+            "simpleenroll",
+            &[
+                ("content-type", "application/pkcs10".to_owned()),
+                client::basic(edge_est::demo::CHILD_USER, edge_est::demo::CHILD_PASSWORD),
+            ],
+            client::iot_edge_body(&csr),
+        )
+        .await
+}
+
+/// Two real layers on loopback: the bottom forwards with its RA key in a token (EC P-256 and
+/// RSA 2048: TLS 1.3 client signatures with ECDSA and RSA-PSS made by the token) and the top
+/// accepts it. An RA certificate from a CA the top does not trust, with its key in the same
+/// token, is refused by the top (attacker), everything else the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_ra_key_in_a_token_forwards_to_the_layer_above() {
+    use edge_est::demo::{self, Layer};
+    let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    for (name, kind) in [("ra-p256", Kind::Ec(P256)), ("ra-rsa", Kind::Rsa2048)] {
+        let dir = tempfile::tempdir().unwrap();
+        demo::write_pki(dir.path()).unwrap();
+        let root_pem = std::fs::read_to_string(dir.path().join("root.pem")).unwrap();
+        let slot = new_token(name);
+        let ra_public = generate(slot, "ra", kind);
+        let rogue_public = generate(slot, "rogue", kind);
+        // The top trusts the demo's RA CA and ours; not the rogue CA.
+        let (ra_ca_pem, ra_ca) = new_ca("token RA credentials CA");
+        let (_, rogue_ca) = new_ca("rogue RA CA");
+        let trusted = std::fs::read_to_string(dir.path().join("ra-ca.pem")).unwrap();
+        std::fs::write(
+            dir.path().join("ra-ca.pem"),
+            format!("{trusted}{ra_ca_pem}"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("token-ra.pem"),
+            token_ra_cert(&ra_public, "layer2-ra", &ra_ca),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("rogue-ra.pem"),
+            token_ra_cert(&rogue_public, "layer2-ra", &rogue_ca),
+        )
+        .unwrap();
+
+        let top = Layer::start("top", dir.path(), &demo::top_config(), any)
+            .await
+            .unwrap();
+        let bottom_config = |certificate: &str, object: &str| {
+            let mut config = demo::forward_config("bottom", top.addr.port(), "layer2-ra", None);
+            let parent = config.upstreams.get_mut("parent").unwrap();
+            parent.certificate = Some(edge_est::config::PemSource(certificate.into()));
+            parent.key = Some(PathBuf::from(uri(name, object)));
+            config.pkcs11_module = Some(module());
+            config
+        };
+        let bottom = Layer::start(
+            "bottom",
+            dir.path(),
+            &bottom_config("token-ra.pem", "ra"),
+            any,
+        )
+        .await
+        .unwrap();
+        let answer = child_enrolls(&bottom, &root_pem, "child-1").await;
+        assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+        let leaf = client::certs_from_answer(&answer.body).remove(0);
+        std::fs::write(dir.path().join("leaf.pem"), client::to_pem(&leaf)).unwrap();
+        assert!(openssl_verify(
+            dir.path(),
+            "root.pem",
+            "top-ca.pem",
+            "leaf.pem"
+        ));
+        // The top signed it for the RA whose key is in the token.
+        let top_journal = edge_est::journal::Journal::read_all(top.app.journal().path()).unwrap();
+        assert_eq!(top_journal.len(), 1, "{top_journal:?}");
+        assert_eq!(
+            top_journal[0].identity,
+            "certificate \"CN=layer2-ra\" (ras)"
+        );
+        assert!(
+            top_journal[0].subject.contains("child-1"),
+            "{top_journal:?}"
+        );
+        bottom.stop().await;
+
+        // Attacker-shaped: same name, key in the token, certificate from a CA the top does
+        // not trust. The configuration loads (the key is the certificate's); the top refuses.
+        let rogue = Layer::start(
+            "rogue",
+            dir.path(),
+            &bottom_config("rogue-ra.pem", "rogue"),
+            any,
+        )
+        .await
+        .unwrap();
+        let answer = child_enrolls(&rogue, &root_pem, "child-2").await;
+        assert_ne!(answer.status, 200, "{name}: the top accepted a rogue RA");
+        assert!(
+            answer
+                .text()
+                .contains("does not accept this layer's RA credentials"),
+            "{name}: {}",
+            answer.text()
+        );
+        assert!(
+            !answer.text().contains(USER_PIN),
+            "{name}: {}",
+            answer.text()
+        );
+        let top_journal = edge_est::journal::Journal::read_all(top.app.journal().path()).unwrap();
+        assert_eq!(top_journal.len(), 1, "{top_journal:?}");
+        rogue.stop().await;
+        top.stop().await;
+    }
+}
+
+/// `edge-est check-config` opens token keys in every field that takes one (issuers.*.key,
+/// tls.key, upstreams.*.key) and reports a token's refusal under the field, PIN redacted.
+#[test]
+fn check_config_reports_token_errors_without_the_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    edge_est::demo::write_pki(dir.path()).unwrap();
+    let slot = new_token("check");
+    let ra_public = generate(slot, "ra", Kind::Ec(P256));
+    let (_, ra_ca) = new_ca("check RA CA");
+    std::fs::write(
+        dir.path().join("token-ra.pem"),
+        token_ra_cert(&ra_public, "layer2-ra", &ra_ca),
+    )
+    .unwrap();
+    edge_est::demo::write_configs(dir.path(), 18400).unwrap();
+    let top = std::fs::read_to_string(dir.path().join("top.toml")).unwrap();
+    let bottom = std::fs::read_to_string(dir.path().join("bottom.toml")).unwrap();
+    let with_module = |text: &str| {
+        text.replacen(
+            "journal = ",
+            &format!("pkcs11_module = \"{}\"\njournal = ", module().display()),
+            1,
+        )
+    };
+    let check = |name: &str, text: String| {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-est"))
+            .args(["check-config", name])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        (out.status.success(), stdout(&out), stderr(&out))
+    };
+    let wrong = "pkcs11:token=check;object=ra?pin-value=wrong-4242";
+    let cases = [
+        (
+            "issuer.toml",
+            top.replace("key = \"top-ca.key\"", &format!("key = \"{wrong}\"")),
+            "issuers.top.key: ",
+            "wrong PIN",
+        ),
+        (
+            "tls.toml",
+            top.replace(
+                "key = \"server.key\"",
+                &format!("key = \"{}\"", uri("check", "no-such-key")),
+            ),
+            "tls.key: ",
+            "no private key with this object=/id=",
+        ),
+        (
+            "tls-pin.toml",
+            top.replace("key = \"server.key\"", &format!("key = \"{wrong}\"")),
+            "tls.key: ",
+            "wrong PIN",
+        ),
+        (
+            "tls-mismatch.toml",
+            top.replace(
+                "key = \"server.key\"",
+                &format!("key = \"{}\"", uri("check", "ra")),
+            ),
+            "tls.key: ",
+            "does not belong to the certificate",
+        ),
+        (
+            "upstream.toml",
+            bottom
+                .replace(
+                    "certificate = \"layer3-ra.pem\"",
+                    "certificate = \"token-ra.pem\"",
+                )
+                .replace("key = \"layer3-ra.key\"", &format!("key = \"{wrong}\"")),
+            "upstreams.parent.key: ",
+            "wrong PIN",
+        ),
+        (
+            "mismatch.toml",
+            bottom.replace(
+                "key = \"layer3-ra.key\"",
+                &format!("key = \"{}\"", uri("check", "ra")),
+            ),
+            "upstreams.parent.key: ",
+            "does not belong to the certificate",
+        ),
+    ];
+    for (name, text, field, expected) in cases {
+        let (ok, out, err) = check(name, with_module(&text));
+        assert!(!ok, "{name}: {out}");
+        assert!(
+            err.contains(&format!("{name}: {field}")) && err.contains(expected),
+            "{name}: {err}"
+        );
+        assert!(err.contains("pin-value=(redacted)"), "{name}: {err}");
+        assert!(
+            !err.contains("wrong-4242") && !err.contains(USER_PIN),
+            "{name}: PIN shows: {err}"
+        );
+    }
+    // Positive control: the upstream RA key in the token, with its certificate.
+    let good = bottom
+        .replace(
+            "certificate = \"layer3-ra.pem\"",
+            "certificate = \"token-ra.pem\"",
+        )
+        .replace(
+            "key = \"layer3-ra.key\"",
+            &format!("key = \"{}\"", uri("check", "ra")),
+        );
+    let (ok, out, err) = check("good.toml", with_module(&good));
+    assert!(ok && out.contains("configuration is valid"), "{out}{err}");
 }

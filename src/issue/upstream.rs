@@ -153,6 +153,17 @@ impl Upstream {
         config: &UpstreamConfig,
         base_dir: &Path,
     ) -> Result<Upstream, ConfigError> {
+        Upstream::with_module(name, config, base_dir, None)
+    }
+
+    /// [`Upstream::new`], with the PKCS#11 library for a `pkcs11:` URI as the RA key (the
+    /// configuration's `pkcs11_module`; a URI's `module-path=` wins).
+    pub fn with_module(
+        name: &str,
+        config: &UpstreamConfig,
+        base_dir: &Path,
+        pkcs11_module: Option<&Path>,
+    ) -> Result<Upstream, ConfigError> {
         let field = |f: &str| format!("upstreams.{name}.{f}");
         let uri: http::Uri = config
             .url
@@ -223,13 +234,22 @@ impl Upstream {
                         .map_err(|e| {
                             ConfigError::invalid(field("certificate"), format!("not PEM: {e}"))
                         })?;
-                let key_pem = crate::config::read_path(base_dir, key, &field("key"))?;
-                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
-                    ConfigError::invalid(field("key"), format!("unreadable private key: {e}"))
-                })?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| ConfigError::invalid(field("certificate"), e.to_string()))?
+                if let Some(uri) = key.to_str().filter(|k| crate::keys::is_pkcs11(k)) {
+                    // Never read as a file: the "cannot read" error would show a PIN in it.
+                    let key = crate::keys::TokenKey::open(uri, pkcs11_module, &chain_pem)
+                        .map_err(|e| ConfigError::invalid(field("key"), e.to_string()))?;
+                    let resolver = crate::keys::client::token_client_cert(chain, key)
+                        .map_err(|e| ConfigError::invalid(field("key"), e))?;
+                    builder.with_client_cert_resolver(resolver)
+                } else {
+                    let key_pem = crate::config::read_path(base_dir, key, &field("key"))?;
+                    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+                        ConfigError::invalid(field("key"), format!("unreadable private key: {e}"))
+                    })?;
+                    builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| ConfigError::invalid(field("certificate"), e.to_string()))?
+                }
             }
             (None, None) => builder.with_no_client_auth(),
             _ => {

@@ -2,12 +2,13 @@
 //! for every signer edge-est has: the local issuer (rcgen's [`rcgen::SigningKey`]) and the TLS
 //! server ([`rustls::sign::SigningKey`]).
 //!
-//! Wherever a key path is configured (`issuers.*.key`, `tls.key`), a `pkcs11:` URI may stand
-//! instead; the library comes from the URI's `module-path` or the configuration's
-//! `pkcs11_module`. A token key is checked at configuration load: the token is found, the PIN
+//! Wherever a key path is configured (`issuers.*.key`, `tls.key`, `upstreams.*.key`), a
+//! `pkcs11:` URI may stand instead; the library comes from the URI's `module-path` or the
+//! configuration's `pkcs11_module`. A token key is checked at configuration load: the token is found, the PIN
 //! logs in, the object exists, its type is one edge-est signs with, and a test signature
 //! verifies under the certificate's public key.
 
+pub mod client;
 pub mod pkcs11;
 pub mod uri;
 

@@ -7,6 +7,7 @@
 //! est-bench pki --dir DIR         a benchmark PKI and server configurations
 //! est-bench summary FLOOR.json NAME=RESULT.json ...   results next to the floor
 //! est-bench hostile --server-bin BIN   refusing hostile client chains, and a client meanwhile
+//! est-bench token                 a key in a PKCS#11 token vs a key file: signatures, handshakes
 //! ```
 //!
 //! The load generator talks like IoT Edge's EST client (HTTP/1.1 without ALPN, lowercase
@@ -20,6 +21,7 @@ mod load;
 mod pki;
 mod procfs;
 mod summary;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +53,9 @@ enum Command {
     /// What refusing hostile client certificate chains costs a server (a given edge-est
     /// binary), and a legitimate client's latency meanwhile.
     Hostile(hostile::HostileArgs),
+    /// What a key in a PKCS#11 token (SoftHSM2) costs next to a key file: issuing signatures
+    /// and TLS handshakes, in process.
+    Token(token::TokenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Pki(args)) => pki::run(&args),
         Some(Command::Summary(args)) => summary::run(&args),
         Some(Command::Hostile(args)) => hostile::run(&args),
+        Some(Command::Token(args)) => token::run(&args),
         None => load::run(cli.load),
     }
 }
