@@ -25,7 +25,7 @@ use crate::auth::{
 use crate::config::{Mode, ServerKeygen};
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
-use crate::issue::{Backend, Deadline, IssueError, IssueRequest};
+use crate::issue::{Backend, Deadline, IssueError, IssueRequest, Profile};
 use crate::journal::{Journal, JournalEntry};
 use crate::limits::{Rate, RateLimiter};
 use crate::metrics::{LimitScope, Metrics, RefusedBecause, Snapshot};
@@ -1011,10 +1011,27 @@ impl App {
             label_rt
                 .policy
                 .authorize(&identity, &csr, operation == Operation::SimpleReenroll)?;
-        let profile = if grant.ca {
-            &label_rt.ca_profile
-        } else {
-            &label_rt.profile
+        let sub_ca_profile = match &grant.sub_ca {
+            Some(granted) => {
+                // A CA below this layer's own has a smaller pathlen (RFC 5280 4.2.1.9).
+                if let Some(issuer) = label_rt.local.as_ref() {
+                    if !issuer.can_issue_ca(granted.path_len) {
+                        return Err(RequestError::Refused(
+                            crate::policy::Refusal::SubCaBeyondIssuer {
+                                requested: granted.path_len,
+                                issuer: issuer.path_len().unwrap_or(0),
+                            },
+                        ));
+                    }
+                }
+                Some(Profile::sub_ca(granted))
+            }
+            None => None,
+        };
+        let profile = match &sub_ca_profile {
+            Some(profile) => profile,
+            None if grant.ca => &label_rt.ca_profile,
+            None => &label_rt.profile,
         };
         // One device enrolling its name over and over; one identity asking for keys.
         self.rate_limit(

@@ -484,6 +484,36 @@ pub struct RuleConfig {
     /// `limits.rate_per_identity` (each child is limited where it enrolls).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub registration_authority: bool,
+    /// A delegated intermediate for the lower layer this rule names (`module:` matches only):
+    /// a CA CSR whose CN matches `sub_ca.common_names` gets a CA within these bounds, name
+    /// constrained to the rule's `dns_names` (see `policy::SubCa`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_ca: Option<SubCaConfig>,
+}
+
+/// The bounds of a lower layer's own issuing CA (a rule's `sub_ca`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubCaConfig {
+    /// Common names the CA may carry.
+    pub common_names: Vec<String>,
+    /// The largest pathlen granted (also below the issuer's own).
+    #[serde(default)]
+    pub max_path_len: u8,
+    /// The longest validity granted (also capped at the issuer's notAfter).
+    #[serde(default = "default_sub_ca_days")]
+    pub max_validity_days: u32,
+    /// Seconds instead of days (tests and demos of renewal); wins over `max_validity_days`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_validity_secs: Option<u64>,
+    /// A permitted directoryName subtree (`O=Contoso,OU=Line 3`): every certificate below the
+    /// CA must have a subject starting with these RDNs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_name: Option<String>,
+}
+
+fn default_sub_ca_days() -> u32 {
+    30
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -71,6 +71,10 @@ impl Fallback {
             ps.iter().any(|p| p.matches(v, Vars::default(), fold))
         };
         let outside = |what: String| Err(OutsideFallback { what });
+        // A lower layer's own CA is the upper layer's decision, never a stand-in's.
+        if grant.sub_ca.is_some() {
+            return outside("a lower layer's issuing CA".into());
+        }
         if grant.ca && self.ca_common_names.is_empty() {
             return outside("a CA certificate".into());
         }
