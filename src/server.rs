@@ -72,6 +72,8 @@ pub struct App {
     /// Leaf certificates (SHA-256) that authenticated: presented again (the handshake proved
     /// the key), they are verified as usual but not held back by the failure limits.
     known_leaves: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
+    /// Whether the manager of enrolled issuers runs (`issue::delegation`).
+    delegation: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -111,6 +113,18 @@ impl App {
                 std::num::NonZeroUsize::new(crate::limits::MAX_TRACKED)
                     .unwrap_or(std::num::NonZeroUsize::MIN),
             )),
+            delegation: Default::default(),
+        }
+    }
+
+    /// Starts the manager of enrolled issuers, once (it follows configuration changes).
+    pub fn start_delegation(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.delegation.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(crate::issue::delegation::manage(Arc::downgrade(self)));
         }
     }
 
@@ -129,6 +143,14 @@ impl App {
         let old = self.runtime.load_full();
         self.backend.attach(&runtime, Some(&old));
         self.runtime.store(Arc::new(runtime));
+    }
+
+    /// [`App::swap`] if `expected` is still in force; false if another swap came first.
+    pub fn swap_if(&self, expected: &Arc<Runtime>, runtime: Runtime) -> bool {
+        let runtime = Arc::new(runtime);
+        self.backend.attach(&runtime, Some(expected));
+        let previous = self.runtime.compare_and_swap(expected, runtime);
+        Arc::ptr_eq(&previous, expected)
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -196,10 +218,16 @@ impl App {
             .collect();
         upstream_states.sort();
         upstream_states.dedup();
+        let enrolled_issuers = runtime
+            .enrolled()
+            .iter()
+            .map(|e| (e.name.clone(), e.current.map(|(_, na)| seconds_left(na))))
+            .collect();
         self.metrics.render(&Snapshot {
             issuer_expiry,
             server_certificate_expiry: runtime.tls_not_after.map(seconds_left),
             upstream_states,
+            enrolled_issuers,
         })
     }
 

@@ -529,3 +529,392 @@ client_trust = ["issuer"]
     ))
     .unwrap();
 }
+
+// ---- 2. the lower layer enrolls, renews and rolls over its own CA -------------------------
+
+/// The middle layer: Basic devices `l3-*` and renewals of what it issued; its issuer `mid` is
+/// enrolled from the top with its RA credential (mid-ra.pem), its state under `mid/`.
+fn mid_config(pki: &Pki, top: std::net::SocketAddr) -> Config {
+    let text = format!(
+        r#"
+journal = "mid/journal.jsonl"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[users]
+estuser = "{hash}"
+[upstreams.top]
+url = "https://localhost:{port}/.well-known/est"
+trust = ["root.pem"]
+certificate = "mid-ra.pem"
+key = "mid-ra.key"
+[enrolled_issuers.mid]
+enroll = "top"
+common_name = "L3 issuing CA gw-mid"
+root = "root.pem"
+retry_max_secs = 1
+[[labels]]
+issuer = "mid"
+client_trust = ["issuer"]
+[[labels.rules]]
+match = ["user:estuser"]
+common_names = ["l3-*"]
+dns_names = ["*.l3.plant.local"]
+[[labels.rules]]
+match = ["certificate:issuer"]
+common_names = ["{{cn}}"]
+dns_names = ["*.l3.plant.local"]
+"#,
+        hash = pki.password_hash,
+        port = top.port()
+    );
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// A top layer whose RA rule for gw-mid grants a sub-CA of `validity` (TOML of `sub_ca`), and
+/// gw-mid's RA credential written for the middle (mid-ra.pem, mid-ra.key).
+async fn top_and_ra(dir: &Path, pki: &Pki, sub_ca: &str) -> (Config, TestServer) {
+    let config = config_text(pki, &top_rules(sub_ca));
+    let top = TestServer::start(dir, &config).await;
+    let ra = module_of(top.addr, &pki.root.cert_pem, "gw-mid").await;
+    write(dir, "mid-ra.pem", &ra.cert_pem);
+    write(dir, "mid-ra.key", &ra.key_pem);
+    (config, top)
+}
+
+fn cn_of(der: &[u8]) -> String {
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    cn
+}
+
+fn issuer_cn(der: &[u8]) -> String {
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    let cn = cert
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    cn
+}
+
+async fn enroll_basic(addr: std::net::SocketAddr, root: &str, cn: &str) -> (Answer, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let dns = format!("{cn}.l3.plant.local");
+    let answer = post(
+        &EstClient::new(addr, root, None),
+        "simpleenroll",
+        &[basic(USER, PASSWORD)],
+        csr(cn, &key, |p| {
+            p.subject_alt_names = vec![SanType::DnsName(dns.as_str().try_into().unwrap())];
+        }),
+    )
+    .await;
+    (answer, key)
+}
+
+async fn cacerts(addr: std::net::SocketAddr, root: &str) -> Vec<Vec<u8>> {
+    let answer = EstClient::new(addr, root, None)
+        .request("GET", "cacerts", &[], Vec::new())
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    certs_from_answer(&answer.body)
+}
+
+/// The SHA-256 of the enrolled issuer's CA in force at `server`, once it has one.
+async fn enrolled_ca(server: &TestServer, within: std::time::Duration) -> [u8; 32] {
+    let until = std::time::Instant::now() + within;
+    loop {
+        if let Some(f) = server.app.runtime().enrolled()[0].fingerprint {
+            return f;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no CA enrolled: {}",
+            server.app.render_metrics()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn metric_line<'a>(metrics: &'a str, name: &str) -> Vec<&'a str> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains("issuer=\"mid\""))
+        .collect()
+}
+
+/// A middle layer without CA files forwards (and says so) while the top refuses it a CA,
+/// retries with back-off, enrolls its CA once the top grants it, and signs: the leaf chains
+/// to the root through the middle's /cacerts. Both journals record the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (granting, top) = top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+    // At first the top grants gw-mid no CA.
+    let mut refusing = granting.clone();
+    refusing.labels[0].rules[2].sub_ca = None;
+    top.app
+        .swap(edge_est::runtime::Runtime::build(&refusing, dir).unwrap());
+
+    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = mid.app.render_metrics();
+        if metrics.contains("outcome=\"failed\"} 2") {
+            assert!(
+                metric_line(&metrics, "edgeest_enrolled_issuer_forwarding")[0].ends_with(" 1"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Meanwhile the middle forwards: the top's issuing CA signs.
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-01").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
+
+    top.app
+        .swap(edge_est::runtime::Runtime::build(&granting, dir).unwrap());
+    enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-02").await;
+    let leaf = leaf_of(&answer);
+    assert_eq!(issuer_cn(&leaf), "L3 issuing CA gw-mid");
+    let chain = cacerts(mid.addr, &root).await;
+    assert_eq!(cn_of(&chain[0]), "L3 issuing CA gw-mid");
+    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
+    write(dir, "mid-cacerts.pem", &chain_pem);
+    write(dir, "mid-leaf.pem", &to_pem(&leaf));
+    assert!(openssl_verify(
+        dir,
+        "root.pem",
+        "mid-cacerts.pem",
+        "mid-leaf.pem"
+    ));
+
+    let metrics = mid.app.render_metrics();
+    assert!(
+        metric_line(&metrics, "edgeest_enrolled_issuer_forwarding")[0].ends_with(" 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metric_line(&metrics, "edgeest_enrolled_issuer_expiry_seconds").is_empty(),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outcome=\"ok\"} 1"), "{metrics}");
+    // Journaled as a CA issuance at both layers.
+    assert!(top
+        .journal()
+        .iter()
+        .any(|e| e.profile == "sub-ca" && e.subject.contains("L3 issuing CA gw-mid")));
+    assert!(mid
+        .journal()
+        .iter()
+        .any(|e| e.profile == "sub-ca" && e.identity.contains("enrolled issuer mid")));
+    // The key file is the owner's alone.
+    let state = std::fs::read_dir(dir.join("mid"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
+        .unwrap()
+        .path();
+    for entry in std::fs::read_dir(&state).unwrap().flatten() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", entry.path().display());
+    }
+    mid.stop().await;
+    top.stop().await;
+}
+
+/// A CA of seconds: the middle renews it at two thirds of its life while two clients enroll
+/// without pause, and no request fails. A certificate from the old CA renews through the new
+/// one; the old CA is in /cacerts after the rollover and leaves it once it has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_rolls_over_under_load_and_the_old_one_leaves_when_expired() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (_, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 9"#,
+    )
+    .await;
+    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let (answer, old_key) = enroll_basic(mid.addr, &root, "l3-old").await;
+    let old_leaf = leaf_of(&answer);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for worker in 0..2 {
+        let (stop, root, addr) = (stop.clone(), root.clone(), mid.addr);
+        load.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (answer, _) = enroll_basic(addr, &root, &format!("l3-load-{worker}-{n}")).await;
+                statuses.push((answer.status, answer.text()));
+                n += 1;
+            }
+            statuses
+        }));
+    }
+    // The rollover.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let second = loop {
+        let now = mid.app.runtime().enrolled()[0].fingerprint;
+        if let Some(f) = now.filter(|f| *f != first) {
+            break f;
+        }
+        assert!(std::time::Instant::now() < until, "no rollover");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let fingerprints = |chain: &[Vec<u8>]| -> Vec<[u8; 32]> {
+        chain
+            .iter()
+            .map(|c| edge_est::auth::chain::fingerprint(c))
+            .collect()
+    };
+    let after = fingerprints(&cacerts(mid.addr, &root).await);
+    assert_eq!(after[0], second, "the new CA first");
+    assert!(after.contains(&first), "the old CA still in /cacerts");
+
+    // A certificate of the old CA renews through the new one.
+    let old = Credential {
+        cert_pem: to_pem(&old_leaf),
+        key_pem: old_key.serialize_pem(),
+    };
+    let renewed = leaf_of(
+        &post(
+            &as_holder(mid.addr, &root, &old),
+            "simplereenroll",
+            &[],
+            csr("l3-old", &old_key, |p| {
+                p.subject_alt_names = vec![SanType::DnsName(
+                    "l3-old.l3.plant.local".try_into().unwrap(),
+                )];
+            }),
+        )
+        .await,
+    );
+    let (_, renewed_cert) = X509Certificate::from_der(&renewed).unwrap();
+    let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
+    let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
+    renewed_cert
+        .verify_signature(Some(new_ca.public_key()))
+        .expect("renewed by the new CA");
+
+    // The old CA leaves /cacerts once it has expired.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let now = fingerprints(&cacerts(mid.addr, &root).await);
+        if !now.contains(&first) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the old CA stays");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Let the load run over one more renewal, then stop it.
+    let third_until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while mid.app.runtime().enrolled()[0].fingerprint == Some(second) {
+        assert!(
+            std::time::Instant::now() < third_until,
+            "no second rollover"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for task in load {
+        for (status, text) in task.await.unwrap() {
+            assert_eq!(status, 200, "{text}");
+            total += 1;
+        }
+    }
+    assert!(total > 10, "{total} enrollments under load");
+    mid.stop().await;
+    top.stop().await;
+}
+
+/// A restart in the middle of a renewal: a key written but never committed (the process died
+/// before the CA came back) and a half-written state file are ignored; the committed CA keeps
+/// signing at once after the restart, and the orphan key goes at the next renewal. A state
+/// file destroyed outright makes the layer enroll anew, never use a key it does not name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (_, top) = top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+    let config = mid_config(&pki, top.addr);
+    let mid = TestServer::start(dir, &config).await;
+    let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let state = mid.app.runtime().enrolled()[0].dir.clone();
+    mid.stop().await;
+
+    // The renewal interrupted: a fresh key on disk, the state file half replaced.
+    let orphan = state.join("key-99999999999999999999.pem");
+    std::fs::write(&orphan, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    std::fs::write(
+        state.join("current.json.tmp4242"),
+        "{\"chain\": \"-----BEGIN",
+    )
+    .unwrap();
+    let granted_before = top
+        .journal()
+        .iter()
+        .filter(|e| e.profile == "sub-ca")
+        .count();
+
+    let mid = TestServer::start(dir, &config).await;
+    assert_eq!(
+        mid.app.runtime().enrolled()[0].fingerprint,
+        Some(first),
+        "the committed CA serves at once"
+    );
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-restart").await;
+    let leaf = leaf_of(&answer);
+    let ca = cacerts(mid.addr, &root).await.remove(0);
+    let (_, ca) = X509Certificate::from_der(&ca).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&leaf).unwrap();
+    leaf.verify_signature(Some(ca.public_key()))
+        .expect("signed by the committed CA");
+    assert_eq!(
+        top.journal()
+            .iter()
+            .filter(|e| e.profile == "sub-ca")
+            .count(),
+        granted_before,
+        "no new CA asked for"
+    );
+    mid.stop().await;
+
+    // The state file destroyed: nothing names a key, so a new CA is enrolled, and the
+    // orphan is never used (it is removed with the next commit).
+    std::fs::write(state.join("current.json"), "{ not json").unwrap();
+    let mid = TestServer::start(dir, &config).await;
+    let again = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    assert_ne!(again, first);
+    assert!(!orphan.exists(), "the orphan key is removed");
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-loss").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
+    mid.stop().await;
+    top.stop().await;
+}

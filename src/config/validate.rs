@@ -67,6 +67,46 @@ impl Config {
                 found,
             );
         }
+        for (name, enrolled) in &self.enrolled_issuers {
+            let field = |f: &str| format!("enrolled_issuers.{name}.{f}");
+            if self.issuers.contains_key(name) {
+                found.push(ConfigError::invalid(
+                    format!("enrolled_issuers.{name}"),
+                    "an issuer in issuers has the same name",
+                ));
+            }
+            if !self.upstreams.contains_key(&enrolled.enroll) {
+                found.push(ConfigError::invalid(
+                    field("enroll"),
+                    format!("no upstream named {:?}", enrolled.enroll),
+                ));
+            }
+            if let Some(label) = &enrolled.label {
+                if let Err(e) = Label::new(label) {
+                    found.push(ConfigError::invalid(field("label"), e.to_string()));
+                }
+            }
+            if enrolled.common_name.trim().is_empty() {
+                found.push(ConfigError::invalid(field("common_name"), "is empty"));
+            }
+            if let Some(key) = &enrolled.key {
+                if !crate::keys::is_pkcs11(key) {
+                    // A key file is made here: naming one would suggest it is used.
+                    found.push(ConfigError::invalid(
+                        field("key"),
+                        "give a pkcs11: URI of the token to generate keys in, or leave it out \
+                         for a key file under the data directory",
+                    ));
+                }
+            }
+            if enrolled.retry_max_secs == 0 {
+                found.push(ConfigError::invalid(
+                    field("retry_max_secs"),
+                    "must be at least 1",
+                ));
+            }
+            check_inline_pem(&enrolled.root, || field("root"), found);
+        }
         for (user, hash) in &self.users {
             if let Err(e) = argon2::password_hash::PasswordHash::new(hash) {
                 found.push(ConfigError::invalid(
@@ -165,7 +205,8 @@ impl Config {
                 ));
             }
             if let Some(issuer) = &label.issuer {
-                if !self.issuers.contains_key(issuer) {
+                if !self.issuers.contains_key(issuer) && !self.enrolled_issuers.contains_key(issuer)
+                {
                     found.push(ConfigError::invalid(
                         field("issuer"),
                         format!("no issuer named {issuer:?}"),
