@@ -574,3 +574,112 @@ async fn swap_in(app: &Arc<crate::server::App>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+    fn ca(
+        cn: &str,
+        path_len: Option<u8>,
+        key_usages: Vec<KeyUsagePurpose>,
+        key: &KeyPair,
+        parent: Option<&Issuer<'_, KeyPair>>,
+    ) -> Vec<u8> {
+        let mut params = crate::pki::ca_params(cn, path_len, ::time::Duration::days(1));
+        if path_len.is_none() && cn.starts_with("leaf") {
+            params.is_ca = IsCa::ExplicitNoCa;
+        } else if let Some(n) = path_len {
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(n));
+        }
+        params.key_usages = key_usages;
+        match parent {
+            Some(parent) => params.signed_by(key, parent).unwrap().der().to_vec(),
+            None => params.self_signed(key).unwrap().der().to_vec(),
+        }
+    }
+
+    /// The answer of the layer above is checked: our key, CA:TRUE, pathlen, keyCertSign, a
+    /// chain to the configured root. Each probe with its positive control.
+    #[test]
+    fn an_answer_beyond_what_was_asked_is_refused() {
+        let usages = || vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = crate::pki::ca_params("root", None, ::time::Duration::days(2));
+        let root = CertificateDer::from(root_params.self_signed(&root_key).unwrap().der().to_vec());
+        let root_issuer = Issuer::new(root_params, root_key);
+        let other_key = KeyPair::generate().unwrap();
+        let other_root = CertificateDer::from(ca("other root", None, usages(), &other_key, None));
+        let ours = KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&ours);
+        let check = |der: Vec<u8>, root: &CertificateDer<'static>, path_len: u8| {
+            check_answer(&[der], &[], root, &spki, path_len).map(|c| c.len())
+        };
+
+        // Positive control: our key, CA pathlen 1, keyCertSign, signed by the root.
+        let good = ca("L3", Some(1), usages(), &ours, Some(&root_issuer));
+        assert_eq!(check(good.clone(), &root, 1).unwrap(), 2);
+        // Another root configured: no chain.
+        let e = check(good.clone(), &other_root, 1).unwrap_err().to_string();
+        assert!(e.contains("no chain to the configured root"), "{e}");
+        // A pathlen below the one asked for.
+        let e = check(good, &root, 2).unwrap_err().to_string();
+        assert!(e.contains("below the 2 asked for"), "{e}");
+        // Another key certified.
+        let stranger = KeyPair::generate().unwrap();
+        let e = check(
+            ca("L3", Some(1), usages(), &stranger, Some(&root_issuer)),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("another key"), "{e}");
+        // Not a CA.
+        let e = check(
+            ca("leaf", None, usages(), &ours, Some(&root_issuer)),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a CA"), "{e}");
+        // No keyCertSign.
+        let e = check(
+            ca(
+                "L3",
+                Some(0),
+                vec![KeyUsagePurpose::DigitalSignature],
+                &ours,
+                Some(&root_issuer),
+            ),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("keyCertSign"), "{e}");
+        // Signed by a CA named like the root but with another key: no chain.
+        let impostor_key = KeyPair::generate().unwrap();
+        let impostor = Issuer::new(
+            crate::pki::ca_params("root", None, ::time::Duration::days(2)),
+            impostor_key,
+        );
+        let e = check(
+            ca("L3", Some(0), usages(), &ours, Some(&impostor)),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no chain"), "{e}");
+    }
+
+    #[test]
+    fn renewal_starts_at_two_thirds() {
+        let nb = OffsetDateTime::from_unix_timestamp(0).unwrap();
+        let na = nb + ::time::Duration::seconds(90);
+        assert_eq!(renew_point(nb, na), nb + ::time::Duration::seconds(60));
+    }
+}
