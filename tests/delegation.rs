@@ -645,6 +645,22 @@ async fn enrolled_ca(server: &TestServer, within: std::time::Duration) -> [u8; 3
     }
 }
 
+/// The reported properties the module would send for `server`'s runtime.
+fn reported(server: &TestServer) -> serde_json::Value {
+    let runtime = server.app.runtime();
+    let doc = edge_est::edge::reported::document(&edge_est::edge::reported::ReportInput {
+        status: "running",
+        config_version: None,
+        config_source: None,
+        rejection: None,
+        config: Some(runtime.config()),
+        runtime: Some(&runtime),
+        counters: None,
+        pending_restart: &[],
+    });
+    serde_json::Value::Object(doc)
+}
+
 fn metric_line<'a>(metrics: &'a str, name: &str) -> Vec<&'a str> {
     metrics
         .lines()
@@ -682,6 +698,12 @@ async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
         assert!(std::time::Instant::now() < until, "{metrics}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let doc = reported(&mid);
+    assert_eq!(
+        doc["enrolledIssuers"]["mid"]["state"], "forwarding",
+        "{doc}"
+    );
+    assert_eq!(doc["labels"]["(unlabeled)"]["mode"], "forward", "{doc}");
     // Meanwhile the middle forwards: the top's issuing CA signs.
     let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-01").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
@@ -714,6 +736,13 @@ async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
         "{metrics}"
     );
     assert!(metrics.contains("outcome=\"ok\"} 1"), "{metrics}");
+    let doc = reported(&mid);
+    assert_eq!(doc["enrolledIssuers"]["mid"]["state"], "enrolled", "{doc}");
+    assert!(
+        doc["enrolledIssuers"]["mid"]["renewAt"].is_string(),
+        "{doc}"
+    );
+    assert_eq!(doc["labels"]["(unlabeled)"]["mode"], "sign", "{doc}");
     // Journaled as a CA issuance at both layers.
     assert!(top
         .journal()

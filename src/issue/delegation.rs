@@ -578,7 +578,7 @@ async fn swap_in(app: &Arc<crate::server::App>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{BasicConstraints, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
     fn ca(
         cn: &str,
