@@ -528,6 +528,41 @@ client_trust = ["issuer"]
         "match = [\"module:gw/edgeest\"]\ndns_names = [\"*.l3.plant.local\"]\n{sub}"
     ))
     .unwrap();
+    // An enrolled issuer names an upstream that exists; its key is made here.
+    let enrolled = |extra: &str| -> Result<(), String> {
+        let text = format!(
+            r#"
+journal = "journal.jsonl"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[upstreams.top]
+url = "https://top:8085/.well-known/est"
+trust = ["root.pem"]
+[enrolled_issuers.mid]
+common_name = "L3 issuing CA gw-mid"
+root = "root.pem"
+{extra}
+[[labels]]
+issuer = "mid"
+[labels.authentication]
+certificate = false
+[[labels.rules]]
+match = ["user:*"]
+common_names = ["l3-*"]
+"#
+        );
+        let config: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())
+    };
+    let e = enrolled("enroll = \"nowhere\"").unwrap_err();
+    assert!(
+        e.contains("enrolled_issuers.mid.enroll: no upstream named \"nowhere\""),
+        "{e}"
+    );
+    let e = enrolled("enroll = \"top\"\nkey = \"pkcs11:token=t;object=k\"").unwrap_err();
+    assert!(e.contains("not supported yet"), "{e}");
+    enrolled("enroll = \"top\"").unwrap();
 }
 
 // ---- 2. the lower layer enrolls, renews and rolls over its own CA -------------------------

@@ -234,8 +234,8 @@ pub struct EnrolledIssuerConfig {
     pub path_len: u8,
     /// The hierarchy root the granted CA must chain to.
     pub root: PemSource,
-    /// A `pkcs11:` URI naming the token (and `object=` label prefix) where new keys are
-    /// generated; absent: a 0600 key file under the data directory.
+    /// Reserved for a `pkcs11:` token to generate keys in (refused for now): keys are made
+    /// in a 0600 file under the data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// The longest pause between attempts after a failed enrollment (doubling from 1 s).

@@ -89,15 +89,15 @@ impl Config {
             if enrolled.common_name.trim().is_empty() {
                 found.push(ConfigError::invalid(field("common_name"), "is empty"));
             }
-            if let Some(key) = &enrolled.key {
-                if !crate::keys::is_pkcs11(key) {
-                    // A key file is made here: naming one would suggest it is used.
-                    found.push(ConfigError::invalid(
-                        field("key"),
-                        "give a pkcs11: URI of the token to generate keys in, or leave it out \
-                         for a key file under the data directory",
-                    ));
-                }
+            if enrolled.key.is_some() {
+                // Keys are made here, in a 0600 file under the data directory; generating them
+                // inside a PKCS#11 token is not there yet, and a key named would not be used.
+                found.push(ConfigError::invalid(
+                    field("key"),
+                    "keys of an enrolled issuer are generated in a file under the data \
+                     directory; generating them in a PKCS#11 token is not supported yet: leave \
+                     it out",
+                ));
             }
             if enrolled.retry_max_secs == 0 {
                 found.push(ConfigError::invalid(
