@@ -794,6 +794,11 @@ async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
         .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
         .unwrap()
         .path();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", state.display());
+    }
     for entry in std::fs::read_dir(&state).unwrap().flatten() {
         use std::os::unix::fs::PermissionsExt;
         let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
@@ -981,4 +986,41 @@ async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
     assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
     mid.stop().await;
     top.stop().await;
+}
+
+/// README's section on enrolled issuers: both examples load, the upper layer's rule grants
+/// its RA a sub-CA within the bounds it states.
+#[test]
+fn the_readme_examples_validate() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("\n### A layer's own CA, enrolled from the layer above\n")
+        .nth(1)
+        .unwrap();
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .take(2)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    let temp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(temp.path());
+    let upper = config_text(
+        &pki,
+        &format!(
+            "[[labels]]\nissuer = \"plant\"\nclient_trust = [\"issuer\"]\n{}",
+            blocks[0]
+        ),
+    );
+    upper.validate().unwrap();
+    let sub = upper.labels[0].rules[0].sub_ca.as_ref().unwrap();
+    assert_eq!((sub.max_path_len, sub.max_validity_days), (0, 30));
+    let lower: Config = toml::from_str(&format!(
+        "[tls]\ncertificate = \"server.pem\"\nkey = \"server.key\"\n{}",
+        blocks[1]
+    ))
+    .unwrap();
+    lower.validate().unwrap();
+    assert_eq!(lower.enrolled_issuers["mid"].retry_max_secs, 300);
 }
