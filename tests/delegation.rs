@@ -563,6 +563,13 @@ common_names = ["l3-*"]
     let e = enrolled("enroll = \"top\"\nkey = \"pkcs11:token=t;object=k\"").unwrap_err();
     assert!(e.contains("not supported yet"), "{e}");
     enrolled("enroll = \"top\"").unwrap();
+    // A CA of pathlen 0 cannot sign the Edge CAs the rules grant.
+    let edge_cas = "enroll = \"top\"\n[[labels]]\nname = \"edge\"\nissuer = \"mid\"\n\
+                    [labels.authentication]\ncertificate = false\n[[labels.rules]]\n\
+                    match = [\"user:*\"]\nca_common_names = [\"aziot-edge CA l3-*\"]";
+    let e = enrolled(edge_cas).unwrap_err();
+    assert!(e.contains("asks for pathlen 0"), "{e}");
+    enrolled(&format!("path_len = 1\n{edge_cas}")).unwrap();
 }
 
 // ---- 2. the lower layer enrolls, renews and rolls over its own CA -------------------------

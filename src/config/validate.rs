@@ -204,6 +204,22 @@ impl Config {
                     "another label has the same name",
                 ));
             }
+            if let Some(enrolled) = label
+                .issuer
+                .as_ref()
+                .and_then(|i| self.enrolled_issuers.get(i))
+            {
+                // Known before any CA is enrolled: a CA of pathlen 0 signs no Edge CA.
+                if enrolled.path_len == 0
+                    && label.rules.iter().any(|r| !r.ca_common_names.is_empty())
+                {
+                    found.push(ConfigError::invalid(
+                        field("rules"),
+                        "rules grant CA certificates, but the enrolled issuer asks for pathlen 0 \
+                         (give it path_len = 1)",
+                    ));
+                }
+            }
             if let Some(issuer) = &label.issuer {
                 if !self.issuers.contains_key(issuer) && !self.enrolled_issuers.contains_key(issuer)
                 {
