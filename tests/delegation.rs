@@ -1031,3 +1031,44 @@ fn the_readme_examples_validate() {
     lower.validate().unwrap();
     assert_eq!(lower.enrolled_issuers["mid"].retry_max_secs, 300);
 }
+
+/// The top stops granting: the middle's renewals fail (retried, counted), and when its CA
+/// expires its label forwards instead of failing; devices keep enrolling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_expires_unrenewed_leaves_the_layer_forwarding() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (granting, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 6"#,
+    )
+    .await;
+    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let mut refusing = granting.clone();
+    refusing.labels[0].rules[2].sub_ca = None;
+    top.app
+        .swap(edge_est::runtime::Runtime::build(&refusing, dir).unwrap());
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-while-valid").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
+
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while mid.app.runtime().enrolled()[0].current.is_some() {
+        assert!(std::time::Instant::now() < until, "the expired CA stays");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let metrics = mid.app.render_metrics();
+    assert!(metrics.contains("outcome=\"failed\"}"), "{metrics}");
+    assert!(
+        metric_line(&metrics, "edgeest_enrolled_issuer_forwarding")[0].ends_with(" 1"),
+        "{metrics}"
+    );
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-expiry").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
+    mid.stop().await;
+    top.stop().await;
+}

@@ -464,6 +464,16 @@ pub async fn manage(app: std::sync::Weak<crate::server::App>) {
                 }
                 sleep = sleep.min((gone - now).try_into().unwrap_or(TICK));
             }
+            // A CA that expired unrenewed no longer signs: the rebuilt runtime forwards.
+            if let Some((_, not_after)) = enrolled.current {
+                if not_after <= now {
+                    tracing::warn!(issuer = %enrolled.name, expired = %not_after, "the enrolled CA expired before it was renewed; its labels forward to the layer above");
+                    swap_in(&app).await;
+                    sleep = Duration::ZERO;
+                    continue;
+                }
+                sleep = sleep.min((not_after - now).try_into().unwrap_or(TICK));
+            }
             if now < due_at {
                 let wait = (due_at - now).try_into().unwrap_or(TICK);
                 sleep = sleep.min(wait);
