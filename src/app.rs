@@ -30,6 +30,7 @@ pub fn build(config: &Config, base: &Path) -> Result<Arc<App>, StartError> {
 
 /// Serves EST on `listener` until `shutdown` completes; in-flight requests are drained.
 pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    app.start_delegation();
     let max_connections = app.runtime().limits.max_connections;
     crate::transport::serve(listener, app, max_connections, shutdown).await;
 }

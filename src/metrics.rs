@@ -125,6 +125,9 @@ pub struct Snapshot {
     pub server_certificate_expiry: Option<f64>,
     /// Each upstream's health (`unknown`, `up`, `away`, `misconfigured`), by upstream.
     pub upstream_states: Vec<(String, &'static str)>,
+    /// Each enrolled issuer: seconds until its CA expires, `None` while it has none (its
+    /// labels forward).
+    pub enrolled_issuers: Vec<(String, Option<f64>)>,
 }
 
 /// Totals of [`Metrics::outcomes`].
@@ -152,6 +155,8 @@ pub struct Metrics {
     rate_limited: [AtomicU64; 6],
     tls_handshakes: AtomicU64,
     config_version: AtomicI64,
+    /// Enrollments of this layer's own CAs, by issuer and success.
+    enrolled_renewals: Mutex<BTreeMap<(String, bool), u64>>,
 }
 
 impl Default for Metrics {
@@ -220,6 +225,7 @@ impl Metrics {
             rate_limited: Default::default(),
             tls_handshakes: AtomicU64::new(0),
             config_version: AtomicI64::new(0),
+            enrolled_renewals: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -323,6 +329,13 @@ impl Metrics {
 
     pub fn tls_handshakes(&self) -> u64 {
         self.tls_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// An enrollment of an enrolled issuer's CA, successful or not.
+    pub fn enrolled_issuer_renewal(&self, issuer: &str, ok: bool) {
+        if let Ok(mut map) = self.enrolled_renewals.lock() {
+            *map.entry((issuer.to_owned(), ok)).or_default() += 1;
+        }
     }
 
     /// The version of the configuration in force (e.g. the module twin's `$version`).
@@ -539,6 +552,53 @@ impl Metrics {
 
         head(
             &mut out,
+            "edgeest_enrolled_issuer_expiry_seconds",
+            "gauge",
+            "Seconds until the CA of each enrolled issuer expires (renewed at two thirds of its life).",
+        );
+        for (issuer, seconds) in &snapshot.enrolled_issuers {
+            if let Some(seconds) = seconds {
+                let _ = writeln!(
+                    out,
+                    "edgeest_enrolled_issuer_expiry_seconds{{{c},issuer=\"{}\"}} {}",
+                    escape(issuer),
+                    number(*seconds)
+                );
+            }
+        }
+        head(
+            &mut out,
+            "edgeest_enrolled_issuer_forwarding",
+            "gauge",
+            "1 while an enrolled issuer has no valid CA and its labels forward instead of signing.",
+        );
+        for (issuer, seconds) in &snapshot.enrolled_issuers {
+            let _ = writeln!(
+                out,
+                "edgeest_enrolled_issuer_forwarding{{{c},issuer=\"{}\"}} {}",
+                escape(issuer),
+                u8::from(seconds.is_none())
+            );
+        }
+        head(
+            &mut out,
+            "edgeest_enrolled_issuer_enrollments_total",
+            "counter",
+            "Enrollments of each enrolled issuer's CA from the layer above, by outcome (ok, failed).",
+        );
+        if let Ok(map) = self.enrolled_renewals.lock() {
+            for ((issuer, ok), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "edgeest_enrolled_issuer_enrollments_total{{{c},issuer=\"{}\",outcome=\"{}\"}} {n}",
+                    escape(issuer),
+                    if *ok { "ok" } else { "failed" }
+                );
+            }
+        }
+
+        head(
+            &mut out,
             "edgeest_server_certificate_expiry_seconds",
             "gauge",
             "Seconds until the TLS server certificate expires.",
@@ -703,6 +763,7 @@ mod tests {
             issuer_expiry: vec![("(unlabeled)".into(), 1234.5)],
             server_certificate_expiry: Some(99.0),
             upstream_states: vec![("parent".into(), "away")],
+            enrolled_issuers: Vec::new(),
         });
         assert!(
             text.contains("upstream=\"parent\",state=\"away\"} 1\n"),

@@ -3,7 +3,7 @@
 //! the one they started with.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use crate::auth::chain::CaKey;
 use crate::auth::{AuthMethods, TrustSet, UserDb};
 use crate::config::{read_path, Config, ConfigError, Limits, Mode, ServerKeygen};
 use crate::est::{self, Label};
+use crate::issue::delegation::{self, Enrolled};
 use crate::issue::fallback::Fallback;
 use crate::issue::profile::{self, ProfileClass};
 use crate::issue::{LocalIssuer, Profile, Upstream};
@@ -30,6 +31,11 @@ pub struct Runtime {
     labels: HashMap<Option<Label>, Arc<LabelRuntime>>,
     /// The CAs of every local issuer: a CA they issued is a device's own (`auth::chain`).
     pub issuing_cas: Vec<CaKey>,
+    /// The issuers this layer enrolls from the layer above, as loaded.
+    enrolled: Vec<Enrolled>,
+    /// What this runtime was built from: an enrolled CA renewed rebuilds it.
+    config: Config,
+    base: PathBuf,
 }
 
 /// One label: how clients authenticate, what they may get, and who signs.
@@ -77,6 +83,20 @@ impl LabelRuntime {
 impl Runtime {
     pub fn label(&self, label: &Option<Label>) -> Option<&Arc<LabelRuntime>> {
         self.labels.get(label)
+    }
+
+    /// The enrolled issuers and their CAs.
+    pub fn enrolled(&self) -> &[Enrolled] {
+        &self.enrolled
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The directory relative paths of the configuration resolve against.
+    pub fn base(&self) -> &Path {
+        &self.base
     }
 
     /// Every label served, in no particular order.
@@ -153,6 +173,60 @@ impl Runtime {
             upstreams.insert(name.clone(), loaded.shared());
         }
 
+        // Enrolled issuers: the CA kept on disk, if it still serves, signs like a configured
+        // one; without one their labels forward to the upstream that grants it.
+        let data_dir = base
+            .join(&config.journal)
+            .parent()
+            .map_or_else(|| base.to_owned(), Path::to_path_buf);
+        let mut enrolled = Vec::new();
+        let mut previous_cas: BTreeMap<String, Vec<CertificateDer<'static>>> = BTreeMap::new();
+        for (name, e) in &config.enrolled_issuers {
+            let field = format!("enrolled_issuers.{name}");
+            let upstream = required(&upstreams, &e.enroll, || format!("{field}.enroll"))?;
+            let root = e.root.read(base, &format!("{field}.root"))?;
+            let dir = delegation::state_dir(&data_dir, name);
+            let module = config.pkcs11_module.as_ref().map(|m| base.join(m));
+            let loaded = delegation::load(&dir, &root, |uri, chain| {
+                TokenKey::open(uri, module.as_deref(), chain)
+                    .map(IssuerKey::Token)
+                    .map_err(|e| e.to_string())
+            });
+            let (issuer, previous) = (loaded.issuer, loaded.previous);
+            let current = issuer.as_ref().and_then(|i| {
+                let der = i.chain().first()?;
+                let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+                let not_before = c.validity().not_before.to_datetime();
+                Some((
+                    loaded.obtained.map_or(not_before, |t| t.max(not_before)),
+                    c.validity().not_after.to_datetime(),
+                ))
+            });
+            let fingerprint = issuer
+                .as_ref()
+                .and_then(|i| i.chain().first())
+                .map(|c| crate::auth::chain::fingerprint(c));
+            match issuer {
+                Some(issuer) => {
+                    issuers.insert(name.clone(), Arc::new(issuer));
+                }
+                None => tracing::warn!(
+                    issuer = %name, upstream = %e.enroll,
+                    "enrolled issuer has no valid CA yet: its labels forward to the layer above until it has one"
+                ),
+            }
+            previous_cas.insert(name.clone(), previous.clone());
+            enrolled.push(Enrolled {
+                name: name.clone(),
+                config: e.clone(),
+                dir,
+                upstream,
+                current,
+                fingerprint,
+                previous,
+            });
+        }
+
         let mut profile_configs = profile::builtin();
         profile_configs.extend(config.profiles.clone());
         let mut profiles: BTreeMap<String, Profile> = BTreeMap::new();
@@ -172,8 +246,36 @@ impl Runtime {
                 .map(Label::new)
                 .transpose()
                 .map_err(|e| ConfigError::invalid(field("name"), e.to_string()))?;
-            let local = lookup(&issuers, label.issuer.as_ref(), || field("issuer"))?;
-            let upstream = lookup(&upstreams, label.upstream.as_ref(), || field("upstream"))?;
+            // An enrolled issuer without a CA: the label forwards to where the CA comes from.
+            let waiting = label
+                .issuer
+                .as_ref()
+                .filter(|i| !issuers.contains_key(*i))
+                .and_then(|i| config.enrolled_issuers.get(i));
+            let (mode, upstream_name, upstream_label) = match waiting {
+                Some(e) => (
+                    Mode::Forward,
+                    label.upstream.clone().or_else(|| Some(e.enroll.clone())),
+                    label.upstream_label.clone().or_else(|| e.label.clone()),
+                ),
+                None => (
+                    label.mode,
+                    label.upstream.clone(),
+                    label.upstream_label.clone(),
+                ),
+            };
+            let local = match waiting {
+                Some(_) => None,
+                None => lookup(&issuers, label.issuer.as_ref(), || field("issuer"))?,
+            };
+            let previous = label
+                .issuer
+                .as_ref()
+                .and_then(|i| previous_cas.get(i))
+                .filter(|_| local.is_some())
+                .cloned()
+                .unwrap_or_default();
+            let upstream = lookup(&upstreams, upstream_name.as_ref(), || field("upstream"))?;
             let profile = required(&profiles, &label.profile, || field("profile"))?;
             let ca_profile = required(&profiles, &label.ca_profile, || field("ca_profile"))?;
             let grants_ca = label.rules.iter().any(|r| !r.ca_common_names.is_empty());
@@ -194,7 +296,13 @@ impl Runtime {
             for set in &label.client_trust {
                 if set == "issuer" {
                     if let Some(issuer) = &local {
-                        let own = TrustSet::direct("issuer", &issuer.chain()[..1])
+                        // The CAs it replaced still vouch for what they issued.
+                        let cas: Vec<CertificateDer<'static>> = issuer.chain()[..1]
+                            .iter()
+                            .chain(&previous)
+                            .cloned()
+                            .collect();
+                        let own = TrustSet::direct("issuer", &cas)
                             .map_err(|e| ConfigError::invalid(field("client_trust"), e))?;
                         trust.push(Arc::new(own));
                     }
@@ -221,7 +329,7 @@ impl Runtime {
                 )
                 .collect();
             let fallback =
-                match (label.mode, &label.fallback) {
+                match (mode, label.fallback.as_ref().filter(|_| waiting.is_none())) {
                     (Mode::Auto, Some(allowance)) => Some(
                         Fallback::new(allowance)
                             .map_err(|e| ConfigError::invalid(field("fallback"), e))?,
@@ -243,7 +351,13 @@ impl Runtime {
 
             let cacerts_body = match &local {
                 Some(issuer) => {
-                    let chain: Vec<&[u8]> = issuer.chain().iter().map(|c| c.as_ref()).collect();
+                    // The CA, the CAs it replaced, then the chain above.
+                    let chain: Vec<&[u8]> = issuer.chain()[..1]
+                        .iter()
+                        .chain(&previous)
+                        .chain(&issuer.chain()[1..])
+                        .map(|c| c.as_ref())
+                        .collect();
                     let cacerts = est::pkcs7::encode_certs_only(&chain)
                         .map_err(|e| ConfigError::invalid(field("issuer"), e.to_string()))?;
                     Some(Bytes::from(est::body::encode_base64_lines(&cacerts)))
@@ -276,15 +390,15 @@ impl Runtime {
                     trust,
                     known_intermediates: local
                         .as_ref()
-                        .map(|i| i.chain().to_vec())
+                        .map(|i| i.chain().iter().chain(&previous).cloned().collect())
                         .unwrap_or_default(),
                     policy,
                     profile,
                     ca_profile,
-                    mode: label.mode,
+                    mode,
                     local,
                     upstream,
-                    upstream_label: label.upstream_label.clone(),
+                    upstream_label,
                     trust_upstream_issuer,
                     issuer_labels,
                     module_sets,
@@ -298,7 +412,9 @@ impl Runtime {
 
         let issuing_cas = issuers
             .values()
-            .filter_map(|i| i.chain().first().and_then(CaKey::of))
+            .filter_map(|i| i.chain().first())
+            .chain(previous_cas.values().flatten())
+            .filter_map(CaKey::of)
             .collect();
         for warning in crate::auth::ra::warnings(config) {
             tracing::warn!("configuration: {warning}");
@@ -310,6 +426,9 @@ impl Runtime {
             users,
             labels,
             issuing_cas,
+            enrolled,
+            config: config.clone(),
+            base: base.to_owned(),
         })
     }
 }

@@ -25,7 +25,7 @@ use crate::auth::{
 use crate::config::{Mode, ServerKeygen};
 use crate::error::RequestError;
 use crate::est::{self, media, Csr, KeyKind, Operation};
-use crate::issue::{Backend, Deadline, IssueError, IssueRequest};
+use crate::issue::{Backend, Deadline, IssueError, IssueRequest, Profile};
 use crate::journal::{Journal, JournalEntry};
 use crate::limits::{Rate, RateLimiter};
 use crate::metrics::{LimitScope, Metrics, RefusedBecause, Snapshot};
@@ -71,6 +71,8 @@ pub struct App {
     /// Leaf certificates (SHA-256) that authenticated: presented again (the handshake proved
     /// the key), they are verified as usual but not held back by the failure limits.
     known_leaves: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
+    /// Whether the manager of enrolled issuers runs (`issue::delegation`).
+    delegation: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -109,6 +111,18 @@ impl App {
                 std::num::NonZeroUsize::new(crate::limits::MAX_TRACKED)
                     .unwrap_or(std::num::NonZeroUsize::MIN),
             )),
+            delegation: Default::default(),
+        }
+    }
+
+    /// Starts the manager of enrolled issuers, once (it follows configuration changes).
+    pub fn start_delegation(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.delegation.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(crate::issue::delegation::manage(Arc::downgrade(self)));
         }
     }
 
@@ -127,6 +141,14 @@ impl App {
         let old = self.runtime.load_full();
         self.backend.attach(&runtime, Some(&old));
         self.runtime.store(Arc::new(runtime));
+    }
+
+    /// [`App::swap`] if `expected` is still in force; false if another swap came first.
+    pub fn swap_if(&self, expected: &Arc<Runtime>, runtime: Runtime) -> bool {
+        let runtime = Arc::new(runtime);
+        self.backend.attach(&runtime, Some(expected));
+        let previous = self.runtime.compare_and_swap(expected, runtime);
+        Arc::ptr_eq(&previous, expected)
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -194,10 +216,16 @@ impl App {
             .collect();
         upstream_states.sort();
         upstream_states.dedup();
+        let enrolled_issuers = runtime
+            .enrolled()
+            .iter()
+            .map(|e| (e.name.clone(), e.current.map(|(_, na)| seconds_left(na))))
+            .collect();
         self.metrics.render(&Snapshot {
             issuer_expiry,
             server_certificate_expiry: runtime.tls_not_after.map(seconds_left),
             upstream_states,
+            enrolled_issuers,
         })
     }
 
@@ -999,10 +1027,27 @@ impl App {
             label_rt
                 .policy
                 .authorize(&identity, &csr, operation == Operation::SimpleReenroll)?;
-        let profile = if grant.ca {
-            &label_rt.ca_profile
-        } else {
-            &label_rt.profile
+        let sub_ca_profile = match &grant.sub_ca {
+            Some(granted) => {
+                // A CA below this layer's own has a smaller pathlen (RFC 5280 4.2.1.9).
+                if let Some(issuer) = label_rt.local.as_ref() {
+                    if !issuer.can_issue_ca(granted.path_len) {
+                        return Err(RequestError::Refused(
+                            crate::policy::Refusal::SubCaBeyondIssuer {
+                                requested: granted.path_len,
+                                issuer: issuer.path_len().unwrap_or(0),
+                            },
+                        ));
+                    }
+                }
+                Some(Profile::sub_ca(granted))
+            }
+            None => None,
+        };
+        let profile = match &sub_ca_profile {
+            Some(profile) => profile,
+            None if grant.ca => &label_rt.ca_profile,
+            None => &label_rt.profile,
         };
         // One device enrolling its name over and over (one identity asking for keys: within
         // its key budget, in `generate_key`).

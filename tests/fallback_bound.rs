@@ -118,6 +118,7 @@ fn a_name_the_top_refuses_the_middles_ra_the_middles_fallback_refuses_too() {
                 ca,
                 subject: Subject::from_attributes(vec![(AttributeType::CommonName, cn.into())]),
                 sans: Vec::new(),
+                sub_ca: None,
             };
             let fallback_grants = fallback.check(&grant).is_ok();
             assert!(

@@ -172,6 +172,7 @@ pub fn prepare(data_dir: &Path, listen: SocketAddr) -> Result<DevSetup, ConfigEr
                 key: ca_key,
             },
         )]),
+        enrolled_issuers: BTreeMap::new(),
         upstreams: BTreeMap::new(),
         profiles: BTreeMap::new(),
         pkcs11_module: None,

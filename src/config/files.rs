@@ -39,6 +39,9 @@ impl Config {
         for (name, issuer) in &self.issuers {
             pem(format!("issuers.{name}.certificate"), &issuer.certificate);
         }
+        for (name, enrolled) in &self.enrolled_issuers {
+            pem(format!("enrolled_issuers.{name}.root"), &enrolled.root);
+        }
         for (name, upstream) in &self.upstreams {
             for (i, source) in upstream.trust.iter().enumerate() {
                 pem(format!("upstreams.{name}.trust[{i}]"), source);

@@ -51,6 +51,10 @@ pub struct Config {
     /// Issuing CAs this instance holds (delegated intermediates), by name.
     #[serde(default)]
     pub issuers: BTreeMap<String, IssuerConfig>,
+    /// Issuing CAs this instance enrolls from the layer above and renews itself, by name;
+    /// labels name them in `issuer` like the others (see `issue::delegation`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub enrolled_issuers: BTreeMap<String, EnrolledIssuerConfig>,
     /// EST servers of the layer above, by name, for labels that forward.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -210,6 +214,37 @@ pub struct IssuerConfig {
     pub certificate: PemSource,
     /// Path of the issuing CA's private key, or a `pkcs11:` URI of a key in a token.
     pub key: PathBuf,
+}
+
+/// An issuing CA without files: enrolled over EST from `enroll` (an `[upstreams.X]`) with
+/// that upstream's RA credential, renewed at two thirds of its life, kept under the data
+/// directory (next to the journal).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolledIssuerConfig {
+    /// The upstream that grants the CA.
+    pub enroll: String,
+    /// The label to ask it under (default: its unlabeled path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The CA's CN, as the upper layer's `sub_ca.common_names` allows it.
+    pub common_name: String,
+    /// The pathlen asked for: 0 signs end entities only, 1 also IoT Edge's Edge CAs below.
+    #[serde(default)]
+    pub path_len: u8,
+    /// The hierarchy root the granted CA must chain to.
+    pub root: PemSource,
+    /// Reserved for a `pkcs11:` token to generate keys in (refused for now): keys are made
+    /// in a 0600 file under the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The longest pause between attempts after a failed enrollment (doubling from 1 s).
+    #[serde(default = "default_retry_max_secs")]
+    pub retry_max_secs: u64,
+}
+
+fn default_retry_max_secs() -> u64 {
+    300
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -484,6 +519,36 @@ pub struct RuleConfig {
     /// `limits.rate_per_identity` (each child is limited where it enrolls).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub registration_authority: bool,
+    /// A delegated intermediate for the lower layer this rule names (`module:` matches only):
+    /// a CA CSR whose CN matches `sub_ca.common_names` gets a CA within these bounds, name
+    /// constrained to the rule's `dns_names` (see `policy::SubCa`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_ca: Option<SubCaConfig>,
+}
+
+/// The bounds of a lower layer's own issuing CA (a rule's `sub_ca`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubCaConfig {
+    /// Common names the CA may carry.
+    pub common_names: Vec<String>,
+    /// The largest pathlen granted (also below the issuer's own).
+    #[serde(default)]
+    pub max_path_len: u8,
+    /// The longest validity granted (also capped at the issuer's notAfter).
+    #[serde(default = "default_sub_ca_days")]
+    pub max_validity_days: u32,
+    /// Seconds instead of days (tests and demos of renewal); wins over `max_validity_days`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_validity_secs: Option<u64>,
+    /// A permitted directoryName subtree (`O=Contoso,OU=Line 3`): every certificate below the
+    /// CA must have a subject starting with these RDNs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_name: Option<String>,
+}
+
+fn default_sub_ca_days() -> u32 {
+    30
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -67,6 +67,46 @@ impl Config {
                 found,
             );
         }
+        for (name, enrolled) in &self.enrolled_issuers {
+            let field = |f: &str| format!("enrolled_issuers.{name}.{f}");
+            if self.issuers.contains_key(name) {
+                found.push(ConfigError::invalid(
+                    format!("enrolled_issuers.{name}"),
+                    "an issuer in issuers has the same name",
+                ));
+            }
+            if !self.upstreams.contains_key(&enrolled.enroll) {
+                found.push(ConfigError::invalid(
+                    field("enroll"),
+                    format!("no upstream named {:?}", enrolled.enroll),
+                ));
+            }
+            if let Some(label) = &enrolled.label {
+                if let Err(e) = Label::new(label) {
+                    found.push(ConfigError::invalid(field("label"), e.to_string()));
+                }
+            }
+            if enrolled.common_name.trim().is_empty() {
+                found.push(ConfigError::invalid(field("common_name"), "is empty"));
+            }
+            if enrolled.key.is_some() {
+                // Keys are made here, in a 0600 file under the data directory; generating them
+                // inside a PKCS#11 token is not there yet, and a key named would not be used.
+                found.push(ConfigError::invalid(
+                    field("key"),
+                    "keys of an enrolled issuer are generated in a file under the data \
+                     directory; generating them in a PKCS#11 token is not supported yet: leave \
+                     it out",
+                ));
+            }
+            if enrolled.retry_max_secs == 0 {
+                found.push(ConfigError::invalid(
+                    field("retry_max_secs"),
+                    "must be at least 1",
+                ));
+            }
+            check_inline_pem(&enrolled.root, || field("root"), found);
+        }
         for (user, hash) in &self.users {
             if let Err(e) = argon2::password_hash::PasswordHash::new(hash) {
                 found.push(ConfigError::invalid(
@@ -164,8 +204,25 @@ impl Config {
                     "another label has the same name",
                 ));
             }
+            if let Some(enrolled) = label
+                .issuer
+                .as_ref()
+                .and_then(|i| self.enrolled_issuers.get(i))
+            {
+                // Known before any CA is enrolled: a CA of pathlen 0 signs no Edge CA.
+                if enrolled.path_len == 0
+                    && label.rules.iter().any(|r| !r.ca_common_names.is_empty())
+                {
+                    found.push(ConfigError::invalid(
+                        field("rules"),
+                        "rules grant CA certificates, but the enrolled issuer asks for pathlen 0 \
+                         (give it path_len = 1)",
+                    ));
+                }
+            }
             if let Some(issuer) = &label.issuer {
-                if !self.issuers.contains_key(issuer) {
+                if !self.issuers.contains_key(issuer) && !self.enrolled_issuers.contains_key(issuer)
+                {
                     found.push(ConfigError::invalid(
                         field("issuer"),
                         format!("no issuer named {issuer:?}"),

@@ -81,6 +81,7 @@ pub fn document(input: &ReportInput<'_>) -> Map<String, Value> {
         let (labels, upstreams) = labels_and_upstreams(config, runtime);
         doc.insert("labels".into(), Value::Object(labels));
         doc.insert("upstreams".into(), Value::Object(upstreams));
+        doc.insert("enrolledIssuers".into(), enrolled_issuers(runtime));
         doc.insert(
             "serverCertificate".into(),
             json!({ "notAfter": runtime.tls_not_after.map(rfc3339) }),
@@ -123,14 +124,27 @@ fn labels_and_upstreams(
             continue;
         };
         let mut entry = Map::new();
+        // The mode in force: an enrolled issuer without a CA forwards.
         entry.insert(
             "mode".into(),
-            json!(match label.mode {
+            json!(match rt.mode {
                 Mode::Sign => "sign",
                 Mode::Forward => "forward",
                 Mode::Auto => "auto",
             }),
         );
+        if rt.local.is_none() {
+            if let Some(name) = label
+                .issuer
+                .as_ref()
+                .filter(|i| config.enrolled_issuers.contains_key(*i))
+            {
+                entry.insert(
+                    "issuer".into(),
+                    json!({ "name": name, "state": "no CA yet: forwarding to the layer above" }),
+                );
+            }
+        }
         if let Some(issuer) = &rt.local {
             entry.insert(
                 "issuer".into(),
@@ -160,6 +174,28 @@ fn labels_and_upstreams(
         labels.insert(key, Value::Object(entry));
     }
     (labels, upstreams)
+}
+
+/// Per enrolled issuer: `enrolled` with its CA's notAfter and when it renews, or
+/// `forwarding` while it has none; the earlier CAs still trusted.
+fn enrolled_issuers(runtime: &Runtime) -> Value {
+    let mut map = Map::new();
+    for e in runtime.enrolled().iter().take(MAX_ENTRIES) {
+        let entry = match e.current {
+            Some((from, not_after)) => json!({
+                "state": "enrolled",
+                "notAfter": rfc3339(not_after),
+                "renewAt": rfc3339(crate::issue::delegation::renew_point(from, not_after)),
+                "previousCas": e.previous.len(),
+            }),
+            None => json!({
+                "state": "forwarding",
+                "previousCas": e.previous.len(),
+            }),
+        };
+        map.insert(e.name.clone(), entry);
+    }
+    Value::Object(map)
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {

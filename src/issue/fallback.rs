@@ -71,6 +71,10 @@ impl Fallback {
             ps.iter().any(|p| p.matches(v, Vars::default(), fold))
         };
         let outside = |what: String| Err(OutsideFallback { what });
+        // A lower layer's own CA is the upper layer's decision, never a stand-in's.
+        if grant.sub_ca.is_some() {
+            return outside("a lower layer's issuing CA".into());
+        }
         if grant.ca && self.ca_common_names.is_empty() {
             return outside("a CA certificate".into());
         }
@@ -290,6 +294,35 @@ pub fn pattern_within(narrow: &str, wide: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lower layer's own CA is never granted by a stand-in: an `auto` layer signing while
+    /// its upstream is away refuses a sub-CA even under an allowance for every CA name
+    /// (positive control: the same names as an Edge CA pass).
+    #[test]
+    fn a_sub_ca_is_outside_every_fallback() {
+        let allowance: FallbackConfig =
+            toml::from_str("common_names = [\"*\"]\nca_common_names = [\"*\"]").unwrap();
+        let fallback = Fallback::new(&allowance).unwrap();
+        let subject = crate::est::Subject::from_attributes(vec![(
+            crate::est::name::AttributeType::CommonName,
+            "L2 CA".into(),
+        )]);
+        let mut grant = Grant {
+            ca: true,
+            subject,
+            sans: Vec::new(),
+            sub_ca: None,
+        };
+        fallback.check(&grant).unwrap();
+        grant.sub_ca = Some(crate::policy::SubCa {
+            path_len: 0,
+            validity: ::time::Duration::days(1),
+            dns: vec![".l3.plant.local".into()],
+            directory_name: None,
+        });
+        let refused = fallback.check(&grant).unwrap_err().to_string();
+        assert!(refused.contains("issuing CA"), "{refused}");
+    }
 
     #[test]
     fn pattern_inclusion_is_sound() {

@@ -5,8 +5,9 @@ use std::net::IpAddr;
 
 use ::time::OffsetDateTime;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue, IsCa, Issuer,
-    KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType, DnValue,
+    GeneralSubtree, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, NameConstraints,
+    PublicKeyData, SanType, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -136,6 +137,11 @@ impl LocalIssuer {
         self.not_after
     }
 
+    /// The CA's own path length constraint (None: unconstrained).
+    pub fn path_len(&self) -> Option<u32> {
+        self.path_len
+    }
+
     /// Whether this CA may issue CA certificates with the given path length.
     pub fn can_issue_ca(&self, path_len: u8) -> bool {
         self.path_len.is_none_or(|own| own > u32::from(path_len))
@@ -176,6 +182,22 @@ impl LocalIssuer {
                     KeyUsagePurpose::CrlSign,
                 ];
             }
+            ProfileClass::SubCa(granted) => {
+                // Checked by the server first (a refusal); here so no path ever signs one.
+                if !self.can_issue_ca(granted.path_len) {
+                    return Err(IssueError::Sign(format!(
+                        "this issuing CA cannot sign a CA with pathlen {}",
+                        granted.path_len
+                    )));
+                }
+                params.is_ca = IsCa::Ca(BasicConstraints::Constrained(granted.path_len));
+                params.key_usages = vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyCertSign,
+                    KeyUsagePurpose::CrlSign,
+                ];
+                params.name_constraints = Some(name_constraints(granted)?);
+            }
             ProfileClass::EndEntity { extended_key_usage } => {
                 params.is_ca = IsCa::ExplicitNoCa;
                 params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -201,6 +223,26 @@ impl LocalIssuer {
             sha256,
         })
     }
+}
+
+/// What a sub-CA may name below it: the granted DNS subtrees and directoryName; no IP
+/// address at all (its RA's rule allows none, see `policy`).
+fn name_constraints(granted: &crate::policy::SubCa) -> Result<NameConstraints, IssueError> {
+    let mut permitted: Vec<GeneralSubtree> = granted
+        .dns
+        .iter()
+        .map(|d| GeneralSubtree::DnsName(d.clone()))
+        .collect();
+    if let Some(dn) = &granted.directory_name {
+        permitted.push(GeneralSubtree::DirectoryName(distinguished_name(dn)?));
+    }
+    Ok(NameConstraints {
+        permitted_subtrees: permitted,
+        excluded_subtrees: vec![
+            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+        ],
+    })
 }
 
 /// 20 random octets (RFC 5280's maximum), first octet in 0x01..=0x7f so that the INTEGER is

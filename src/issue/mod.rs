@@ -2,6 +2,7 @@
 //! local backend signs with a delegated intermediate held by this instance.
 
 pub mod backend;
+pub mod delegation;
 pub mod fallback;
 pub mod health;
 pub mod local;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use rcgen::ExtendedKeyUsagePurpose;
 
 use crate::config::{ProfileConfig, ProfileKind};
+use crate::policy::SubCa;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProfileClass {
@@ -15,6 +16,8 @@ pub enum ProfileClass {
     },
     /// A CA certificate (IoT Edge's Edge CA: path length 0).
     Ca { path_len: u8 },
+    /// A lower layer's issuing CA: its path length and name constraints (a rule's `sub_ca`).
+    SubCa(SubCa),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,7 +29,16 @@ pub struct Profile {
 
 impl Profile {
     pub fn is_ca(&self) -> bool {
-        matches!(self.class, ProfileClass::Ca { .. })
+        matches!(self.class, ProfileClass::Ca { .. } | ProfileClass::SubCa(_))
+    }
+
+    /// The profile of a granted sub-CA, journaled as `sub-ca`.
+    pub fn sub_ca(granted: &SubCa) -> Profile {
+        Profile {
+            name: "sub-ca".to_owned(),
+            class: ProfileClass::SubCa(granted.clone()),
+            validity: granted.validity,
+        }
     }
 }
 

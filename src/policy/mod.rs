@@ -20,6 +20,20 @@ pub struct Grant {
     pub ca: bool,
     pub subject: Subject,
     pub sans: Vec<SanEntry>,
+    /// A lower layer's own issuing CA (a rule's `sub_ca`) rather than an Edge CA.
+    pub sub_ca: Option<SubCa>,
+}
+
+/// A lower layer's issuing CA as granted: its path length, the longest it may live, and the
+/// name constraints that keep what it signs inside the RA's allowance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubCa {
+    pub path_len: u8,
+    pub validity: time::Duration,
+    /// Permitted DNS subtrees: `.l3.plant.local` (below it) or an exact name.
+    pub dns: Vec<String>,
+    /// A permitted directoryName subtree.
+    pub directory_name: Option<Subject>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +64,14 @@ pub enum Refusal {
     ReenrollSansChanged { requested: String, current: String },
     #[error("{identity} has expired and is accepted within this label's grace window only to renew itself: {reason}")]
     GraceRenewalOnly { identity: String, reason: String },
+    #[error("the CSR asks for a CA with pathlen {requested}; {identity} may obtain pathlen {allowed} at most")]
+    SubCaPathLen {
+        requested: u32,
+        allowed: u8,
+        identity: String,
+    },
+    #[error("the CSR asks for a CA with pathlen {requested}, which this layer's issuing CA (pathlen {issuer}) cannot sign: a CA below it has a smaller pathlen")]
+    SubCaBeyondIssuer { requested: u8, issuer: u32 },
 }
 
 #[derive(Clone, Debug)]
@@ -77,6 +99,17 @@ struct Rule {
     emails: Vec<Pattern>,
     attributes: Vec<(String, Vec<Pattern>)>,
     registration_authority: bool,
+    sub_ca: Option<SubCaRule>,
+}
+
+/// A rule's `sub_ca`, parsed: which CNs ask for it, and its bounds.
+#[derive(Clone, Debug)]
+struct SubCaRule {
+    common_names: Vec<Pattern>,
+    max_path_len: u8,
+    validity: time::Duration,
+    dns: Vec<String>,
+    directory_name: Option<Subject>,
 }
 
 #[derive(Clone, Debug)]
@@ -182,6 +215,12 @@ impl Policy {
                     &dn[3..]
                 ));
             }
+            let sub_ca = rule
+                .sub_ca
+                .as_ref()
+                .map(|sub| sub_ca_rule(rule, sub, &who))
+                .transpose()
+                .map_err(|e| format!("{}: {e}", field("sub_ca")))?;
             built.push(Rule {
                 who,
                 client_cn: patterns(&field("client_cn"), &rule.client_cn)?,
@@ -193,6 +232,7 @@ impl Policy {
                 emails: patterns(&field("emails"), &rule.emails)?,
                 attributes,
                 registration_authority: rule.registration_authority,
+                sub_ca,
             });
         }
         let deny = deny
@@ -312,14 +352,16 @@ impl Policy {
             .iter()
             .filter(|r| r.applies_to(identity, vars))
             .collect();
+        let path_len = csr.requested_ca().and_then(|bc| bc.path_len);
         let mut first_refusal = None;
         for rule in &applicable {
-            match rule.check(cn, subject, &sans, ca, vars, &who) {
-                Ok(()) => {
+            match rule.check(cn, subject, &sans, (ca, path_len), vars, &who) {
+                Ok(sub_ca) => {
                     return Ok(Grant {
                         ca,
                         subject: subject.clone(),
                         sans,
+                        sub_ca,
                     })
                 }
                 Err(refusal) => {
@@ -405,17 +447,43 @@ impl Rule {
         who_matches && cn_matches
     }
 
+    /// Checks the request against this rule; a sub-CA when the CSR asks for a CA named as the
+    /// rule's `sub_ca` (`ca` is CA:TRUE and the requested pathlen).
     fn check(
         &self,
         cn: &str,
         subject: &Subject,
         sans: &[SanEntry],
-        ca: bool,
+        (ca, requested_path_len): (bool, Option<u32>),
         vars: Vars<'_>,
         who: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<SubCa>, Refusal> {
         let any = |ps: &[Pattern], v: &str, fold: bool| ps.iter().any(|p| p.matches(v, vars, fold));
-        if ca && self.ca_common_names.is_empty() {
+        let sub_ca = self
+            .sub_ca
+            .as_ref()
+            .filter(|sub| ca && any(&sub.common_names, cn, false));
+        let granted = match sub_ca {
+            Some(sub) => {
+                // Without a pathlen the CSR gets the most the rule allows.
+                let path_len = requested_path_len.unwrap_or(u32::from(sub.max_path_len));
+                if path_len > u32::from(sub.max_path_len) {
+                    return Err(Refusal::SubCaPathLen {
+                        requested: path_len,
+                        allowed: sub.max_path_len,
+                        identity: who.to_owned(),
+                    });
+                }
+                Some(SubCa {
+                    path_len: u8::try_from(path_len).unwrap_or(sub.max_path_len),
+                    validity: sub.validity,
+                    dns: sub.dns.clone(),
+                    directory_name: sub.directory_name.clone(),
+                })
+            }
+            None => None,
+        };
+        if ca && granted.is_none() && self.ca_common_names.is_empty() {
             return Err(Refusal::CaNotAllowed {
                 identity: who.to_owned(),
             });
@@ -425,7 +493,7 @@ impl Rule {
         } else {
             &self.common_names
         };
-        if !any(cn_patterns, cn, false) {
+        if granted.is_none() && !any(cn_patterns, cn, false) {
             return Err(Refusal::SubjectNotAllowed {
                 attribute: "CN".to_owned(),
                 value: cn.to_owned(),
@@ -466,10 +534,120 @@ impl Rule {
                 });
             }
         }
-        Ok(())
+        Ok(granted)
     }
 }
 
 fn ip_text(ip: &IpAddr) -> String {
     ip.to_string()
+}
+
+/// Parses a rule's `sub_ca`. Only a named RA (`module:DEVICE/MODULE`) may get a CA, and only
+/// names a name constraint can hold: its DNS patterns become permitted subtrees, and names of
+/// other kinds, which it could not bound, are refused.
+fn sub_ca_rule(
+    rule: &RuleConfig,
+    sub: &crate::config::SubCaConfig,
+    who: &[Who],
+) -> Result<SubCaRule, String> {
+    if !who.iter().all(|w| matches!(w, Who::Module { .. })) {
+        return Err(
+            "a CA is granted to a lower layer named as module:DEVICE/MODULE only (its match \
+             names something else)"
+                .to_owned(),
+        );
+    }
+    if sub.common_names.is_empty() {
+        return Err("common_names: names no CA".to_owned());
+    }
+    for (kind, names) in [
+        ("ip_addresses", &rule.ip_addresses),
+        ("uris", &rule.uris),
+        ("emails", &rule.emails),
+    ] {
+        if !names.is_empty() {
+            return Err(format!(
+                "the rule's {kind} cannot bound a CA's name constraints here; give them on \
+                 another rule for the same module"
+            ));
+        }
+    }
+    if rule.dns_names.is_empty() {
+        return Err(
+            "the rule has no dns_names: the CA's permitted DNS subtrees come from them \
+             (*.l3.plant.local), without them it could mint any host name"
+                .to_owned(),
+        );
+    }
+    let dns = rule
+        .dns_names
+        .iter()
+        .map(|p| dns_subtree(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let validity = match sub.max_validity_secs {
+        Some(0) => return Err("max_validity_secs must be at least 1".to_owned()),
+        Some(secs) => time::Duration::seconds(i64::try_from(secs).unwrap_or(i64::MAX)),
+        None if sub.max_validity_days == 0 => {
+            return Err("max_validity_days must be at least 1".to_owned())
+        }
+        None => time::Duration::days(i64::from(sub.max_validity_days)),
+    };
+    let directory_name = sub
+        .directory_name
+        .as_deref()
+        .map(parse_directory_name)
+        .transpose()
+        .map_err(|e| format!("directory_name: {e}"))?;
+    Ok(SubCaRule {
+        common_names: patterns("common_names", &sub.common_names)?,
+        max_path_len: sub.max_path_len,
+        validity,
+        dns,
+        directory_name,
+    })
+}
+
+/// `*.l3.plant.local` → `.l3.plant.local` (every name below), `gw.plant.local` → itself (it and
+/// the names below, RFC 5280 4.2.1.10). Other patterns have no name-constraint form.
+fn dns_subtree(pattern: &str) -> Result<String, String> {
+    let fixed = |s: &str| !s.is_empty() && !s.contains(['*', '{', '}']);
+    match pattern.strip_prefix("*.") {
+        Some(rest) if fixed(rest) && rest.contains('.') => {
+            Ok(format!(".{}", rest.to_ascii_lowercase()))
+        }
+        None if fixed(pattern) => Ok(pattern.to_ascii_lowercase()),
+        _ => Err(format!(
+            "dns_names {pattern:?} has no name-constraint form: give *.DOMAIN or an exact name"
+        )),
+    }
+}
+
+/// `O=Contoso,OU=Line 3`: short attribute names, one value each, no escaped commas.
+fn parse_directory_name(text: &str) -> Result<Subject, String> {
+    let mut attributes = Vec::new();
+    for part in text.split(',') {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not NAME=VALUE"))?;
+        let kind = match name.trim() {
+            "CN" => AttributeType::CommonName,
+            "O" => AttributeType::Organization,
+            "OU" => AttributeType::OrganizationalUnit,
+            "C" => AttributeType::Country,
+            "ST" => AttributeType::State,
+            "L" => AttributeType::Locality,
+            "DC" => AttributeType::DomainComponent,
+            other => {
+                return Err(format!(
+                    "unknown attribute {other:?} (CN, O, OU, C, ST, L, DC)"
+                ))
+            }
+        };
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(format!("{} has no value", kind.short_name()));
+        }
+        attributes.push((kind, value.to_owned()));
+    }
+    Ok(Subject::from_attributes(attributes))
 }

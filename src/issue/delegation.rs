@@ -1,0 +1,695 @@
+//! A layer's own issuing CA, enrolled from the layer above (`[enrolled_issuers.NAME]`):
+//! at start and at two thirds of its life a new key is made, a CA CSR goes upstream with the
+//! layer's RA credential, the answer is checked (our key, CA:TRUE, pathlen, keyCertSign, a
+//! chain to the configured root), kept on disk and swapped in by rebuilding the runtime (as a
+//! configuration change is: connections stay, requests in flight finish on the old one).
+//!
+//! On disk, under `<data directory>/issuer-<name>/`: key files (0600), written and synced
+//! first, and `current.json` naming the chain, its key and the CAs before it, replaced
+//! atomically (temporary file, fsync, rename, fsync of the directory). `current.json` is the
+//! commit point: a key it does not name is an orphan of an interrupted renewal, never used
+//! and removed by the next one; a CA is never half written.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::time::OffsetDateTime;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use x509_parser::prelude::*;
+
+use super::upstream::{Upstream, UpstreamError};
+use super::LocalIssuer;
+use crate::config::EnrolledIssuerConfig;
+use crate::keys::IssuerKey;
+
+const STATE_FILE: &str = "current.json";
+
+/// How far into its life the CA is renewed.
+const RENEW_AT: f64 = 2.0 / 3.0;
+/// How far into its life a CA not yet renewed is warned about.
+const WARN_AT: f64 = 0.9;
+/// How often the manager looks again when nothing is due (configuration changes).
+const TICK: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DelegationError {
+    #[error("the layer above did not grant the CA: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("the granted CA is not usable: {0}")]
+    Answer(String),
+    #[error("cannot make a key: {0}")]
+    Key(String),
+    #[error("cannot keep the CA on disk: {0}")]
+    Store(String),
+}
+
+/// What `current.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Kept {
+    /// The CA's chain in PEM, CA first, root last.
+    pub chain: String,
+    /// Its key: a file name in the issuer's directory (a `pkcs11:` URI for a token key).
+    pub key: String,
+    /// Earlier CAs (PEM), kept in `issuer` trust and `/cacerts` while what they issued may
+    /// still be valid (until they expire themselves).
+    #[serde(default)]
+    pub previous: Vec<String>,
+    /// When it was obtained (Unix seconds): its life for renewal starts then, not at a
+    /// notBefore the layer above set back for lagging clocks.
+    #[serde(default)]
+    pub obtained: Option<i64>,
+}
+
+/// A kept CA as loaded.
+pub struct Loaded {
+    /// None when there is none or it no longer serves.
+    pub issuer: Option<LocalIssuer>,
+    /// Earlier CAs still valid.
+    pub previous: Vec<CertificateDer<'static>>,
+    pub obtained: Option<OffsetDateTime>,
+}
+
+/// The directory of an enrolled issuer's state.
+pub fn state_dir(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join(format!("issuer-{}", super::store::file_key(name)))
+}
+
+/// Reads what was kept; `None` when nothing was (or it is unreadable, with a warning).
+pub fn read_kept(dir: &Path) -> Option<Kept> {
+    let path = dir.join(STATE_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the enrolled CA's state is unreadable; enrolling a new one");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&text) {
+        Ok(kept) => Some(kept),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the enrolled CA's state is malformed; enrolling a new one");
+            None
+        }
+    }
+}
+
+/// An enrolled issuer as the runtime loaded it.
+pub struct Enrolled {
+    pub name: String,
+    pub config: EnrolledIssuerConfig,
+    pub dir: PathBuf,
+    pub upstream: Arc<Upstream>,
+    /// The CA in force, if any: (notBefore, notAfter).
+    pub current: Option<(OffsetDateTime, OffsetDateTime)>,
+    /// SHA-256 of the CA in force.
+    pub fingerprint: Option<[u8; 32]>,
+    /// Earlier CAs still valid.
+    pub previous: Vec<CertificateDer<'static>>,
+}
+
+/// Loads the kept CA of `name`: the issuer, and the earlier CAs still valid. `None` as the
+/// issuer when there is none, or it no longer serves (expired, damaged): the labels then
+/// forward, which the caller reports.
+pub fn load(
+    dir: &Path,
+    root_pem: &str,
+    open_token_key: impl Fn(&str, &str) -> Result<IssuerKey, String>,
+) -> Loaded {
+    let Some(kept) = read_kept(dir) else {
+        return Loaded {
+            issuer: None,
+            previous: Vec::new(),
+            obtained: None,
+        };
+    };
+    let obtained = kept
+        .obtained
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
+    let now = OffsetDateTime::now_utc();
+    let previous = kept
+        .previous
+        .iter()
+        .filter_map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).ok())
+        .filter(|der| not_after(der).is_some_and(|t| t > now))
+        .collect();
+    let key = if crate::keys::is_pkcs11(&kept.key) {
+        open_token_key(&kept.key, &kept.chain)
+    } else {
+        read_key_file(&dir.join(&kept.key))
+    };
+    let loaded = key
+        .and_then(|key| LocalIssuer::load_with(&kept.chain, key))
+        .and_then(|issuer| {
+            let root = CertificateDer::from_pem_slice(root_pem.as_bytes())
+                .map_err(|e| format!("root: {e}"))?;
+            if issuer.chain().last().map(|c| c.as_ref()) != Some(root.as_ref()) {
+                return Err("it does not end with the configured root".into());
+            }
+            Ok(issuer)
+        });
+    let issuer = match loaded {
+        Ok(issuer) => Some(issuer),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "the kept enrolled CA cannot serve; enrolling a new one");
+            None
+        }
+    };
+    Loaded {
+        issuer,
+        previous,
+        obtained,
+    }
+}
+
+fn read_key_file(path: &Path) -> Result<IssuerKey, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("key: {e}"))?;
+    rcgen::KeyPair::from_pem(&pem)
+        .map(IssuerKey::File)
+        .map_err(|e| format!("key: {e}"))
+}
+
+pub fn not_after(der: &[u8]) -> Option<OffsetDateTime> {
+    X509Certificate::from_der(der)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.to_datetime())
+}
+
+fn validity(der: &[u8]) -> Option<(OffsetDateTime, OffsetDateTime)> {
+    X509Certificate::from_der(der).ok().map(|(_, c)| {
+        (
+            c.validity().not_before.to_datetime(),
+            c.validity().not_after.to_datetime(),
+        )
+    })
+}
+
+/// When a CA living from `not_before` to `not_after` is renewed.
+pub fn renew_point(not_before: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
+    not_before + (not_after - not_before) * RENEW_AT
+}
+
+fn warn_point(not_before: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
+    not_before + (not_after - not_before) * WARN_AT
+}
+
+/// Checks the layer above's answer and builds the chain to keep: our key, CA:TRUE with at
+/// least the pathlen asked for, keyCertSign, each certificate signed by the next, ending with
+/// the configured root.
+pub fn check_answer(
+    answer: &[Vec<u8>],
+    cacerts: &[CertificateDer<'static>],
+    root: &CertificateDer<'static>,
+    spki: &[u8],
+    path_len: u8,
+) -> Result<Vec<CertificateDer<'static>>, DelegationError> {
+    let bad = |s: String| DelegationError::Answer(s);
+    let first = answer.first().ok_or_else(|| bad("no certificate".into()))?;
+    let (_, ca) = X509Certificate::from_der(first).map_err(|e| bad(format!("unparseable: {e}")))?;
+    if ca.public_key().raw != spki {
+        return Err(bad("it certifies another key than the one asked for".into()));
+    }
+    match ca.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {
+            if bc
+                .value
+                .path_len_constraint
+                .is_some_and(|n| n < u32::from(path_len))
+            {
+                return Err(bad(format!(
+                    "pathlen {:?} is below the {path_len} asked for",
+                    bc.value.path_len_constraint
+                )));
+            }
+        }
+        _ => return Err(bad("it is not a CA (basicConstraints CA:TRUE)".into())),
+    }
+    match ca.key_usage() {
+        Ok(Some(ku)) if ku.value.key_cert_sign() => {}
+        _ => return Err(bad("its keyUsage lacks keyCertSign".into())),
+    }
+    // The chain: each next certificate is the one whose subject issued the last, from the
+    // answer, the upstream's /cacerts and the root.
+    let pool: Vec<CertificateDer<'static>> = answer[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .chain(cacerts.iter().cloned())
+        .chain(std::iter::once(root.clone()))
+        .collect();
+    let mut chain = vec![CertificateDer::from(first.clone())];
+    loop {
+        let last = chain
+            .last()
+            .map(|c| c.as_ref().to_vec())
+            .unwrap_or_default();
+        if last == root.as_ref() {
+            break;
+        }
+        if chain.len() > 8 {
+            return Err(bad("no chain to the configured root".into()));
+        }
+        let (_, child) =
+            X509Certificate::from_der(&last).map_err(|e| bad(format!("unparseable: {e}")))?;
+        let parent = pool.iter().find(|p| {
+            X509Certificate::from_der(p).is_ok_and(|(_, p)| {
+                p.subject().as_raw() == child.issuer().as_raw()
+                    && child.verify_signature(Some(p.public_key())).is_ok()
+            })
+        });
+        match parent {
+            Some(p) => chain.push(p.clone()),
+            None => {
+                return Err(bad(format!(
+                    "no chain to the configured root: nothing here signed \"{}\"",
+                    child.issuer()
+                )))
+            }
+        }
+    }
+    Ok(chain)
+}
+
+/// Certificates in PEM, in order.
+pub fn pem_of(chain: &[CertificateDer<'_>]) -> String {
+    use base64::Engine;
+    let mut text = String::new();
+    for der in chain {
+        text.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        for line in b64.as_bytes().chunks(64) {
+            text.push_str(&String::from_utf8_lossy(line));
+            text.push('\n');
+        }
+        text.push_str("-----END CERTIFICATE-----\n");
+    }
+    text
+}
+
+fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Replaces `current.json` atomically.
+fn commit(dir: &Path, kept: &Kept) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(kept).map_err(std::io::Error::other)?;
+    let temporary = dir.join(format!("{STATE_FILE}.tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    write_synced(&temporary, &text, 0o600)?;
+    std::fs::rename(&temporary, dir.join(STATE_FILE))?;
+    sync_dir(dir)
+}
+
+/// Removes key files `current.json` does not name: orphans of interrupted renewals and keys
+/// of CAs replaced.
+fn remove_orphan_keys(dir: &Path, kept: &Kept) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("key-") && name != kept.key {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// What an enrollment produced: kept on disk, to be journaled.
+pub struct Renewed {
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+/// Enrolls a new CA for `enrolled` and commits it to disk. The runtime is not touched.
+pub async fn renew(enrolled: &Enrolled, root_pem: &str) -> Result<Renewed, DelegationError> {
+    let root = CertificateDer::from_pem_slice(root_pem.as_bytes())
+        .map_err(|e| DelegationError::Answer(format!("root: {e}")))?;
+    let store = |e: std::io::Error| DelegationError::Store(e.to_string());
+    std::fs::create_dir_all(&enrolled.dir).map_err(store)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&enrolled.dir, std::fs::Permissions::from_mode(0o700));
+    }
+    // The key is on disk before anything is asked: a CA is never granted for a key lost.
+    let key = rcgen::KeyPair::generate().map_err(|e| DelegationError::Key(e.to_string()))?;
+    let stamp = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    let key_file = format!("key-{stamp}.pem");
+    write_synced(
+        &enrolled.dir.join(&key_file),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )
+    .map_err(store)?;
+    sync_dir(&enrolled.dir).map_err(store)?;
+
+    let csr = ca_request(&enrolled.config, &key)?;
+    let label = enrolled.config.label.as_deref();
+    let answer = enrolled.upstream.enroll(label, &csr).await?;
+    let cacerts = enrolled.upstream.cacerts(label).await.unwrap_or_default();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let chain = check_answer(&answer, &cacerts, &root, &spki, enrolled.config.path_len)?;
+
+    let mut previous: Vec<String> = read_kept(&enrolled.dir)
+        .map(|old| {
+            let now = OffsetDateTime::now_utc();
+            let mut previous: Vec<String> = old
+                .previous
+                .into_iter()
+                .filter(|pem| {
+                    CertificateDer::from_pem_slice(pem.as_bytes())
+                        .ok()
+                        .and_then(|d| not_after(&d))
+                        .is_some_and(|t| t > now)
+                })
+                .collect();
+            if let Some(ca) = CertificateDer::pem_slice_iter(old.chain.as_bytes())
+                .next()
+                .and_then(Result::ok)
+            {
+                previous.push(pem_of(&[ca]));
+            }
+            previous
+        })
+        .unwrap_or_default();
+    previous.dedup();
+    let kept = Kept {
+        chain: pem_of(&chain),
+        key: key_file,
+        previous,
+        obtained: Some(OffsetDateTime::now_utc().unix_timestamp()),
+    };
+    commit(&enrolled.dir, &kept).map_err(store)?;
+    remove_orphan_keys(&enrolled.dir, &kept);
+    Ok(Renewed { chain })
+}
+
+/// The CA CSR: CN as configured, CA:TRUE with the pathlen asked for, keyCertSign + cRLSign.
+fn ca_request(
+    config: &EnrolledIssuerConfig,
+    key: &rcgen::KeyPair,
+) -> Result<Vec<u8>, DelegationError> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, config.common_name.as_str());
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(config.path_len));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params
+        .serialize_request(key)
+        .map(|csr| csr.der().to_vec())
+        .map_err(|e| DelegationError::Key(e.to_string()))
+}
+
+/// Where the manager stands with one enrolled issuer.
+#[derive(Clone, Debug, Default)]
+struct Attempts {
+    failures: u32,
+    next_try: Option<std::time::Instant>,
+    warned_for: Option<[u8; 32]>,
+}
+
+/// The manager of every enrolled issuer of `app`: renews what is due, retries failures with
+/// back-off, warns at 90 % of a CA's life. Runs until the process ends; follows
+/// configuration changes (it reads the runtime in force on every round).
+/// Holds the application weakly: it ends with it.
+pub async fn manage(app: std::sync::Weak<crate::server::App>) {
+    let mut attempts: std::collections::HashMap<String, Attempts> = Default::default();
+    loop {
+        let Some(app) = app.upgrade() else {
+            return;
+        };
+        let runtime = app.runtime();
+        let mut sleep = TICK;
+        for enrolled in runtime.enrolled() {
+            let state = attempts.entry(enrolled.name.clone()).or_default();
+            let now = OffsetDateTime::now_utc();
+            let due_at = enrolled
+                .current
+                .map(|(nb, na)| renew_point(nb, na))
+                .unwrap_or(now);
+            if let Some((nb, na)) = enrolled.current {
+                if now >= warn_point(nb, na) && state.warned_for != enrolled.fingerprint {
+                    state.warned_for = enrolled.fingerprint;
+                    tracing::warn!(issuer = %enrolled.name, not_after = %na, failures = state.failures,
+                        "the enrolled CA is past 90 % of its life and not renewed yet");
+                }
+            }
+            // An earlier CA leaves trust and /cacerts when it expires (nothing it issued
+            // outlives it): the rebuilt runtime no longer loads it.
+            let first_gone = enrolled.previous.iter().filter_map(|c| not_after(c)).min();
+            if let Some(gone) = first_gone {
+                if gone <= now {
+                    tracing::info!(issuer = %enrolled.name, expired = %gone, "an earlier CA expired; dropped from issuer trust and /cacerts");
+                    swap_in(&app).await;
+                    sleep = Duration::ZERO;
+                    continue;
+                }
+                sleep = sleep.min((gone - now).try_into().unwrap_or(TICK));
+            }
+            // A CA that expired unrenewed no longer signs: the rebuilt runtime forwards.
+            if let Some((_, not_after)) = enrolled.current {
+                if not_after <= now {
+                    tracing::warn!(issuer = %enrolled.name, expired = %not_after, "the enrolled CA expired before it was renewed; its labels forward to the layer above");
+                    swap_in(&app).await;
+                    sleep = Duration::ZERO;
+                    continue;
+                }
+                sleep = sleep.min((not_after - now).try_into().unwrap_or(TICK));
+            }
+            if now < due_at {
+                let wait = (due_at - now).try_into().unwrap_or(TICK);
+                sleep = sleep.min(wait);
+                continue;
+            }
+            if state
+                .next_try
+                .is_some_and(|t| t > std::time::Instant::now())
+            {
+                continue;
+            }
+            let root = match enrolled.config.root.read(runtime.base(), "root") {
+                Ok(root) => root,
+                Err(e) => {
+                    tracing::error!(issuer = %enrolled.name, error = %e, "cannot read the root of an enrolled issuer");
+                    continue;
+                }
+            };
+            match renew(enrolled, &root).await {
+                Ok(renewed) => {
+                    state.failures = 0;
+                    state.next_try = None;
+                    app.metrics().enrolled_issuer_renewal(&enrolled.name, true);
+                    let (nb, na) = renewed
+                        .chain
+                        .first()
+                        .and_then(|c| validity(c))
+                        .unwrap_or((now, now));
+                    tracing::info!(issuer = %enrolled.name, not_before = %nb, not_after = %na,
+                        renew_at = %renew_point(nb, na), "enrolled a new issuing CA from the layer above");
+                    record(&app, enrolled, &renewed).await;
+                    swap_in(&app).await;
+                }
+                Err(e) => {
+                    state.failures += 1;
+                    let backoff = Duration::from_secs(1u64 << state.failures.min(16))
+                        .min(Duration::from_secs(enrolled.config.retry_max_secs));
+                    state.next_try = Some(std::time::Instant::now() + backoff);
+                    app.metrics().enrolled_issuer_renewal(&enrolled.name, false);
+                    tracing::warn!(issuer = %enrolled.name, error = %e, retry_in_secs = backoff.as_secs(),
+                        failures = state.failures, "enrolling the issuing CA failed");
+                    sleep = sleep.min(backoff);
+                }
+            }
+        }
+        drop((runtime, app));
+        tokio::time::sleep(sleep.max(Duration::from_millis(50))).await;
+    }
+}
+
+/// The CA obtained, in this layer's journal too.
+async fn record(app: &crate::server::App, enrolled: &Enrolled, renewed: &Renewed) {
+    let Some(der) = renewed.chain.first() else {
+        return;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return;
+    };
+    let rfc3339 = |t: OffsetDateTime| {
+        t.format(&::time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    use base64::Engine;
+    let entry = crate::journal::JournalEntry {
+        time: rfc3339(OffsetDateTime::now_utc()),
+        serial: crate::auth::client_cert::hex(cert.raw_serial()),
+        subject: cert.subject().to_string(),
+        sans: Vec::new(),
+        label: None,
+        operation: "simpleenroll".to_owned(),
+        identity: format!("this layer (enrolled issuer {})", enrolled.name),
+        profile: "sub-ca".to_owned(),
+        not_before: rfc3339(cert.validity().not_before.to_datetime()),
+        not_after: rfc3339(cert.validity().not_after.to_datetime()),
+        sha256: crate::auth::client_cert::hex(crate::auth::chain::fingerprint(der).as_ref()),
+        certificate: base64::engine::general_purpose::STANDARD.encode(der),
+        issued_by: format!("upstream {}", enrolled.upstream.name),
+        grace_renewal: false,
+    };
+    if let Err(e) = app.journal().record(&entry, None).await {
+        tracing::error!(issuer = %enrolled.name, error = %e, "the enrolled CA could not be journaled");
+    }
+}
+
+/// Rebuilds the runtime in force (which reads the new CA from disk) and swaps it in; again
+/// if the configuration changed meanwhile, so the newer one also holds the CA.
+async fn swap_in(app: &Arc<crate::server::App>) {
+    for _ in 0..5 {
+        let current = app.runtime();
+        let (config, base) = (current.config().clone(), current.base().to_owned());
+        let built =
+            tokio::task::spawn_blocking(move || crate::runtime::Runtime::build(&config, &base))
+                .await;
+        match built {
+            Ok(Ok(runtime)) => {
+                if app.swap_if(&current, runtime) {
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the configuration with the new CA does not load; the running one keeps serving");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "rebuilding the runtime failed");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+    fn ca(
+        cn: &str,
+        path_len: Option<u8>,
+        key_usages: Vec<KeyUsagePurpose>,
+        key: &KeyPair,
+        parent: Option<&Issuer<'_, KeyPair>>,
+    ) -> Vec<u8> {
+        let mut params = crate::pki::ca_params(cn, path_len, ::time::Duration::days(1));
+        if path_len.is_none() && cn.starts_with("leaf") {
+            params.is_ca = IsCa::ExplicitNoCa;
+        } else if let Some(n) = path_len {
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(n));
+        }
+        params.key_usages = key_usages;
+        match parent {
+            Some(parent) => params.signed_by(key, parent).unwrap().der().to_vec(),
+            None => params.self_signed(key).unwrap().der().to_vec(),
+        }
+    }
+
+    /// The answer of the layer above is checked: our key, CA:TRUE, pathlen, keyCertSign, a
+    /// chain to the configured root. Each probe with its positive control.
+    #[test]
+    fn an_answer_beyond_what_was_asked_is_refused() {
+        let usages = || vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = crate::pki::ca_params("root", None, ::time::Duration::days(2));
+        let root = CertificateDer::from(root_params.self_signed(&root_key).unwrap().der().to_vec());
+        let root_issuer = Issuer::new(root_params, root_key);
+        let other_key = KeyPair::generate().unwrap();
+        let other_root = CertificateDer::from(ca("other root", None, usages(), &other_key, None));
+        let ours = KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&ours);
+        let check = |der: Vec<u8>, root: &CertificateDer<'static>, path_len: u8| {
+            check_answer(&[der], &[], root, &spki, path_len).map(|c| c.len())
+        };
+
+        // Positive control: our key, CA pathlen 1, keyCertSign, signed by the root.
+        let good = ca("L3", Some(1), usages(), &ours, Some(&root_issuer));
+        assert_eq!(check(good.clone(), &root, 1).unwrap(), 2);
+        // Another root configured: no chain.
+        let e = check(good.clone(), &other_root, 1).unwrap_err().to_string();
+        assert!(e.contains("no chain to the configured root"), "{e}");
+        // A pathlen below the one asked for.
+        let e = check(good, &root, 2).unwrap_err().to_string();
+        assert!(e.contains("below the 2 asked for"), "{e}");
+        // Another key certified.
+        let stranger = KeyPair::generate().unwrap();
+        let e = check(
+            ca("L3", Some(1), usages(), &stranger, Some(&root_issuer)),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("another key"), "{e}");
+        // Not a CA.
+        let e = check(
+            ca("leaf", None, usages(), &ours, Some(&root_issuer)),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a CA"), "{e}");
+        // No keyCertSign.
+        let e = check(
+            ca(
+                "L3",
+                Some(0),
+                vec![KeyUsagePurpose::DigitalSignature],
+                &ours,
+                Some(&root_issuer),
+            ),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("keyCertSign"), "{e}");
+        // Signed by a CA named like the root but with another key: no chain.
+        let impostor_key = KeyPair::generate().unwrap();
+        let impostor = Issuer::new(
+            crate::pki::ca_params("root", None, ::time::Duration::days(2)),
+            impostor_key,
+        );
+        let e = check(
+            ca("L3", Some(0), usages(), &ours, Some(&impostor)),
+            &root,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no chain"), "{e}");
+    }
+
+    #[test]
+    fn renewal_starts_at_two_thirds() {
+        let nb = OffsetDateTime::from_unix_timestamp(0).unwrap();
+        let na = nb + ::time::Duration::seconds(90);
+        assert_eq!(renew_point(nb, na), nb + ::time::Duration::seconds(60));
+    }
+}

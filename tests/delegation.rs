@@ -1,0 +1,1074 @@
+//! Delegated intermediates (issue 16): the upper layer's `sub_ca` rule grants a lower layer's
+//! RA (`module:DEVICE/MODULE`) an issuing CA within bounds (pathlen, validity, name
+//! constraints), and refuses anything beyond them. Each attacker probe has its positive
+//! control; what the sub-CA mints is checked with `openssl verify` against the root.
+
+mod common;
+
+use std::path::Path;
+
+use ::time::{Duration, OffsetDateTime};
+use common::client::{basic, certs_from_answer, iot_edge_body, to_pem, Answer, EstClient};
+use common::pki::Credential;
+use common::{openssl_verify, Pki, TestServer, PASSWORD, USER};
+use edge_est::config::Config;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use x509_parser::prelude::*;
+
+// ---- helpers ------------------------------------------------------------------------------
+
+fn csr(cn: &str, key: &KeyPair, shape: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    shape(&mut params);
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+/// A CA request: CA:TRUE with `path_len` (None: no pathlen asked), keyCertSign.
+fn ca_csr(cn: &str, key: &KeyPair, path_len: Option<u8>) -> Vec<u8> {
+    csr(cn, key, |p| {
+        p.is_ca = IsCa::Ca(match path_len {
+            Some(n) => BasicConstraints::Constrained(n),
+            None => BasicConstraints::Unconstrained,
+        });
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    })
+}
+
+async fn post(client: &EstClient, path: &str, auth: &[(&str, String)], body: Vec<u8>) -> Answer {
+    let mut headers = vec![("content-type", "application/pkcs10".to_owned())];
+    headers.extend(auth.iter().cloned());
+    client
+        .request("POST", path, &headers, iot_edge_body(&body))
+        .await
+}
+
+fn leaf_of(answer: &Answer) -> Vec<u8> {
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    certs_from_answer(&answer.body).remove(0)
+}
+
+fn refused(answer: &Answer, status: u16, says: &str) {
+    assert_eq!(answer.status, status, "{}", answer.text());
+    assert!(
+        answer.text().contains(says),
+        "{says:?} in {}",
+        answer.text()
+    );
+}
+
+fn as_holder(addr: std::net::SocketAddr, root: &str, who: &Credential) -> EstClient {
+    EstClient::new(addr, root, Some((&who.cert_pem, &who.key_pem)))
+}
+
+/// A CA obtained over EST, with its key: mints what is signed below it.
+struct HeldCa {
+    der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl HeldCa {
+    fn new(der: Vec<u8>, key: KeyPair) -> HeldCa {
+        let issuer = Issuer::from_ca_cert_der(&der.clone().into(), key).unwrap();
+        HeldCa { der, issuer }
+    }
+
+    /// A certificate signed by this CA: CN `cn`, `shape` adds names. The chain (leaf, this CA)
+    /// and the key.
+    fn mint(&self, cn: &str, shape: impl FnOnce(&mut CertificateParams)) -> Credential {
+        let key = KeyPair::generate().unwrap();
+        let mut params = edge_est::pki::leaf_params(
+            cn,
+            vec![
+                ExtendedKeyUsagePurpose::ClientAuth,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ],
+            Duration::days(1),
+        );
+        shape(&mut params);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Credential {
+            cert_pem: format!("{}{}", cert.pem(), to_pem(&self.der)),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+fn config_text(pki: &Pki, body: &str) -> Config {
+    let text = format!(
+        r#"
+journal = "journal.jsonl"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[users]
+estuser = "{hash}"
+[issuers.plant]
+certificate = "issuing-ca.pem"
+key = "issuing-ca.key"
+{body}
+"#,
+        hash = pki.password_hash
+    );
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The top layer's label: devices enroll with Basic, get their Edge CA in their own name, and
+/// module `edgeest` of gw-mid is the middle layer's RA with a sub-CA allowance (`sub_ca`).
+fn top_rules(sub_ca: &str) -> String {
+    format!(
+        r#"
+[[labels]]
+issuer = "plant"
+client_trust = ["issuer"]
+[[labels.rules]]
+match = ["user:estuser"]
+common_names = ["gw-*"]
+[[labels.rules]]
+match = ["certificate:issuer"]
+common_names = ["{{cn}}"]
+ca_common_names = ["aziot-edge CA {{cn}}"]
+[[labels.rules]]
+match = ["module:gw-mid/edgeest"]
+registration_authority = true
+common_names = ["l3-*"]
+ca_common_names = ["aziot-edge CA l3-*"]
+dns_names = ["*.l3.plant.local", "gw-mid.plant.local"]
+[labels.rules.sub_ca]
+{sub_ca}
+"#
+    )
+}
+
+/// Enrolls device `device` with Basic, obtains its Edge CA with that certificate, and mints
+/// its `edgeest` module's certificate below it: the RA credential of a lower layer.
+async fn module_of(addr: std::net::SocketAddr, root: &str, device: &str) -> Credential {
+    let anonymous = EstClient::new(addr, root, None);
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf_of(
+        &post(
+            &anonymous,
+            "simpleenroll",
+            &[basic(USER, PASSWORD)],
+            csr(device, &key, |_| {}),
+        )
+        .await,
+    );
+    let device_cred = Credential {
+        cert_pem: to_pem(&cert),
+        key_pem: key.serialize_pem(),
+    };
+    let key = KeyPair::generate().unwrap();
+    let edge_ca = leaf_of(
+        &post(
+            &as_holder(addr, root, &device_cred),
+            "simpleenroll",
+            &[],
+            ca_csr(&format!("aziot-edge CA {device}"), &key, Some(0)),
+        )
+        .await,
+    );
+    HeldCa::new(edge_ca, key).mint("edgeest", |_| {})
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    std::fs::write(dir.join(name), text).unwrap();
+    name.to_owned()
+}
+
+/// `openssl verify` of a chain (leaf first) against root.pem, the issuing CA given as
+/// untrusted along with the chain's CAs.
+fn verifies(dir: &Path, name: &str, chain_pem: &str, issuing_pem: &str) -> bool {
+    let certs: Vec<&str> = chain_pem
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .collect();
+    let leaf = write(dir, &format!("{name}.pem"), certs[0]);
+    let untrusted = write(
+        dir,
+        &format!("{name}-chain.pem"),
+        &format!("{}{issuing_pem}", certs[1..].concat()),
+    );
+    openssl_verify(dir, "root.pem", &untrusted, &leaf)
+}
+
+// ---- 1. the upper layer grants a bounded sub-CA to its RA only ----------------------------
+
+/// gw-mid's RA obtains its sub-CA: CA:TRUE with the granted pathlen, keyCertSign and cRLSign,
+/// validity within the rule's maximum, name constraints from the rule's dns_names, journaled
+/// as `sub-ca`. What it mints inside its subtree verifies with openssl against the root; a
+/// name outside, or an IP address, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ra_gets_a_name_constrained_sub_ca_and_what_it_mints_outside_fails() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let config = config_text(
+        &pki,
+        &top_rules(
+            r#"common_names = ["L3 issuing CA gw-mid"]
+max_path_len = 0
+max_validity_days = 7"#,
+        ),
+    );
+    let server = TestServer::start(dir, &config).await;
+    let ra = module_of(server.addr, &root, "gw-mid").await;
+
+    let key = KeyPair::generate().unwrap();
+    let der = leaf_of(
+        &post(
+            &as_holder(server.addr, &root, &ra),
+            "simpleenroll",
+            &[],
+            ca_csr("L3 issuing CA gw-mid", &key, None),
+        )
+        .await,
+    );
+    {
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let bc = cert.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca);
+        assert_eq!(bc.path_len_constraint, Some(0));
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.key_cert_sign() && ku.crl_sign());
+        let lifetime = cert.validity().not_after.to_datetime() - OffsetDateTime::now_utc();
+        assert!(lifetime <= Duration::days(7), "{lifetime}");
+        assert!(lifetime > Duration::days(6), "{lifetime}");
+        let nc = cert.name_constraints().unwrap().unwrap().value;
+        let permitted: Vec<String> = nc
+            .permitted_subtrees
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{}", s.base))
+            .collect();
+        assert_eq!(
+            permitted,
+            ["DNSName(.l3.plant.local)", "DNSName(gw-mid.plant.local)"]
+        );
+        assert_eq!(nc.excluded_subtrees.as_ref().unwrap().len(), 2, "IPs");
+    }
+    let journal = server.journal();
+    let entry = journal.last().unwrap();
+    assert_eq!(entry.profile, "sub-ca");
+    assert!(entry.identity.contains("edgeest"), "{}", entry.identity);
+
+    let sub = HeldCa::new(der, key);
+    let issuing = pki.issuing.cert_pem.clone();
+    let dns = |name: &str| {
+        let name = name.to_owned();
+        move |p: &mut CertificateParams| {
+            p.subject_alt_names = vec![SanType::DnsName(name.as_str().try_into().unwrap())];
+        }
+    };
+    // Positive controls: names inside the subtree.
+    let inside = sub.mint("l3-dev-01", dns("dev-01.l3.plant.local"));
+    assert!(verifies(dir, "inside", &inside.cert_pem, &issuing));
+    let deeper = sub.mint("l3-dev-02", dns("a.b.l3.plant.local"));
+    assert!(verifies(dir, "deeper", &deeper.cert_pem, &issuing));
+    let exact = sub.mint("gw-mid", dns("gw-mid.plant.local"));
+    assert!(verifies(dir, "exact", &exact.cert_pem, &issuing));
+    // The compromised gateway's CA mints names outside its subtree: refused by openssl.
+    for (name, shape) in [
+        ("sibling", dns("dev-01.l4.plant.local")),
+        ("parent", dns("plant.local")),
+        ("suffix-trick", dns("evil-l3.plant.local")),
+        ("top", dns("gw-top.plant.local")),
+    ] {
+        let outside = sub.mint("l3-dev-03", shape);
+        assert!(
+            !verifies(dir, name, &outside.cert_pem, &issuing),
+            "{name} must not verify"
+        );
+    }
+    let with_ip = sub.mint("l3-dev-04", |p| {
+        p.subject_alt_names = vec![SanType::IpAddress("10.0.0.1".parse().unwrap())];
+    });
+    assert!(!verifies(dir, "ip", &with_ip.cert_pem, &issuing));
+    server.stop().await;
+}
+
+/// A directoryName subtree: what the sub-CA mints must carry its RDNs first; a subject
+/// without them fails openssl verify, one with them passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_name_subtree_binds_the_subjects_below() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let config = config_text(
+        &pki,
+        &top_rules(
+            r#"common_names = ["L3 issuing CA gw-mid"]
+directory_name = "O=Contoso,OU=Line 3""#,
+        ),
+    );
+    let server = TestServer::start(dir, &config).await;
+    let ra = module_of(server.addr, &root, "gw-mid").await;
+    let key = KeyPair::generate().unwrap();
+    let der = leaf_of(
+        &post(
+            &as_holder(server.addr, &root, &ra),
+            "simpleenroll",
+            &[],
+            ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
+        )
+        .await,
+    );
+    let sub = HeldCa::new(der, key);
+    let issuing = pki.issuing.cert_pem.clone();
+    let subject = |o: &'static str, ou: &'static str| {
+        move |p: &mut CertificateParams| {
+            let mut dn = rcgen::DistinguishedName::new();
+            dn.push(DnType::OrganizationName, o);
+            dn.push(DnType::OrganizationalUnitName, ou);
+            dn.push(DnType::CommonName, "l3-dev-01");
+            p.distinguished_name = dn;
+        }
+    };
+    let inside = sub.mint("l3-dev-01", subject("Contoso", "Line 3"));
+    assert!(verifies(dir, "dn-inside", &inside.cert_pem, &issuing));
+    let outside = sub.mint("l3-dev-01", subject("Contoso", "Line 4"));
+    assert!(!verifies(dir, "dn-outside", &outside.cert_pem, &issuing));
+    let bare = sub.mint("l3-dev-01", |_| {});
+    assert!(!verifies(dir, "dn-bare", &bare.cert_pem, &issuing));
+    server.stop().await;
+}
+
+/// Beyond the allowance: a pathlen above the rule's, a pathlen the issuer cannot sign, names
+/// outside the rule, the device itself (not its RA module) and another device's module asking
+/// for the same CA. Each refused with 403 and the reason; the positive control (the RA within
+/// bounds) is granted on the same server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_beyond_the_allowance_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    // The issuing CA has pathlen 1: a rule allowing 1 below it still cannot get 1.
+    let config = config_text(
+        &pki,
+        &top_rules(
+            r#"common_names = ["L3 issuing CA gw-mid"]
+max_path_len = 1
+max_validity_days = 36500"#,
+        ),
+    );
+    let server = TestServer::start(dir, &config).await;
+    let ra = module_of(server.addr, &root, "gw-mid").await;
+    let as_ra = as_holder(server.addr, &root, &ra);
+    let key = KeyPair::generate().unwrap();
+
+    let answer = post(
+        &as_ra,
+        "simpleenroll",
+        &[],
+        ca_csr("L3 issuing CA gw-mid", &key, Some(2)),
+    )
+    .await;
+    refused(&answer, 403, "asks for a CA with pathlen 2");
+    refused(&answer, 403, "module of device gw-mid");
+    refused(&answer, 403, "pathlen 1 at most");
+    let answer = post(
+        &as_ra,
+        "simpleenroll",
+        &[],
+        ca_csr("L3 issuing CA gw-mid", &key, Some(1)),
+    )
+    .await;
+    refused(&answer, 403, "issuing CA (pathlen 1) cannot sign");
+    let answer = post(
+        &as_ra,
+        "simpleenroll",
+        &[],
+        ca_csr("L4 issuing CA gw-mid", &key, Some(0)),
+    )
+    .await;
+    refused(&answer, 403, "CN=\"L4 issuing CA gw-mid\" is not allowed");
+    let answer = post(
+        &as_ra,
+        "simpleenroll",
+        &[],
+        csr("L3 issuing CA gw-mid", &key, |p| {
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            p.subject_alt_names = vec![SanType::DnsName("gw-top.plant.local".try_into().unwrap())];
+        }),
+    )
+    .await;
+    refused(&answer, 403, "gw-top.plant.local is not allowed");
+
+    // The device gw-mid itself, and another device's edgeest module: not the RA.
+    let anonymous = EstClient::new(server.addr, &root, None);
+    let device_key = KeyPair::generate().unwrap();
+    let device = Credential {
+        cert_pem: to_pem(&leaf_of(
+            &post(
+                &anonymous,
+                "simpleenroll",
+                &[basic(USER, PASSWORD)],
+                csr("gw-mid", &device_key, |_| {}),
+            )
+            .await,
+        )),
+        key_pem: device_key.serialize_pem(),
+    };
+    let answer = post(
+        &as_holder(server.addr, &root, &device),
+        "simpleenroll",
+        &[],
+        ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
+    )
+    .await;
+    refused(&answer, 403, "CN=\"L3 issuing CA gw-mid\" is not allowed");
+    let other = module_of(server.addr, &root, "gw-other").await;
+    let answer = post(
+        &as_holder(server.addr, &root, &other),
+        "simpleenroll",
+        &[],
+        ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
+    )
+    .await;
+    assert!(
+        matches!(answer.status, 401 | 403),
+        "{}: {}",
+        answer.status,
+        answer.text()
+    );
+    // Basic users never get one either.
+    let answer = post(
+        &anonymous,
+        "simpleenroll",
+        &[basic(USER, PASSWORD)],
+        ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
+    )
+    .await;
+    refused(&answer, 403, "may not obtain a CA certificate");
+
+    // Positive control: the RA within bounds. The validity is capped by the issuer's.
+    let der = leaf_of(
+        &post(
+            &as_ra,
+            "simpleenroll",
+            &[],
+            ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
+        )
+        .await,
+    );
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let issuing_der =
+        rustls::pki_types::CertificateDer::from_pem_slice(pki.issuing.cert_pem.as_bytes()).unwrap();
+    let (_, issuing) = X509Certificate::from_der(&issuing_der).unwrap();
+    assert_eq!(
+        cert.validity().not_after.timestamp(),
+        issuing.validity().not_after.timestamp()
+    );
+    server.stop().await;
+}
+
+/// check-config refuses sub-CA rules whose bounds cannot be enforced: a CA for anyone but a
+/// named module, DNS patterns with no name-constraint form, IP addresses, no DNS names.
+#[test]
+fn sub_ca_rules_that_cannot_be_enforced_are_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(temp.path());
+    let check = |rule: &str| -> Result<(), String> {
+        let config = config_text(
+            &pki,
+            &format!(
+                r#"
+[[labels]]
+issuer = "plant"
+client_trust = ["issuer"]
+[[labels.rules]]
+{rule}
+"#
+            ),
+        );
+        config.validate().map_err(|e| e.to_string())
+    };
+    let sub = r#"sub_ca = { common_names = ["L3 CA"] }"#;
+    for (rule, says) in [
+        (
+            format!("match = [\"certificate:issuer\"]\ndns_names = [\"*.l3.plant.local\"]\n{sub}"),
+            "module:DEVICE/MODULE only",
+        ),
+        (
+            format!("match = [\"module:gw/edgeest\"]\ndns_names = [\"l3-*.plant.local\"]\n{sub}"),
+            "no name-constraint form",
+        ),
+        (
+            format!("match = [\"module:gw/edgeest\"]\ndns_names = [\"{{cn}}.plant.local\"]\n{sub}"),
+            "no name-constraint form",
+        ),
+        (
+            format!(
+                "match = [\"module:gw/edgeest\"]\ndns_names = [\"*.l3.plant.local\"]\nip_addresses = [\"10.*\"]\n{sub}"
+            ),
+            "ip_addresses cannot bound",
+        ),
+        (
+            format!("match = [\"module:gw/edgeest\"]\n{sub}"),
+            "no dns_names",
+        ),
+        (
+            "match = [\"module:gw/edgeest\"]\ndns_names = [\"*.l3.plant.local\"]\nsub_ca = { common_names = [\"L3 CA\"], directory_name = \"X=1\" }".to_owned(),
+            "directory_name: unknown attribute",
+        ),
+    ] {
+        let err = check(&rule).expect_err(&rule);
+        assert!(err.contains(says), "{says:?} in {err}");
+    }
+    // Positive control.
+    check(&format!(
+        "match = [\"module:gw/edgeest\"]\ndns_names = [\"*.l3.plant.local\"]\n{sub}"
+    ))
+    .unwrap();
+    // An enrolled issuer names an upstream that exists; its key is made here.
+    let enrolled = |extra: &str| -> Result<(), String> {
+        let text = format!(
+            r#"
+journal = "journal.jsonl"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[upstreams.top]
+url = "https://top:8085/.well-known/est"
+trust = ["root.pem"]
+[enrolled_issuers.mid]
+common_name = "L3 issuing CA gw-mid"
+root = "root.pem"
+{extra}
+[[labels]]
+issuer = "mid"
+[labels.authentication]
+certificate = false
+[[labels.rules]]
+match = ["user:*"]
+common_names = ["l3-*"]
+"#
+        );
+        let config: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())
+    };
+    let e = enrolled("enroll = \"nowhere\"").unwrap_err();
+    assert!(
+        e.contains("enrolled_issuers.mid.enroll: no upstream named \"nowhere\""),
+        "{e}"
+    );
+    let e = enrolled("enroll = \"top\"\nkey = \"pkcs11:token=t;object=k\"").unwrap_err();
+    assert!(e.contains("not supported yet"), "{e}");
+    enrolled("enroll = \"top\"").unwrap();
+    // A CA of pathlen 0 cannot sign the Edge CAs the rules grant.
+    let edge_cas = "enroll = \"top\"\n[[labels]]\nname = \"edge\"\nissuer = \"mid\"\n\
+                    [labels.authentication]\ncertificate = false\n[[labels.rules]]\n\
+                    match = [\"user:*\"]\nca_common_names = [\"aziot-edge CA l3-*\"]";
+    let e = enrolled(edge_cas).unwrap_err();
+    assert!(e.contains("asks for pathlen 0"), "{e}");
+    enrolled(&format!("path_len = 1\n{edge_cas}")).unwrap();
+}
+
+// ---- 2. the lower layer enrolls, renews and rolls over its own CA -------------------------
+
+/// The middle layer: Basic devices `l3-*` and renewals of what it issued; its issuer `mid` is
+/// enrolled from the top with its RA credential (mid-ra.pem), its state under `mid/`.
+fn mid_config(pki: &Pki, top: std::net::SocketAddr) -> Config {
+    let text = format!(
+        r#"
+journal = "mid/journal.jsonl"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[users]
+estuser = "{hash}"
+[upstreams.top]
+url = "https://localhost:{port}/.well-known/est"
+trust = ["root.pem"]
+certificate = "mid-ra.pem"
+key = "mid-ra.key"
+[enrolled_issuers.mid]
+enroll = "top"
+common_name = "L3 issuing CA gw-mid"
+root = "root.pem"
+retry_max_secs = 1
+[[labels]]
+issuer = "mid"
+client_trust = ["issuer"]
+[[labels.rules]]
+match = ["user:estuser"]
+common_names = ["l3-*"]
+dns_names = ["*.l3.plant.local"]
+[[labels.rules]]
+match = ["certificate:issuer"]
+common_names = ["{{cn}}"]
+dns_names = ["*.l3.plant.local"]
+"#,
+        hash = pki.password_hash,
+        port = top.port()
+    );
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// A top layer whose RA rule for gw-mid grants a sub-CA of `validity` (TOML of `sub_ca`), and
+/// gw-mid's RA credential written for the middle (mid-ra.pem, mid-ra.key).
+async fn top_and_ra(dir: &Path, pki: &Pki, sub_ca: &str) -> (Config, TestServer) {
+    let config = config_text(pki, &top_rules(sub_ca));
+    let top = TestServer::start(dir, &config).await;
+    let ra = module_of(top.addr, &pki.root.cert_pem, "gw-mid").await;
+    write(dir, "mid-ra.pem", &ra.cert_pem);
+    write(dir, "mid-ra.key", &ra.key_pem);
+    (config, top)
+}
+
+fn cn_of(der: &[u8]) -> String {
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    cn
+}
+
+fn issuer_cn(der: &[u8]) -> String {
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    let cn = cert
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    cn
+}
+
+async fn enroll_basic(addr: std::net::SocketAddr, root: &str, cn: &str) -> (Answer, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let dns = format!("{cn}.l3.plant.local");
+    let answer = post(
+        &EstClient::new(addr, root, None),
+        "simpleenroll",
+        &[basic(USER, PASSWORD)],
+        csr(cn, &key, |p| {
+            p.subject_alt_names = vec![SanType::DnsName(dns.as_str().try_into().unwrap())];
+        }),
+    )
+    .await;
+    (answer, key)
+}
+
+async fn cacerts(addr: std::net::SocketAddr, root: &str) -> Vec<Vec<u8>> {
+    let answer = EstClient::new(addr, root, None)
+        .request("GET", "cacerts", &[], Vec::new())
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    certs_from_answer(&answer.body)
+}
+
+/// The SHA-256 of the enrolled issuer's CA in force at `server`, once it has one.
+async fn enrolled_ca(server: &TestServer, within: std::time::Duration) -> [u8; 32] {
+    let until = std::time::Instant::now() + within;
+    loop {
+        if let Some(f) = server.app.runtime().enrolled()[0].fingerprint {
+            return f;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no CA enrolled: {}",
+            server.app.render_metrics()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The reported properties the module would send for `server`'s runtime.
+fn reported(server: &TestServer) -> serde_json::Value {
+    let runtime = server.app.runtime();
+    let doc = edge_est::edge::reported::document(&edge_est::edge::reported::ReportInput {
+        status: "running",
+        config_version: None,
+        config_source: None,
+        rejection: None,
+        config: Some(runtime.config()),
+        runtime: Some(&runtime),
+        counters: None,
+        pending_restart: &[],
+    });
+    serde_json::Value::Object(doc)
+}
+
+fn metric_line<'a>(metrics: &'a str, name: &str) -> Vec<&'a str> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains("issuer=\"mid\""))
+        .collect()
+}
+
+/// A middle layer without CA files forwards (and says so) while the top refuses it a CA,
+/// retries with back-off, enrolls its CA once the top grants it, and signs: the leaf chains
+/// to the root through the middle's /cacerts. Both journals record the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (granting, top) = top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+    // At first the top grants gw-mid no CA.
+    let mut refusing = granting.clone();
+    refusing.labels[0].rules[2].sub_ca = None;
+    top.app
+        .swap(edge_est::runtime::Runtime::build(&refusing, dir).unwrap());
+
+    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = mid.app.render_metrics();
+        if metrics.contains("outcome=\"failed\"} 2") {
+            assert!(
+                metric_line(&metrics, "edgeest_enrolled_issuer_forwarding")[0].ends_with(" 1"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let doc = reported(&mid);
+    assert_eq!(
+        doc["enrolledIssuers"]["mid"]["state"], "forwarding",
+        "{doc}"
+    );
+    assert_eq!(doc["labels"]["(unlabeled)"]["mode"], "forward", "{doc}");
+    // Meanwhile the middle forwards: the top's issuing CA signs.
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-01").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
+
+    top.app
+        .swap(edge_est::runtime::Runtime::build(&granting, dir).unwrap());
+    enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-02").await;
+    let leaf = leaf_of(&answer);
+    assert_eq!(issuer_cn(&leaf), "L3 issuing CA gw-mid");
+    let chain = cacerts(mid.addr, &root).await;
+    assert_eq!(cn_of(&chain[0]), "L3 issuing CA gw-mid");
+    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
+    write(dir, "mid-cacerts.pem", &chain_pem);
+    write(dir, "mid-leaf.pem", &to_pem(&leaf));
+    assert!(openssl_verify(
+        dir,
+        "root.pem",
+        "mid-cacerts.pem",
+        "mid-leaf.pem"
+    ));
+
+    let metrics = mid.app.render_metrics();
+    assert!(
+        metric_line(&metrics, "edgeest_enrolled_issuer_forwarding")[0].ends_with(" 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metric_line(&metrics, "edgeest_enrolled_issuer_expiry_seconds").is_empty(),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outcome=\"ok\"} 1"), "{metrics}");
+    let doc = reported(&mid);
+    assert_eq!(doc["enrolledIssuers"]["mid"]["state"], "enrolled", "{doc}");
+    assert!(
+        doc["enrolledIssuers"]["mid"]["renewAt"].is_string(),
+        "{doc}"
+    );
+    assert_eq!(doc["labels"]["(unlabeled)"]["mode"], "sign", "{doc}");
+    // Journaled as a CA issuance at both layers.
+    assert!(top
+        .journal()
+        .iter()
+        .any(|e| e.profile == "sub-ca" && e.subject.contains("L3 issuing CA gw-mid")));
+    assert!(mid
+        .journal()
+        .iter()
+        .any(|e| e.profile == "sub-ca" && e.identity.contains("enrolled issuer mid")));
+    // The key file is the owner's alone.
+    let state = std::fs::read_dir(dir.join("mid"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
+        .unwrap()
+        .path();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", state.display());
+    }
+    for entry in std::fs::read_dir(&state).unwrap().flatten() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", entry.path().display());
+    }
+    mid.stop().await;
+    top.stop().await;
+}
+
+/// A CA of seconds: the middle renews it at two thirds of its life while two clients enroll
+/// without pause, and no request fails. A certificate from the old CA renews through the new
+/// one; the old CA is in /cacerts after the rollover and leaves it once it has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_rolls_over_under_load_and_the_old_one_leaves_when_expired() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (_, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 9"#,
+    )
+    .await;
+    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let (answer, old_key) = enroll_basic(mid.addr, &root, "l3-old").await;
+    let old_leaf = leaf_of(&answer);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for worker in 0..2 {
+        let (stop, root, addr) = (stop.clone(), root.clone(), mid.addr);
+        load.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (answer, _) = enroll_basic(addr, &root, &format!("l3-load-{worker}-{n}")).await;
+                statuses.push((answer.status, answer.text()));
+                n += 1;
+            }
+            statuses
+        }));
+    }
+    // The rollover.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let second = loop {
+        let now = mid.app.runtime().enrolled()[0].fingerprint;
+        if let Some(f) = now.filter(|f| *f != first) {
+            break f;
+        }
+        assert!(std::time::Instant::now() < until, "no rollover");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let fingerprints = |chain: &[Vec<u8>]| -> Vec<[u8; 32]> {
+        chain
+            .iter()
+            .map(|c| edge_est::auth::chain::fingerprint(c))
+            .collect()
+    };
+    let after = fingerprints(&cacerts(mid.addr, &root).await);
+    assert_eq!(after[0], second, "the new CA first");
+    assert!(after.contains(&first), "the old CA still in /cacerts");
+
+    // A certificate of the old CA renews through the new one.
+    let old = Credential {
+        cert_pem: to_pem(&old_leaf),
+        key_pem: old_key.serialize_pem(),
+    };
+    let renewed = leaf_of(
+        &post(
+            &as_holder(mid.addr, &root, &old),
+            "simplereenroll",
+            &[],
+            csr("l3-old", &old_key, |p| {
+                p.subject_alt_names = vec![SanType::DnsName(
+                    "l3-old.l3.plant.local".try_into().unwrap(),
+                )];
+            }),
+        )
+        .await,
+    );
+    let (_, renewed_cert) = X509Certificate::from_der(&renewed).unwrap();
+    let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
+    let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
+    renewed_cert
+        .verify_signature(Some(new_ca.public_key()))
+        .expect("renewed by the new CA");
+
+    // The old CA leaves /cacerts once it has expired.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let now = fingerprints(&cacerts(mid.addr, &root).await);
+        if !now.contains(&first) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the old CA stays");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Let the load run over one more renewal, then stop it.
+    let third_until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while mid.app.runtime().enrolled()[0].fingerprint == Some(second) {
+        assert!(
+            std::time::Instant::now() < third_until,
+            "no second rollover"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for task in load {
+        for (status, text) in task.await.unwrap() {
+            assert_eq!(status, 200, "{text}");
+            total += 1;
+        }
+    }
+    assert!(total > 10, "{total} enrollments under load");
+    mid.stop().await;
+    top.stop().await;
+}
+
+/// A restart in the middle of a renewal: a key written but never committed (the process died
+/// before the CA came back) and a half-written state file are ignored; the committed CA keeps
+/// signing at once after the restart, and the orphan key goes at the next renewal. A state
+/// file destroyed outright makes the layer enroll anew, never use a key it does not name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (_, top) = top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+    let config = mid_config(&pki, top.addr);
+    let mid = TestServer::start(dir, &config).await;
+    let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let state = mid.app.runtime().enrolled()[0].dir.clone();
+    mid.stop().await;
+
+    // The renewal interrupted: a fresh key on disk, the state file half replaced.
+    let orphan = state.join("key-99999999999999999999.pem");
+    std::fs::write(&orphan, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    std::fs::write(
+        state.join("current.json.tmp4242"),
+        "{\"chain\": \"-----BEGIN",
+    )
+    .unwrap();
+    let granted_before = top
+        .journal()
+        .iter()
+        .filter(|e| e.profile == "sub-ca")
+        .count();
+
+    let mid = TestServer::start(dir, &config).await;
+    assert_eq!(
+        mid.app.runtime().enrolled()[0].fingerprint,
+        Some(first),
+        "the committed CA serves at once"
+    );
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-restart").await;
+    let leaf = leaf_of(&answer);
+    let ca = cacerts(mid.addr, &root).await.remove(0);
+    let (_, ca) = X509Certificate::from_der(&ca).unwrap();
+    let (_, leaf) = X509Certificate::from_der(&leaf).unwrap();
+    leaf.verify_signature(Some(ca.public_key()))
+        .expect("signed by the committed CA");
+    assert_eq!(
+        top.journal()
+            .iter()
+            .filter(|e| e.profile == "sub-ca")
+            .count(),
+        granted_before,
+        "no new CA asked for"
+    );
+    mid.stop().await;
+
+    // The state file destroyed: nothing names a key, so a new CA is enrolled, and the
+    // orphan is never used (it is removed with the next commit).
+    std::fs::write(state.join("current.json"), "{ not json").unwrap();
+    let mid = TestServer::start(dir, &config).await;
+    let again = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    assert_ne!(again, first);
+    assert!(!orphan.exists(), "the orphan key is removed");
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-loss").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
+    mid.stop().await;
+    top.stop().await;
+}
+
+/// README's section on enrolled issuers: both examples load, the upper layer's rule grants
+/// its RA a sub-CA within the bounds it states.
+#[test]
+fn the_readme_examples_validate() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("\n### A layer's own CA, enrolled from the layer above\n")
+        .nth(1)
+        .unwrap();
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .take(2)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    let temp = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(temp.path());
+    let upper = config_text(
+        &pki,
+        &format!(
+            "[[labels]]\nissuer = \"plant\"\nclient_trust = [\"issuer\"]\n{}",
+            blocks[0]
+        ),
+    );
+    upper.validate().unwrap();
+    let sub = upper.labels[0].rules[0].sub_ca.as_ref().unwrap();
+    assert_eq!((sub.max_path_len, sub.max_validity_days), (0, 30));
+    let lower: Config = toml::from_str(&format!(
+        "[tls]\ncertificate = \"server.pem\"\nkey = \"server.key\"\n{}",
+        blocks[1]
+    ))
+    .unwrap();
+    lower.validate().unwrap();
+    assert_eq!(lower.enrolled_issuers["mid"].retry_max_secs, 300);
+}
+
+/// The top stops granting: the middle's renewals fail (retried, counted), and when its CA
+/// expires its label forwards instead of failing; devices keep enrolling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_expires_unrenewed_leaves_the_layer_forwarding() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (granting, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 6"#,
+    )
+    .await;
+    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let mut refusing = granting.clone();
+    refusing.labels[0].rules[2].sub_ca = None;
+    top.app
+        .swap(edge_est::runtime::Runtime::build(&refusing, dir).unwrap());
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-while-valid").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
+
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while mid.app.runtime().enrolled()[0].current.is_some() {
+        assert!(std::time::Instant::now() < until, "the expired CA stays");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let metrics = mid.app.render_metrics();
+    assert!(metrics.contains("outcome=\"failed\"}"), "{metrics}");
+    assert!(
+        metric_line(&metrics, "edgeest_enrolled_issuer_forwarding")[0].ends_with(" 1"),
+        "{metrics}"
+    );
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-expiry").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
+    mid.stop().await;
+    top.stop().await;
+}
