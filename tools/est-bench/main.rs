@@ -7,6 +7,7 @@
 //! est-bench pki --dir DIR         a benchmark PKI and server configurations
 //! est-bench socket-floor --pki DIR   a minimal responder on the same stack: the socket floor
 //! est-bench summary FLOOR.json NAME=RESULT.json ...   results next to the floor
+//! est-bench outage               latency at the bottom of three layers, by outage of the top
 //! est-bench hostile --server-bin BIN   refusing hostile client chains, and a client meanwhile
 //! ```
 //!
@@ -18,6 +19,7 @@
 mod floor;
 mod hostile;
 mod load;
+mod outage;
 mod pki;
 mod procfs;
 mod socket_floor;
@@ -52,6 +54,9 @@ enum Command {
     /// certificate, one request, CSR verified, leaf signed; no policy, journal or logging),
     /// to be driven by the load generator.
     SocketFloor(socket_floor::SocketFloorArgs),
+    /// Enrollment latency at the bottom of three layers in each outage shape of the top (up,
+    /// refusing, hung, dropping SYNs); layers run in this process.
+    Outage(outage::OutageArgs),
     /// Prints benchmark results (JSON files of `--json` runs) next to the floor.
     Summary(summary::SummaryArgs),
     /// What refusing hostile client certificate chains costs a server (a given edge-est
@@ -65,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Floor(args)) => floor::run(&args),
         Some(Command::Pki(args)) => pki::run(&args),
         Some(Command::SocketFloor(args)) => socket_floor::run(&args),
+        Some(Command::Outage(args)) => outage::run(&args),
         Some(Command::Summary(args)) => summary::run(&args),
         Some(Command::Hostile(args)) => hostile::run(&args),
         None => load::run(cli.load),
