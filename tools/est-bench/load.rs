@@ -347,6 +347,12 @@ pub struct ServerReport {
     pub memory_after: procfs::Memory,
     /// (completed units, VmRSS KiB) samples, with --rss-every.
     pub rss_samples: Vec<(u64, u64)>,
+    /// Voluntary context switches of the server's threads per completed unit (wake-ups).
+    #[serde(default)]
+    pub voluntary_switches_per_unit: Option<f64>,
+    /// Involuntary context switches per completed unit (preemptions).
+    #[serde(default)]
+    pub involuntary_switches_per_unit: Option<f64>,
 }
 
 pub fn run(args: LoadArgs) -> anyhow::Result<()> {
@@ -485,13 +491,17 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     let servers_before = args
         .server_pid
         .iter()
-        .map(|&pid| -> anyhow::Result<(u32, f64, procfs::Memory)> {
-            Ok((
-                pid,
-                procfs::cpu_seconds(pid).with_context(|| format!("reading /proc/{pid}/stat"))?,
-                procfs::memory(pid)?,
-            ))
-        })
+        .map(
+            |&pid| -> anyhow::Result<(u32, f64, procfs::Memory, Option<(u64, u64)>)> {
+                Ok((
+                    pid,
+                    procfs::cpu_seconds(pid)
+                        .with_context(|| format!("reading /proc/{pid}/stat"))?,
+                    procfs::memory(pid)?,
+                    procfs::context_switches(pid),
+                ))
+            },
+        )
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client_cpu_before = procfs::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let machine_before = procfs::machine_busy_seconds();
@@ -530,8 +540,17 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
 
     let completed = tally.ok + tally.failed;
     let mut servers = Vec::new();
-    for (i, (pid, cpu_before, memory_before)) in servers_before.into_iter().enumerate() {
+    for (i, (pid, cpu_before, memory_before, switches_before)) in
+        servers_before.into_iter().enumerate()
+    {
         let cpu_s = procfs::cpu_seconds(pid)? - cpu_before;
+        let switches = match (switches_before, procfs::context_switches(pid)) {
+            (Some((v0, i0)), Some((v1, i1))) => Some((
+                v1.saturating_sub(v0) as f64 / completed.max(1) as f64,
+                i1.saturating_sub(i0) as f64 / completed.max(1) as f64,
+            )),
+            _ => None,
+        };
         let memory_after = procfs::memory(pid)?;
         let samples = if i == 0 && args.rss_every.is_some() {
             let mut samples = std::mem::take(&mut rss_samples);
@@ -549,6 +568,8 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             memory_before,
             memory_after,
             rss_samples: samples,
+            voluntary_switches_per_unit: switches.map(|s| s.0),
+            involuntary_switches_per_unit: switches.map(|s| s.1),
         });
     }
     let server_cpu_us_per_unit =
@@ -1126,6 +1147,14 @@ fn print_report(r: &LoadReport) {
             s.memory_after.rss_kib as f64 / 1024.0,
             s.memory_after.hwm_kib as f64 / 1024.0
         );
+        if let (Some(v), Some(i)) = (
+            s.voluntary_switches_per_unit,
+            s.involuntary_switches_per_unit,
+        ) {
+            println!(
+                "    context switches per {one}: {v:.2} voluntary (wake-ups), {i:.2} involuntary"
+            );
+        }
         if !s.rss_samples.is_empty() {
             let samples: Vec<String> = s
                 .rss_samples

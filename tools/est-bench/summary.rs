@@ -210,22 +210,26 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
              mean of the floors around the round):"
         );
         println!(
-            "  {:<7} {:>10} {:>10} {:>9} {:>11} {:>11} {:>11} {:>11}",
+            "  {:<7} {:>10} {:>10} {:>9} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8}",
             "round",
             "in-memory",
             "socket",
             "edge-est",
             "socket-mem",
             "edge-sock",
-            "edge/mem",
-            "edge/sock"
+            "mem/edge",
+            "sock/edge",
+            "sock cs",
+            "edge cs"
         );
         for line in side_by_side.iter().filter(|s| !s.is_empty()) {
             println!("  {line}");
         }
         println!(
             "  socket-mem: what sockets, syscalls and wake-ups cost this machine for the same \
-             crypto; edge-sock: edge-est's own (HTTP, policy, journal, logging, metrics)"
+             crypto; edge-sock: edge-est's own (HTTP, policy, journal, logging, metrics);\n  \
+             mem/edge is the key ratio (target >= 0.50); cs: voluntary context switches of the \
+             server per enrollment"
         );
         println!();
     }
@@ -359,10 +363,13 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
         for (server, layer) in r.servers.iter().zip(STORM_LAYERS) {
             println!(
                 "  {layer:<28} {:>6.0} µs CPU per issuance, peak RSS (VmHWM) {:.1} MiB \
-                 (from {:.1} MiB)",
+                 (from {:.1} MiB), {} voluntary context switches per issuance",
                 server.cpu_us_per_unit,
                 mib(server.memory_after.hwm_kib),
-                mib(server.memory_before.rss_kib)
+                mib(server.memory_before.rss_kib),
+                server
+                    .voluntary_switches_per_unit
+                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
             );
         }
         if let Some(all) = r.server_cpu_us_per_unit {
@@ -462,8 +469,14 @@ impl SignRound {
         let edge = self.report.server_cpu_us_per_unit.unwrap_or(f64::NAN);
         let sock = socket.server_cpu_us_per_unit.unwrap_or(f64::NAN);
         let mem = self.floor_us;
+        let switches = |r: &LoadReport| {
+            r.servers
+                .first()
+                .and_then(|s| s.voluntary_switches_per_unit)
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
+        };
         format!(
-            "{:<7} {:>10.0} {:>10.0} {:>9.0} {:>+11.0} {:>+11.0} {:>11.2} {:>11.2}{}",
+            "{:<7} {:>10.0} {:>10.0} {:>9.0} {:>+11.0} {:>+11.0} {:>11.2} {:>11.2} {:>8} {:>8}{}",
             self.report
                 .name
                 .as_deref()
@@ -476,6 +489,8 @@ impl SignRound {
             edge - sock,
             mem / edge,
             sock / edge,
+            switches(socket),
+            switches(&self.report),
             if socket.failed > 0 || self.report.failed > 0 {
                 "  (errors!)"
             } else {
