@@ -197,7 +197,10 @@ echo "   (simpleenroll + cacerts on two fresh mTLS connections each, c=64)"
 if [ ! -f "$PKI/forward-1.toml.in" ] || ! "$BIN/edge-est" check-config "$PKI/forward-probe.toml" >/dev/null 2>&1; then
   echo "storm: forwarding not supported by this build"
 else
-  start_server storm-top top.toml
+  # Fresh journals: a layer reads its whole journal at start (its memory grows with it), and
+  # the storm's figures should not depend on how much (e) issued before.
+  sed 's/journal-top/journal-storm-top/' "$PKI/top.toml" >"$PKI/storm-top.toml"
+  start_server storm-top storm-top.toml
   TOP_PID=$PID TOP_PORT=$PORT
   sed "s/@UPSTREAM_PORT@/$TOP_PORT/" "$PKI/forward-1.toml.in" >"$PKI/storm-middle.toml"
   sed -i 's/journal-forward-1/journal-storm-middle/' "$PKI/storm-middle.toml"
