@@ -491,17 +491,14 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     let servers_before = args
         .server_pid
         .iter()
-        .map(
-            |&pid| -> anyhow::Result<(u32, f64, procfs::Memory, Option<(u64, u64)>)> {
-                Ok((
-                    pid,
-                    procfs::cpu_seconds(pid)
-                        .with_context(|| format!("reading /proc/{pid}/stat"))?,
-                    procfs::memory(pid)?,
-                    procfs::context_switches(pid),
-                ))
-            },
-        )
+        .map(|&pid| -> anyhow::Result<ServerBefore> {
+            Ok((
+                pid,
+                procfs::cpu_seconds(pid).with_context(|| format!("reading /proc/{pid}/stat"))?,
+                procfs::memory(pid)?,
+                procfs::context_switches(pid),
+            ))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client_cpu_before = procfs::cpu_seconds(std::process::id()).unwrap_or(0.0);
     let machine_before = procfs::machine_busy_seconds();
@@ -632,6 +629,9 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(())
 }
+
+/// A server's pid, CPU seconds, memory and context switches when the clock starts.
+type ServerBefore = (u32, f64, procfs::Memory, Option<(u64, u64)>);
 
 /// Resolves the target and refuses anything but loopback unless allowed; of the addresses,
 /// takes the first that accepts a connection (localhost may resolve to ::1 first while the

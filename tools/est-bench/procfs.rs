@@ -94,25 +94,6 @@ fn bad(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_own_process() {
-        let pid = std::process::id();
-        assert!(cpu_seconds(pid).unwrap() >= 0.0);
-        let m = memory(pid).unwrap();
-        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib);
-        let a = thread_cpu_ns().unwrap();
-        let mut x = 0u64;
-        for i in 0..1_000_000u64 {
-            x = std::hint::black_box(x.wrapping_add(i));
-        }
-        assert!(thread_cpu_ns().unwrap() > a, "{x}");
-    }
-}
-
 /// Context switches (voluntary, involuntary) of all the process's live threads so far, from
 /// `/proc/PID/task/*/status`: a count of wake-ups that does not depend on the machine's
 /// speed. Threads that have exited are not counted (edge-est's threads live as long as it).
@@ -133,4 +114,23 @@ pub fn context_switches(pid: u32) -> Option<(u64, u64)> {
         }
     }
     Some((voluntary, involuntary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process() {
+        let pid = std::process::id();
+        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        let m = memory(pid).unwrap();
+        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib);
+        let a = thread_cpu_ns().unwrap();
+        let mut x = 0u64;
+        for i in 0..1_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i));
+        }
+        assert!(thread_cpu_ns().unwrap() > a, "{x}");
+    }
 }
