@@ -33,7 +33,9 @@ softhsm2-util --import "$PKI/server.key" --token bench --label server --id 02 \
   --pin 1234 >/dev/null
 
 # The device certificate authenticates through a trust set of the issuing CA (`issuer` would
-# accept only certificates this server's journal recorded).
+# accept only certificates this server's journal recorded). `est-bench pki` writes it so
+# itself now; older ones wrote `issuer`.
+if grep -q 'client_trust = \["issuer"\]' "$PKI/sign-p256.toml"; then
 sed -i -e 's|client_trust = \["issuer"\]|client_trust = ["devices"]|' \
   -e 's|match = \["certificate:issuer"\]|match = ["certificate:devices"]|' \
   -e '1a [trust.devices]\ncertificates = ["issuing-p256.pem"]' "$PKI/sign-p256.toml"
@@ -46,6 +48,7 @@ trust = lines[1:3]
 rest = lines[:1] + lines[3:]
 open(p, "w").write("\n".join(rest) + "\n" + "\n".join(trust) + "\n")
 PY
+fi
 
 token_key() { echo "pkcs11:token=bench;object=$1?pin-value=1234"; }
 sed -e "s|^key = \"issuing-p256.key\"|key = \"$(token_key issuing)\"|" \

@@ -2,22 +2,26 @@
 # The edge-est benchmark, in one go on this machine (see BENCHMARKS.md):
 #   (a) the crypto floor of one enrollment on one core (est-bench floor, in memory);
 #   (b) local-sign enrollment, fresh mTLS connection each: P-256 issuer (three rounds, each
-#       against the floors around it), RSA-2048 issuer, and the IoT Edge shape (simpleenroll +
-#       cacerts on two connections);
+#       with the socket floor (est-bench socket-floor: a minimal responder on the same stack)
+#       just before it and the in-memory floor after it), RSA-2048 issuer, and the IoT Edge
+#       shape (simpleenroll + cacerts on two connections);
 #   (c) cacerts with keep-alive;
 #   (d) idle RSS of a fresh server, and RSS over 100,000 enrollments;
 #   (e) enrollment forwarded through one and two layers (when edge-est has mode = "forward");
-# then every result next to the floor, checked against the targets of issue 7.
+#   (f) a storm: 10,000 distinct devices (client certificates of their own) re-enrolling in
+#       the IoT Edge shape at the bottom of three fresh layers, c=64;
+# then every result next to the floors, checked against the targets of issues 7 and 18.
 #
-# Usage: bench/run.sh            (about 5 minutes once the release build is done)
+# Usage: bench/run.sh            (about 6 minutes once the release build is done)
 # Environment: EST_BENCH_OUT=DIR keeps everything (PKI, configs, logs, JSON results) in DIR
 #              instead of a fresh temporary directory; EST_BENCH_SECONDS=N changes the length
-#              of each timed run (default 12).
+#              of each timed run (default 12); EST_BENCH_STORM=N the storm's devices (10000).
 # Only loopback addresses are used; the servers started here are stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SECS=${EST_BENCH_SECONDS:-12}
+STORM=${EST_BENCH_STORM:-10000}
 OUT=${EST_BENCH_OUT:-$(mktemp -d /tmp/edge-est-bench.XXXXXX)}
 mkdir -p "$OUT/results"
 PKI=$OUT/pki
@@ -85,20 +89,38 @@ echo
 echo "== (a) crypto floor, one core, no sockets"
 taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor.json"
 
+# The socket floor: a minimal responder on the same stack, same certificates.
+"$BIN/est-bench" socket-floor --pki "$PKI" >"$OUT/socket-floor.log" 2>&1 &
+FLOOR_PID=$!
+SERVER_PIDS+=("$FLOOR_PID")
+FLOOR_PORT=
+for i in $(seq 100); do
+  FLOOR_PORT=$(grep -o 'listen=127\.0\.0\.1:[0-9]*' "$OUT/socket-floor.log" | head -1 | cut -d: -f2 || true)
+  [ -n "$FLOOR_PORT" ] && break
+  sleep 0.1
+done
+[ -n "$FLOOR_PORT" ] || { echo "est-bench socket-floor did not start:" >&2; cat "$OUT/socket-floor.log" >&2; exit 1; }
+
 echo
 echo "== (b) local-sign enrollment, P-256 issuer, fresh mTLS connection per enrollment: three"
-echo "   rounds, each followed by the crypto floor again (the machine's speed drifts: a VM"
-echo "   sharing its host); each round is set against the mean of the floors around it, and"
-echo "   the summary takes the median round"
+echo "   rounds of: the socket floor (minimal responder, same client, same certificates), then"
+echo "   edge-est, then the crypto floor again (the machine's speed drifts: a VM sharing its"
+echo "   host); each round is set against the mean of the floors around it, and the summary"
+echo "   takes the median round"
 start_server sign-p256 sign-p256.toml
 for round in 1 2 3; do
   suffix=$([ "$round" = 1 ] && echo "" || echo ".r$round")
-  echo "-- round $round"
+  echo "-- round $round: socket floor"
+  bench "$(url "$FLOOR_PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
+    --concurrency 16 --warmup 500 --duration "$SECS" --server-pid "$FLOOR_PID" \
+    --name "socket-floor$suffix" --json-out "$RES/socket-floor$suffix.json"
+  echo "-- round $round: edge-est"
   bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
     --concurrency 16 --warmup 500 --duration "$SECS" --server-pid "$PID" \
-    --name sign-p256 --json-out "$RES/sign-p256$suffix.json"
+    --name "sign-p256$suffix" --json-out "$RES/sign-p256$suffix.json"
   taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor-end$suffix.json" | grep FLOOR
 done
+stop_server "$FLOOR_PID"
 echo
 echo "== (b) the IoT Edge shape: simpleenroll + cacerts at once on two fresh mTLS connections"
 bench "$(url "$PORT")" --cert "$PKI/device-p256.pem" --cert-key "$PKI/device-p256.key" \
@@ -166,6 +188,35 @@ else
   done
   stop_server "$F2_PID"
   stop_server "$F1_PID"
+  stop_server "$TOP_PID"
+fi
+
+echo
+echo "== (f) storm: $STORM distinct devices re-enrolling at the bottom of three fresh layers"
+echo "   (simpleenroll + cacerts on two fresh mTLS connections each, c=64)"
+if [ ! -f "$PKI/forward-1.toml.in" ] || ! "$BIN/edge-est" check-config "$PKI/forward-probe.toml" >/dev/null 2>&1; then
+  echo "storm: forwarding not supported by this build"
+else
+  # Fresh journals: a layer reads its whole journal at start (its memory grows with it), and
+  # the storm's figures should not depend on how much (e) issued before.
+  sed 's/journal-top/journal-storm-top/' "$PKI/top.toml" >"$PKI/storm-top.toml"
+  start_server storm-top storm-top.toml
+  TOP_PID=$PID TOP_PORT=$PORT
+  sed "s/@UPSTREAM_PORT@/$TOP_PORT/" "$PKI/forward-1.toml.in" >"$PKI/storm-middle.toml"
+  sed -i 's/journal-forward-1/journal-storm-middle/' "$PKI/storm-middle.toml"
+  start_server storm-middle storm-middle.toml
+  MID_PID=$PID MID_PORT=$PORT
+  sed "s/@UPSTREAM_PORT@/$MID_PORT/" "$PKI/forward-2.toml.in" >"$PKI/storm-bottom.toml"
+  sed -i 's/journal-forward-2/journal-storm-bottom/' "$PKI/storm-bottom.toml"
+  start_server storm-bottom storm-bottom.toml
+  BOTTOM_PID=$PID BOTTOM_PORT=$PORT
+  # The order of the pids is the summary's: top, middle, bottom.
+  bench "$(url "$BOTTOM_PORT")" --shape iot-edge --clients "$STORM" \
+    --client-ca "$PKI/device-ca-p256.pem" --client-ca-key "$PKI/issuing-p256.key" \
+    --requests "$STORM" --concurrency 64 --timeout 30 \
+    --server-pid "$TOP_PID,$MID_PID,$BOTTOM_PID" --name storm --json-out "$RES/storm.json"
+  stop_server "$BOTTOM_PID"
+  stop_server "$MID_PID"
   stop_server "$TOP_PID"
 fi
 

@@ -258,8 +258,22 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadCase<IO> {
                 let taken = match find(&this.head, b"\r\n\r\n", start.saturating_sub(3)) {
                     Some(end) => {
                         this.head.truncate(end + 4);
-                        let taken = end + 4 - start;
+                        let mut taken = end + 4 - start;
                         this.finish_head();
+                        // The body that came with the head (hyper writes both at once) goes
+                        // out with it: one TLS record and one write instead of two.
+                        if let State::Body(left) = this.state {
+                            let rest = &buf[taken..];
+                            let more = usize::try_from(left).unwrap_or(usize::MAX).min(rest.len());
+                            this.pending.extend_from_slice(&rest[..more]);
+                            taken += more;
+                            let left = left - more as u64;
+                            this.state = if left == 0 {
+                                State::Head
+                            } else {
+                                State::Body(left)
+                            };
+                        }
                         taken
                     }
                     None if this.head.len() > MAX_HEAD => {
@@ -393,6 +407,60 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = all.chunks(1).collect();
         assert_eq!(through(&bytes, &methods).await, expected);
+    }
+
+    /// Records every write it is given, whole.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_and_its_body_written_at_once_go_out_in_one_write() {
+        // Over TLS each write to the connection is a record and a system call.
+        let methods = Methods::default();
+        methods.note(&http::Method::POST);
+        methods.note(&http::Method::GET);
+        let mut writer = HeadCase::new(Writes::default(), methods);
+        let one = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        writer.write_all(one).await.unwrap();
+        writer.flush().await.unwrap();
+        assert_eq!(
+            writer.get_ref().0,
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec()]
+        );
+        // A body longer than what came with its head: the rest follows as it comes, and the
+        // next head is rewritten again.
+        let mut writer = HeadCase::new(Writes::default(), Methods::default());
+        writer
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nhell")
+            .await
+            .unwrap();
+        writer
+            .write_all(b"o!!!HTTP/1.1 204 No Content\r\ndate: x\r\n\r\n")
+            .await
+            .unwrap();
+        writer.flush().await.unwrap();
+        assert_eq!(
+            writer.get_ref().0.concat(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nhello!!!HTTP/1.1 204 No Content\r\nDate: x\r\n\r\n"
+        );
+        assert_eq!(writer.get_ref().0.len(), 3);
     }
 
     #[tokio::test]

@@ -226,6 +226,15 @@ pub async fn serve<S: Service>(
     let _ = done_tx.send(true);
 }
 
+/// The period of a connection thread's pacing timer. tokio wakes a thread's own driver (an
+/// eventfd write, then an `epoll_wait` that returns at once) whenever a timer is armed earlier
+/// than the one the thread last went to sleep for, or while it slept with none; every
+/// connection arms a handshake, a header and a body timeout, so that happened about every
+/// other enrollment (strace: 0.5 self-wakes per fresh-connection enrollment). With a timer
+/// always due within a second, the timeouts (seconds, see `Limits`) come later than the next
+/// planned wake and arm silently, for one wake-up a second per thread.
+const PACER: Duration = Duration::from_secs(1);
+
 /// One connection thread: accepts on its socket and serves what it accepts, on a runtime of
 /// its own, until told to stop accepting; then waits for the end of the drain.
 fn connection_thread<S: Service>(socket: std::net::TcpListener, shared: Shared<S>) {
@@ -240,6 +249,12 @@ fn connection_thread<S: Service>(socket: std::net::TcpListener, shared: Shared<S
         }
     };
     runtime.block_on(async move {
+        // Keeps a timer due within PACER, for as long as the thread serves (see there).
+        tokio::spawn(async {
+            loop {
+                tokio::time::sleep(PACER).await;
+            }
+        });
         match TcpListener::from_std(socket) {
             Ok(listener) => accept_loop(listener, &shared).await,
             Err(e) => tracing::error!(error = %e, "cannot use a listening socket"),

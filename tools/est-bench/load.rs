@@ -47,6 +47,20 @@ pub struct LoadArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     pub cert_key: Option<PathBuf>,
+    /// Distinct devices: mint this many client certificates (P-256, CN from --client-cn)
+    /// from --client-ca before the clock; request (or issuance) n presents device n mod N's
+    /// certificate and asks for its CN, with a CSR key of its own. A fleet re-enrolling.
+    #[arg(long, requires_all = ["client_ca", "client_ca_key"], conflicts_with_all = ["cert", "keep_alive", "distinct_keys", "cn"])]
+    pub clients: Option<usize>,
+    /// CA certificate (PEM, first certificate) that issues the --clients certificates.
+    #[arg(long, requires = "clients")]
+    pub client_ca: Option<PathBuf>,
+    /// Private key (PEM) of --client-ca.
+    #[arg(long, requires = "clients")]
+    pub client_ca_key: Option<PathBuf>,
+    /// CN of the --clients certificates; `{i}` becomes the device's index.
+    #[arg(long, default_value = "storm-device-{i}")]
+    pub client_cn: String,
     /// Requests (or IoT Edge issuances) in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
@@ -159,7 +173,8 @@ struct Ctx {
     server_name: ServerName<'static>,
     host_header: String,
     base_path: String,
-    connector: tokio_rustls::TlsConnector,
+    /// One per device (--clients), else one.
+    connectors: Vec<tokio_rustls::TlsConnector>,
     authorization: Option<String>,
     keep_alive: bool,
     timeout: Duration,
@@ -332,6 +347,12 @@ pub struct ServerReport {
     pub memory_after: procfs::Memory,
     /// (completed units, VmRSS KiB) samples, with --rss-every.
     pub rss_samples: Vec<(u64, u64)>,
+    /// Voluntary context switches of the server's threads per completed unit (wake-ups).
+    #[serde(default)]
+    pub voluntary_switches_per_unit: Option<f64>,
+    /// Involuntary context switches per completed unit (preemptions).
+    #[serde(default)]
+    pub involuntary_switches_per_unit: Option<f64>,
 }
 
 pub fn run(args: LoadArgs) -> anyhow::Result<()> {
@@ -384,10 +405,13 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         None => (args.op.unwrap_or(Op::Simpleenroll), false),
     };
     let needs_csr = iot_edge || op.posts_csr();
-    let distinct = args.distinct_keys.unwrap_or(match args.key {
-        KeyType::EcP256 => 1024,
-        KeyType::Rsa2048 => 200,
-    });
+    let distinct = args
+        .clients
+        .or(args.distinct_keys)
+        .unwrap_or(match args.key {
+            KeyType::EcP256 => 1024,
+            KeyType::Rsa2048 => 200,
+        });
     let client_cn = match &args.cert {
         Some(path) => client_cn(path)?,
         None => None,
@@ -396,6 +420,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         .cn
         .clone()
         .or(client_cn)
+        .or(args.clients.map(|_| args.client_cn.clone()))
         .unwrap_or_else(|| "bench-{i}".to_owned());
     let csrs = if needs_csr {
         let started = Instant::now();
@@ -413,12 +438,29 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         Vec::new()
     };
 
+    let connectors = match args.clients {
+        Some(n) => {
+            let started = Instant::now();
+            let configs = device_configs(&args, &tls, n)?;
+            if !args.json {
+                eprintln!(
+                    "minted {n} device certificates in {:.1} s before the clock",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            configs
+        }
+        None => vec![Arc::new(tls)],
+    };
     let ctx = Arc::new(Ctx {
         addr,
         server_name,
         host_header,
         base_path,
-        connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        connectors: connectors
+            .into_iter()
+            .map(tokio_rustls::TlsConnector::from)
+            .collect(),
         authorization,
         keep_alive: args.keep_alive,
         timeout: Duration::from_secs_f64(args.timeout),
@@ -449,11 +491,12 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     let servers_before = args
         .server_pid
         .iter()
-        .map(|&pid| -> anyhow::Result<(u32, f64, procfs::Memory)> {
+        .map(|&pid| -> anyhow::Result<ServerBefore> {
             Ok((
                 pid,
                 procfs::cpu_seconds(pid).with_context(|| format!("reading /proc/{pid}/stat"))?,
                 procfs::memory(pid)?,
+                procfs::context_switches(pid),
             ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -494,8 +537,17 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
 
     let completed = tally.ok + tally.failed;
     let mut servers = Vec::new();
-    for (i, (pid, cpu_before, memory_before)) in servers_before.into_iter().enumerate() {
+    for (i, (pid, cpu_before, memory_before, switches_before)) in
+        servers_before.into_iter().enumerate()
+    {
         let cpu_s = procfs::cpu_seconds(pid)? - cpu_before;
+        let switches = match (switches_before, procfs::context_switches(pid)) {
+            (Some((v0, i0)), Some((v1, i1))) => Some((
+                v1.saturating_sub(v0) as f64 / completed.max(1) as f64,
+                i1.saturating_sub(i0) as f64 / completed.max(1) as f64,
+            )),
+            _ => None,
+        };
         let memory_after = procfs::memory(pid)?;
         let samples = if i == 0 && args.rss_every.is_some() {
             let mut samples = std::mem::take(&mut rss_samples);
@@ -513,6 +565,8 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             memory_before,
             memory_after,
             rss_samples: samples,
+            voluntary_switches_per_unit: switches.map(|s| s.0),
+            involuntary_switches_per_unit: switches.map(|s| s.1),
         });
     }
     let server_cpu_us_per_unit =
@@ -576,6 +630,9 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A server's pid, CPU seconds, memory and context switches when the clock starts.
+type ServerBefore = (u32, f64, procfs::Memory, Option<(u64, u64)>);
+
 /// Resolves the target and refuses anything but loopback unless allowed; of the addresses,
 /// takes the first that accepts a connection (localhost may resolve to ::1 first while the
 /// server listens on 127.0.0.1 only).
@@ -624,19 +681,7 @@ fn password(args: &LoadArgs) -> anyhow::Result<Option<String>> {
 }
 
 fn client_config(args: &LoadArgs) -> anyhow::Result<ClientConfig> {
-    let cacert = args
-        .cacert
-        .as_ref()
-        .context("--cacert is required: the CA that issued the server's TLS certificate")?;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(cacert)
-        .with_context(|| format!("reading {}", cacert.display()))?
-    {
-        roots.add(cert?)?;
-    }
-    if roots.is_empty() {
-        bail!("{} holds no certificate", cacert.display());
-    }
+    let roots = server_roots(args)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -656,6 +701,75 @@ fn client_config(args: &LoadArgs) -> anyhow::Result<ClientConfig> {
         config.resumption = rustls::client::Resumption::disabled();
     }
     Ok(config)
+}
+
+/// The CAs trusted for the server's TLS certificate (--cacert).
+fn server_roots(args: &LoadArgs) -> anyhow::Result<Arc<RootCertStore>> {
+    let cacert = args
+        .cacert
+        .as_ref()
+        .context("--cacert is required: the CA that issued the server's TLS certificate")?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(cacert)
+        .with_context(|| format!("reading {}", cacert.display()))?
+    {
+        roots.add(cert?)?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no certificate", cacert.display());
+    }
+    Ok(Arc::new(roots))
+}
+
+/// `n` client configurations as `base` (roots, resumption), each with a client certificate
+/// of its own: a P-256 key and a certificate from --client-ca, CN --client-cn with `{i}`
+/// replaced, clientAuth, valid from an hour ago for a year.
+fn device_configs(
+    args: &LoadArgs,
+    base: &ClientConfig,
+    n: usize,
+) -> anyhow::Result<Vec<Arc<ClientConfig>>> {
+    let (Some(ca), Some(ca_key)) = (&args.client_ca, &args.client_ca_key) else {
+        bail!("--clients needs --client-ca and --client-ca-key");
+    };
+    if n == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let ca_pem =
+        std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+    let ca_key =
+        std::fs::read_to_string(ca_key).with_context(|| format!("reading {}", ca_key.display()))?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key)?)
+        .with_context(|| format!("{}: not a CA certificate for that key", ca.display()))?;
+    let roots = server_roots(args)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let now = time::OffsetDateTime::now_utc();
+    (0..n)
+        .map(|i| -> anyhow::Result<Arc<ClientConfig>> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.distinguished_name.push(
+                DnType::CommonName,
+                args.client_cn.replace("{i}", &i.to_string()),
+            );
+            params.not_before = now - time::Duration::hours(1);
+            params.not_after = now + time::Duration::days(365);
+            params.use_authority_key_identifier_extension = true;
+            params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = params.signed_by(&key, &issuer)?;
+            let mut config = ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+                .with_root_certificates(roots.clone())
+                .with_client_auth_cert(
+                    vec![cert.der().clone()],
+                    PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| anyhow::anyhow!(e))?,
+                )?;
+            config.resumption = base.resumption.clone();
+            Ok(Arc::new(config))
+        })
+        .collect()
 }
 
 /// The CN of a client certificate file's first certificate.
@@ -805,9 +919,9 @@ async fn one(
             Some(mut s) if ctx.keep_alive => match s.ready().await {
                 Ok(()) => s,
                 // The server closed the idle connection: not a failure, reconnect.
-                Err(_) => connect(ctx).await?,
+                Err(_) => connect(ctx, n).await?,
             },
-            _ => connect(ctx).await?,
+            _ => connect(ctx, n).await?,
         };
         let csr = if op.posts_csr() {
             Some(&ctx.csrs[(n % ctx.csrs.len() as u64) as usize])
@@ -845,13 +959,13 @@ async fn one(
     }
 }
 
-async fn connect(ctx: &Ctx) -> Result<SendRequest<Full<Bytes>>, Failure> {
+/// A fresh connection presenting the client certificate of request `n`'s device.
+async fn connect(ctx: &Ctx, n: u64) -> Result<SendRequest<Full<Bytes>>, Failure> {
     let tcp = tokio::net::TcpStream::connect(ctx.addr)
         .await
         .map_err(|e| Failure::Transport("connect", io_kind(&e)))?;
     let _ = tcp.set_nodelay(true);
-    let tls = ctx
-        .connector
+    let tls = ctx.connectors[(n % ctx.connectors.len() as u64) as usize]
         .connect(ctx.server_name.clone(), tcp)
         .await
         .map_err(|e| Failure::Transport("tls", io_kind(&e)))?;
@@ -1033,6 +1147,14 @@ fn print_report(r: &LoadReport) {
             s.memory_after.rss_kib as f64 / 1024.0,
             s.memory_after.hwm_kib as f64 / 1024.0
         );
+        if let (Some(v), Some(i)) = (
+            s.voluntary_switches_per_unit,
+            s.involuntary_switches_per_unit,
+        ) {
+            println!(
+                "    context switches per {one}: {v:.2} voluntary (wake-ups), {i:.2} involuntary"
+            );
+        }
         if !s.rss_samples.is_empty() {
             let samples: Vec<String> = s
                 .rss_samples

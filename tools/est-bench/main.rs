@@ -5,7 +5,9 @@
 //! est-bench [LOAD OPTIONS] https://localhost:8085/.well-known/est[/label]   drive a server
 //! est-bench floor                 the crypto floor of one enrollment, one core, no sockets
 //! est-bench pki --dir DIR         a benchmark PKI and server configurations
+//! est-bench socket-floor --pki DIR   a minimal responder on the same stack: the socket floor
 //! est-bench summary FLOOR.json NAME=RESULT.json ...   results next to the floor
+//! est-bench outage               latency at the bottom of three layers, by outage of the top
 //! est-bench hostile --server-bin BIN   refusing hostile client chains, and a client meanwhile
 //! est-bench token                 a key in a PKCS#11 token vs a key file: signatures, handshakes
 //! ```
@@ -18,8 +20,10 @@
 mod floor;
 mod hostile;
 mod load;
+mod outage;
 mod pki;
 mod procfs;
+mod socket_floor;
 mod summary;
 mod token;
 
@@ -48,6 +52,13 @@ enum Command {
     /// Writes a benchmark PKI (P-256 and RSA-2048 issuing CAs, server, device and RA
     /// credentials) and edge-est configurations into a directory.
     Pki(pki::PkiArgs),
+    /// The socket floor: a minimal EST responder on edge-est's stack (TLS with a client
+    /// certificate, one request, CSR verified, leaf signed; no policy, journal or logging),
+    /// to be driven by the load generator.
+    SocketFloor(socket_floor::SocketFloorArgs),
+    /// Enrollment latency at the bottom of three layers in each outage shape of the top (up,
+    /// refusing, hung, dropping SYNs); layers run in this process.
+    Outage(outage::OutageArgs),
     /// Prints benchmark results (JSON files of `--json` runs) next to the floor.
     Summary(summary::SummaryArgs),
     /// What refusing hostile client certificate chains costs a server (a given edge-est
@@ -63,6 +74,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Floor(args)) => floor::run(&args),
         Some(Command::Pki(args)) => pki::run(&args),
+        Some(Command::SocketFloor(args)) => socket_floor::run(&args),
+        Some(Command::Outage(args)) => outage::run(&args),
         Some(Command::Summary(args)) => summary::run(&args),
         Some(Command::Hostile(args)) => hostile::run(&args),
         Some(Command::Token(args)) => token::run(&args),

@@ -9,8 +9,11 @@
 //!   (P-256 key, CN `bench-device`, clientAuth) from each issuing CA, leaf only, as IoT Edge
 //!   presents it on renewal;
 //! - `ra-ca.pem`, `ra-1.pem`/`.key`, `ra-2.pem`/`.key`: the forwarding layers' RA credentials;
+//! - `device-ca-p256.pem`, `device-ca-rsa.pem`: the issuing CAs alone, as the `devices` trust
+//!   set of every configuration: the device certificates are minted here, not enrolled, so
+//!   they are not in any label's own issuance (`issuer`);
 //! - `sign-p256.toml`, `sign-rsa.toml`: local signing, devices authenticated by their
-//!   certificate (`certificate:issuer`, CN `{cn}`);
+//!   certificate (`certificate:devices`, CN `{cn}`);
 //! - `rss.toml`: as `sign-p256.toml` with a one-day profile;
 //! - `top.toml`: the signing top of a hierarchy, serving RA `ra-1` and devices;
 //! - `forward-1.toml.in`, `forward-2.toml.in`: forwarding layers (RA `ra-1` to the top, RA
@@ -73,11 +76,14 @@ pub fn run(args: &PkiArgs) -> anyhow::Result<()> {
         "issuing-p256",
         &rcgen::PKCS_ECDSA_P256_SHA256,
     )?;
-    let (rsa, _) = intermediate(
+    let (rsa, rsa_pem) = intermediate(
         "est-bench issuing CA RSA-2048",
         "issuing-rsa",
         &rcgen::PKCS_RSA_SHA256,
     )?;
+
+    write("device-ca-p256.pem", &p256_pem)?;
+    write("device-ca-rsa.pem", &rsa_pem)?;
 
     let server_key = KeyPair::generate()?;
     let mut server = leaf_params("localhost", vec![ExtendedKeyUsagePurpose::ServerAuth]);
@@ -112,15 +118,9 @@ pub fn run(args: &PkiArgs) -> anyhow::Result<()> {
         write(&format!("{name}.key"), &key.serialize_pem())?;
     }
 
-    write(
-        "sign-p256.toml",
-        &sign_config("sign-p256", "issuing-p256", None),
-    )?;
-    write(
-        "sign-rsa.toml",
-        &sign_config("sign-rsa", "issuing-rsa", None),
-    )?;
-    write("rss.toml", &sign_config("rss", "issuing-p256", Some(1)))?;
+    write("sign-p256.toml", &sign_config("sign-p256", "p256", None))?;
+    write("sign-rsa.toml", &sign_config("sign-rsa", "rsa", None))?;
+    write("rss.toml", &sign_config("rss", "p256", Some(1)))?;
     write("top.toml", TOP)?;
     write("forward-1.toml.in", FORWARD_1)?;
     write("forward-2.toml.in", FORWARD_2)?;
@@ -131,7 +131,9 @@ pub fn run(args: &PkiArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sign_config(name: &str, issuer: &str, validity_days: Option<u32>) -> String {
+/// `key`: `p256` or `rsa`, the issuing CA (`issuing-KEY`) that signs here and issued the
+/// devices (`device-ca-KEY`).
+fn sign_config(name: &str, key: &str, validity_days: Option<u32>) -> String {
     let profile = match validity_days {
         Some(days) => format!(
             "\n[profiles.short]\nkind = \"end-entity\"\nvalidity_days = {days}\n\
@@ -145,7 +147,7 @@ fn sign_config(name: &str, issuer: &str, validity_days: Option<u32>) -> String {
         ""
     };
     SIGN.replace("@NAME@", name)
-        .replace("@ISSUER@", issuer)
+        .replace("@KEY@", key)
         .replace("@PROFILE@", &profile)
         .replace("@LABEL_PROFILE@", label_profile)
 }
@@ -168,19 +170,23 @@ rate_per_identity = 0.0
 enroll_per_name = 0.0
 keygen_per_identity = 0.0
 
+# The devices' certificates were minted by `est-bench pki`, not enrolled here.
+[trust.devices]
+certificates = ["device-ca-@KEY@.pem"]
+
 [issuers.plant]
-certificate = "@ISSUER@.pem"
-key = "@ISSUER@.key"
+certificate = "issuing-@KEY@.pem"
+key = "issuing-@KEY@.key"
 @PROFILE@
 [[labels]]
 issuer = "plant"
-client_trust = ["issuer"]
+client_trust = ["devices"]
 @LABEL_PROFILE@
 [labels.authentication]
 basic = false
 
 [[labels.rules]]
-match = ["certificate:issuer"]
+match = ["certificate:devices"]
 common_names = ["{cn}"]
 ca_common_names = ["aziot-edge CA {cn}"]
 "#;
@@ -206,13 +212,16 @@ keygen_per_identity = 0.0
 [trust.ras]
 certificates = ["ra-ca.pem"]
 
+[trust.devices]
+certificates = ["device-ca-p256.pem"]
+
 [issuers.plant]
 certificate = "issuing-p256.pem"
 key = "issuing-p256.key"
 
 [[labels]]
 issuer = "plant"
-client_trust = ["ras", "issuer"]
+client_trust = ["ras", "devices"]
 
 [labels.authentication]
 basic = false
@@ -224,7 +233,7 @@ common_names = ["*"]
 ca_common_names = ["aziot-edge CA *"]
 
 [[labels.rules]]
-match = ["certificate:issuer"]
+match = ["certificate:devices"]
 common_names = ["{cn}"]
 ca_common_names = ["aziot-edge CA {cn}"]
 "#;
@@ -250,6 +259,9 @@ keygen_per_identity = 0.0
 [trust.ras]
 certificates = ["ra-ca.pem"]
 
+[trust.devices]
+certificates = ["device-ca-p256.pem"]
+
 [upstreams.parent]
 url = "https://localhost:@UPSTREAM_PORT@/.well-known/est"
 trust = ["root.pem"]
@@ -259,7 +271,7 @@ key = "ra-1.key"
 [[labels]]
 mode = "forward"
 upstream = "parent"
-client_trust = ["ras", "issuer"]
+client_trust = ["ras", "devices"]
 
 [labels.authentication]
 basic = false
@@ -271,7 +283,7 @@ common_names = ["*"]
 ca_common_names = ["aziot-edge CA *"]
 
 [[labels.rules]]
-match = ["certificate:issuer"]
+match = ["certificate:devices"]
 common_names = ["{cn}"]
 ca_common_names = ["aziot-edge CA {cn}"]
 "#;
@@ -294,6 +306,9 @@ rate_per_identity = 0.0
 enroll_per_name = 0.0
 keygen_per_identity = 0.0
 
+[trust.devices]
+certificates = ["device-ca-p256.pem"]
+
 [upstreams.parent]
 url = "https://localhost:@UPSTREAM_PORT@/.well-known/est"
 trust = ["root.pem"]
@@ -303,13 +318,13 @@ key = "ra-2.key"
 [[labels]]
 mode = "forward"
 upstream = "parent"
-client_trust = ["issuer"]
+client_trust = ["devices"]
 
 [labels.authentication]
 basic = false
 
 [[labels.rules]]
-match = ["certificate:issuer"]
+match = ["certificate:devices"]
 common_names = ["{cn}"]
 ca_common_names = ["aziot-edge CA {cn}"]
 "#;

@@ -94,6 +94,28 @@ fn bad(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
 }
 
+/// Context switches (voluntary, involuntary) of all the process's live threads so far, from
+/// `/proc/PID/task/*/status`: a count of wake-ups that does not depend on the machine's
+/// speed. Threads that have exited are not counted (edge-est's threads live as long as it).
+pub fn context_switches(pid: u32) -> Option<(u64, u64)> {
+    let mut voluntary = 0;
+    let mut involuntary = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            let value = |l: &str| l.split_whitespace().nth(1)?.parse::<u64>().ok();
+            if line.starts_with("voluntary_ctxt_switches:") {
+                voluntary += value(line).unwrap_or(0);
+            } else if line.starts_with("nonvoluntary_ctxt_switches:") {
+                involuntary += value(line).unwrap_or(0);
+            }
+        }
+    }
+    Some((voluntary, involuntary))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! `est-bench summary`: the results of `bench/run.sh` (JSON files in one directory) printed
-//! next to the crypto floor, each checked against the targets of issue 7.
+//! next to the crypto floor (in memory) and the socket floor, each checked against the targets
+//! of issues 7 and 18.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,16 @@ fn read<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> anyhow::Result<
         .map(Some)
         .with_context(|| format!("parsing {}", path.display()))
 }
+
+/// The storm's p99 target: a third of the 30 s IoT Edge gives one EST request.
+const STORM_P99_TARGET_S: f64 = 10.0;
+
+/// The storm's servers, in the order bench/run.sh passes their pids.
+const STORM_LAYERS: [&str; 3] = [
+    "top (signs)",
+    "middle (forwards)",
+    "bottom (forwards, devices)",
+];
 
 fn verdict(met: bool) -> &'static str {
     if met {
@@ -150,6 +161,7 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
 
     let mut verdicts: Vec<String> = Vec::new();
     let mut rounds = sign_p256_rounds(dir, first_floor_p256_us)?;
+    let side_by_side: Vec<String> = rounds.iter().map(SignRound::side_by_side).collect();
     rounds.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
     if let Some(median) = rounds.get(rounds.len() / 2) {
         let r = &median.report;
@@ -176,12 +188,50 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
             "",
             each.join(", ")
         );
+        if let Some(socket) = &median.socket {
+            row(
+                &format!("socket floor (minimal responder), c={}", socket.concurrency),
+                socket,
+                Some(1e6 / median.floor_us),
+                "(same stack, no policy/journal/log)",
+            );
+        }
         verdicts.push(format!(
             "local-sign P-256 fresh mTLS >= 50 % of the floor per core of server CPU: {} ({:.0} %, median of {} rounds)",
             verdict(met),
             median.ratio * 100.0,
             rounds.len()
         ));
+    }
+    if side_by_side.iter().any(|s| !s.is_empty()) {
+        println!();
+        println!(
+            "server CPU per fresh-mTLS enrollment, P-256, side by side (µs; in-memory floor = the \
+             mean of the floors around the round):"
+        );
+        println!(
+            "  {:<7} {:>10} {:>10} {:>9} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8}",
+            "round",
+            "in-memory",
+            "socket",
+            "edge-est",
+            "socket-mem",
+            "edge-sock",
+            "mem/edge",
+            "sock/edge",
+            "sock cs",
+            "edge cs"
+        );
+        for line in side_by_side.iter().filter(|s| !s.is_empty()) {
+            println!("  {line}");
+        }
+        println!(
+            "  socket-mem: what sockets, syscalls and wake-ups cost this machine for the same \
+             crypto; edge-sock: edge-est's own (HTTP, policy, journal, logging, metrics);\n  \
+             mem/edge is the key ratio (target >= 0.50); cs: voluntary context switches of the \
+             server per enrollment"
+        );
+        println!();
     }
     if let Some(r) = read::<LoadReport>(dir, "sign-rsa.json")? {
         row(
@@ -286,6 +336,59 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
         }
     }
 
+    if let Some(r) = read::<LoadReport>(dir, "storm.json")? {
+        println!();
+        let p99_s = r.latency_ms.p99 / 1000.0;
+        let met = r.failed == 0 && p99_s <= STORM_P99_TARGET_S;
+        println!(
+            "storm: {} distinct devices re-enrolling (simpleenroll + cacerts, two fresh mTLS \
+             connections each) at the bottom of three layers, c={}, fresh servers:",
+            r.completed, r.concurrency
+        );
+        println!(
+            "  completed in {:.1} s ({:.0} issuances/s); errors {}; latency p50 {:.0} ms, p99 {:.0} ms, \
+             max {:.0} ms (target: 0 errors, p99 <= {:.0} s of IoT Edge's 30 s: {})",
+            r.duration_s,
+            r.rate,
+            errors(&r),
+            r.latency_ms.p50,
+            r.latency_ms.p99,
+            r.latency_ms.max,
+            STORM_P99_TARGET_S,
+            verdict(met)
+        );
+        for (k, v) in &r.errors {
+            println!("    error {k}: {v}");
+        }
+        for (server, layer) in r.servers.iter().zip(STORM_LAYERS) {
+            println!(
+                "  {layer:<28} {:>6.0} µs CPU per issuance, peak RSS (VmHWM) {:.1} MiB \
+                 (from {:.1} MiB), {} voluntary context switches per issuance",
+                server.cpu_us_per_unit,
+                mib(server.memory_after.hwm_kib),
+                mib(server.memory_before.rss_kib),
+                server
+                    .voluntary_switches_per_unit
+                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+            );
+        }
+        if let Some(all) = r.server_cpu_us_per_unit {
+            println!(
+                "  {:<28} {all:>6.0} µs CPU per issuance",
+                "all three layers"
+            );
+        }
+        verdicts.push(format!(
+            "storm of {} devices through three layers: 0 errors and p99 <= {:.0} s: {} ({} errors, p99 {:.1} s, {:.1} s in all)",
+            r.completed,
+            STORM_P99_TARGET_S,
+            verdict(met),
+            r.failed,
+            p99_s,
+            r.duration_s
+        ));
+    }
+
     println!();
     let idle = read::<IdleRss>(dir, "idle-rss.json")?;
     if let Some(idle) = &idle {
@@ -340,7 +443,7 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
         }
     }
     println!();
-    println!("targets of issue 7:");
+    println!("targets (issues 7 and 18):");
     for v in verdicts {
         println!("  - {v}");
     }
@@ -350,9 +453,51 @@ pub fn run(args: &SummaryArgs) -> anyhow::Result<()> {
 /// One round of the P-256 local-sign run, set against the floor measured around it.
 struct SignRound {
     report: LoadReport,
+    /// The socket floor measured in the same round (socket-floor.json, ...), if any.
+    socket: Option<LoadReport>,
     /// The mean of the floors measured just before and just after the round.
     floor_us: f64,
     ratio: f64,
+}
+
+impl SignRound {
+    /// In-memory floor, socket floor, edge-est, their differences and ratios (per core).
+    fn side_by_side(&self) -> String {
+        let Some(socket) = &self.socket else {
+            return String::new();
+        };
+        let edge = self.report.server_cpu_us_per_unit.unwrap_or(f64::NAN);
+        let sock = socket.server_cpu_us_per_unit.unwrap_or(f64::NAN);
+        let mem = self.floor_us;
+        let switches = |r: &LoadReport| {
+            r.servers
+                .first()
+                .and_then(|s| s.voluntary_switches_per_unit)
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
+        };
+        format!(
+            "{:<7} {:>10.0} {:>10.0} {:>9.0} {:>+11.0} {:>+11.0} {:>11.2} {:>11.2} {:>8} {:>8}{}",
+            self.report
+                .name
+                .as_deref()
+                .and_then(|n| n.rsplit_once(".r").map(|(_, r)| r))
+                .unwrap_or("1"),
+            mem,
+            sock,
+            edge,
+            sock - mem,
+            edge - sock,
+            mem / edge,
+            sock / edge,
+            switches(socket),
+            switches(&self.report),
+            if socket.failed > 0 || self.report.failed > 0 {
+                "  (errors!)"
+            } else {
+                ""
+            }
+        )
+    }
 }
 
 /// The rounds of the P-256 local-sign run (sign-p256.json, sign-p256.r2.json, ...), each
@@ -369,8 +514,10 @@ fn sign_p256_rounds(dir: &Path, first_floor_us: f64) -> anyhow::Result<Vec<SignR
             .map_or(before, |f| f.floor_p256_us);
         let floor_us = (before + after) / 2.0;
         let ratio = report.units_per_core_s.unwrap_or(0.0) * floor_us / 1e6;
+        let socket = read::<LoadReport>(dir, &format!("socket-floor{suffix}.json"))?;
         rounds.push(SignRound {
             report,
+            socket,
             floor_us,
             ratio,
         });

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Interleaved A/B rounds of the local-sign P-256 scenario of bench/run.sh (fresh mTLS
+# connection per enrollment, c=16): server CPU, voluntary context switches and p50 per
+# enrollment, for two or more edge-est binaries in turn (A B A B ...), each round on a fresh
+# server, so that a drift of the machine's speed lands on every binary alike.
+#
+# Usage: bench/ab.sh BIN_A BIN_B [BIN ...]
+# Environment: EST_BENCH_SECONDS=N per measurement (default 6), EST_BENCH_ROUNDS=N (default 4),
+#              EST_BENCH_OUT=DIR keeps the files. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SECS=${EST_BENCH_SECONDS:-6}
+ROUNDS=${EST_BENCH_ROUNDS:-4}
+OUT=${EST_BENCH_OUT:-$(mktemp -d /tmp/edge-est-ab.XXXXXX)}
+mkdir -p "$OUT"
+BENCH=${EST_BENCH_BIN:-$ROOT/target/release/est-bench}
+[ $# -ge 2 ] || { echo "usage: bench/ab.sh BIN_A BIN_B [BIN ...]" >&2; exit 2; }
+[ -x "$BENCH" ] || cargo build --release --bin est-bench
+
+"$BENCH" pki --dir "$OUT/pki" >/dev/null
+PID=
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null || true; }
+trap cleanup EXIT
+
+echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+for round in $(seq "$ROUNDS"); do
+  i=0
+  for bin in "$@"; do
+    log=$OUT/server-$i.r$round.log
+    (cd "$OUT/pki" && exec "$bin" serve --config sign-p256.toml --listen 127.0.0.1:0) >"$log" 2>&1 &
+    PID=$!
+    PORT=
+    for _ in $(seq 100); do
+      PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
+      [ -n "$PORT" ] && break
+      sleep 0.1
+    done
+    [ -n "$PORT" ] || { echo "$bin did not start" >&2; cat "$log" >&2; exit 1; }
+    "$BENCH" "https://localhost:$PORT/.well-known/est" --cacert "$OUT/pki/root.pem" \
+      --cert "$OUT/pki/device-p256.pem" --cert-key "$OUT/pki/device-p256.key" \
+      --concurrency 16 --warmup 300 --duration "$SECS" --server-pid "$PID" \
+      --json-out "$OUT/ab-$i.r$round.json" --json >/dev/null
+    kill "$PID"; wait "$PID" 2>/dev/null || true
+    PID=
+    awk -v bin="$(basename "$bin")" -v r="$round" '
+      /"server_cpu_us_per_unit"/ { gsub(/[,]/, "", $2); cpu = $2 }
+      /"voluntary_switches_per_unit"/ { gsub(/[,]/, "", $2); cs = $2 }
+      /"p50"/ && !p50 { gsub(/[,]/, "", $2); p50 = $2 }
+      /"failed"/ { gsub(/[,]/, "", $2); failed = $2 }
+      /"other_cpu_share"/ { gsub(/[,]/, "", $2); other = $2 }
+      END { printf "round %s  %-24s %6.0f µs server CPU  %5.2f wake-ups  p50 %6.2f ms  errors %s  others %.0f %%\n", r, bin, cpu, cs, p50, failed, other * 100 }
+    ' "$OUT/ab-$i.r$round.json"
+    i=$((i + 1))
+  done
+done
+echo "files in $OUT"
