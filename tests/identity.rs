@@ -1108,3 +1108,66 @@ common_names = ["{cn}"]
     leaf_of(&post(&as_device, "simpleenroll", &[], plain("dev-o")).await);
     server.stop().await;
 }
+
+/// A module's certificate comes from its device's Edge CA, and an Edge CA has IoT Edge's
+/// shape: CA, pathlen 0. A CA named like gw-1's Edge CA but free to issue CAs below it (a
+/// layer's own sub-CA, say), issued on this label, does not make what it signs a module of
+/// gw-1. Positive control: the same leaf below gw-1's Edge CA (pathlen 0) is gw-1's module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_comes_only_from_a_ca_of_the_edge_ca_shape() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let until = OffsetDateTime::now_utc() + Duration::days(30);
+    let edge_ca = ca_below(&pki.issuing, "aziot-edge CA gw-1", until);
+    let unconstrained = ca_below_with(&pki.issuing, "aziot-edge CA gw-1", until, None);
+    let pathlen_1 = ca_below_with(&pki.issuing, "aziot-edge CA gw-1", until, Some(1));
+    for ca in [&edge_ca, &unconstrained, &pathlen_1] {
+        common::record_issued(&dir.join("journal.jsonl"), &ca.cert_pem, None);
+    }
+    let config = config_text(
+        &pki,
+        r#"
+[[labels]]
+issuer = "plant"
+client_trust = ["issuer"]
+[labels.authentication]
+basic = false
+[[labels.rules]]
+match = ["module:gw-1/edgeest"]
+common_names = ["edgeest"]
+"#,
+    );
+    let server = TestServer::start(dir, &config).await;
+    let as_module_below = |ca: &TestCa| {
+        let leaf = ca.valid_client("edgeest");
+        let chain = format!("{}{}", leaf.cert_pem, ca.cert_pem);
+        client(server.addr, &root, Some((&chain, &leaf.key_pem)))
+    };
+    for (ca, shape) in [(&unconstrained, "no pathlen"), (&pathlen_1, "pathlen 1")] {
+        let answer = post(&as_module_below(ca), "simpleenroll", &[], plain("edgeest")).await;
+        assert_eq!(answer.status, 401, "{shape}: {}", answer.text());
+        assert!(
+            answer
+                .text()
+                .contains("not issued directly by a CA of trust set issuer"),
+            "{shape}: {}",
+            answer.text()
+        );
+    }
+    let answer = post(
+        &as_module_below(&edge_ca),
+        "simpleenroll",
+        &[],
+        plain("edgeest"),
+    )
+    .await;
+    openssl_verified(dir, &leaf_of(&answer), "edgeest", "issuing-ca.pem");
+    assert_eq!(
+        server.journal().len(),
+        4,
+        "the three CAs and the module's certificate"
+    );
+    server.stop().await;
+}
