@@ -1057,7 +1057,8 @@ common_names = ["edgeest"]
     server.stop().await;
 }
 
-/// A trust anchor that has expired vouches for nothing, even for a certificate still valid.
+/// A trust anchor that has expired, or is not valid yet, vouches for nothing, even for a
+/// certificate valid now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_trust_anchor_vouches_for_nothing() {
     let temp = tempfile::tempdir().unwrap();
@@ -1074,18 +1075,30 @@ async fn an_expired_trust_anchor_vouches_for_nothing() {
         issuer: Issuer::new(params, key),
     };
     std::fs::write(dir.join("old-factory.pem"), &old_factory.cert_pem).unwrap();
+    // Nor one not valid yet (its notBefore tomorrow), for a certificate valid now.
+    let key = KeyPair::generate().unwrap();
+    let mut params = edge_est::pki::ca_params("next factory CA", None, Duration::days(1));
+    params.not_before = now + Duration::days(1);
+    params.not_after = now + Duration::days(400);
+    let next_factory = TestCa {
+        cert_pem: params.self_signed(&key).unwrap().pem(),
+        issuer: Issuer::new(params, key),
+    };
+    std::fs::write(dir.join("next-factory.pem"), &next_factory.cert_pem).unwrap();
     let config = config_text(
         &pki,
         r#"
 [trust.old]
 certificates = ["old-factory.pem"]
+[trust.next]
+certificates = ["next-factory.pem"]
 [trust.factory]
 certificates = ["bootstrap-ca.pem"]
 [[labels]]
 issuer = "plant"
-client_trust = ["old", "factory"]
+client_trust = ["old", "next", "factory"]
 [[labels.rules]]
-match = ["certificate:old", "certificate:factory"]
+match = ["certificate:old", "certificate:next", "certificate:factory"]
 common_names = ["{cn}"]
 "#,
     );
@@ -1098,6 +1111,18 @@ common_names = ["{cn}"]
     );
     let answer = post(&as_device, "simpleenroll", &[], plain("dev-o")).await;
     refused(&answer, 401, "the trust anchor of trust set old expired at");
+    let device = next_factory.valid_client("dev-o");
+    let as_device = client(
+        server.addr,
+        &root,
+        Some((&device.cert_pem, &device.key_pem)),
+    );
+    let answer = post(&as_device, "simpleenroll", &[], plain("dev-o")).await;
+    refused(
+        &answer,
+        401,
+        "the trust anchor of trust set next is not valid before",
+    );
     // Positive control: the same request with a certificate of the valid factory CA.
     let device = pki.bootstrap.valid_client("dev-o");
     let as_device = client(
