@@ -568,6 +568,16 @@ common_names = ["{cn}"]
     let as_device = client(server.addr, &root, Some((&chain, &device.key_pem)));
     let answer = post(&as_device, "simpleenroll", &[], plain("dev-victim")).await;
     leaf_of(&answer);
+    // Below it, a CA of the Edge CA's shape (pathlen 0) that is named like none (a factory
+    // line's CA): it takes both, shape and name, to be taken for a device's; accepted.
+    let line_ca = ca_below(&factory_ca, "factory line 3", now + Duration::days(30));
+    let device = line_ca.valid_client("dev-victim");
+    let chain = format!(
+        "{}{}{}",
+        device.cert_pem, line_ca.cert_pem, factory_ca.cert_pem
+    );
+    let as_device = client(server.addr, &root, Some((&chain, &device.key_pem)));
+    leaf_of(&post(&as_device, "simpleenroll", &[], plain("dev-victim")).await);
     // Below that sub-CA, a CA shaped and named like an Edge CA (a device issued elsewhere
     // under the same root): refused by its shape and name.
     let edge_ca = ca_below(&factory_ca, "aziot-edge CA dev-x", now + Duration::days(30));
