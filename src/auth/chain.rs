@@ -474,4 +474,33 @@ mod tests {
         index.record("not hex", None);
         assert_eq!(index.len(), 1);
     }
+
+    /// Every CA on a path valid now: webpki checks the path as of the time asked (for a
+    /// grace renewal, the leaf's expiry), so this check is what refuses a CA that expired
+    /// since or (were the time asked later than now) is not valid yet.
+    #[test]
+    fn a_ca_is_valid_only_between_its_dates() {
+        let now = ::time::OffsetDateTime::now_utc();
+        let ca = |not_before: ::time::OffsetDateTime, not_after: ::time::OffsetDateTime| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = crate::pki::ca_params("line CA", Some(0), ::time::Duration::days(1));
+            params.not_before = not_before;
+            params.not_after = not_after;
+            let der = params.self_signed(&key).unwrap().der().clone();
+            CaFacts::of(&der).unwrap()
+        };
+        let t = now.unix_timestamp();
+        let day = ::time::Duration::days(1);
+        assert_eq!(ca(now - day, now + day).check_valid_at(t), Ok(()));
+        let early = ca(now + day, now + 2 * day).check_valid_at(t).unwrap_err();
+        assert!(
+            early.contains("\"line CA\" on its path is not valid before"),
+            "{early}"
+        );
+        let late = ca(now - 2 * day, now - day).check_valid_at(t).unwrap_err();
+        assert!(
+            late.contains("\"line CA\" on its path expired at"),
+            "{late}"
+        );
+    }
 }
