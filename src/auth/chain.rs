@@ -502,5 +502,38 @@ mod tests {
             late.contains("\"line CA\" on its path expired at"),
             "{late}"
         );
+        // Both dates are inclusive (RFC 5280 4.1.2.5), to the second.
+        let at = ::time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+        let exact = ca(at, at + day);
+        assert_eq!(exact.check_valid_at(t), Ok(()));
+        assert!(exact.check_valid_at(t - 1).is_err());
+        let exact = ca(at - day, at);
+        assert_eq!(exact.check_valid_at(t), Ok(()));
+        assert!(exact.check_valid_at(t + 1).is_err());
+    }
+
+    /// A trust anchor vouches between its dates only, both inclusive.
+    #[test]
+    fn a_trust_anchor_is_valid_only_between_its_dates() {
+        let t = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        let at = ::time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+        let day = ::time::Duration::days(1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = crate::pki::ca_params("factory CA", None, day);
+        params.not_before = at;
+        params.not_after = at + day;
+        let der = params.self_signed(&key).unwrap().der().clone();
+        let set = TrustSet::new("factory", std::slice::from_ref(&der)).unwrap();
+        let anchor = &set.anchors()[0];
+        let until = t + day.whole_seconds();
+        assert_eq!(set.check_anchor(anchor, t), Ok(()));
+        assert_eq!(set.check_anchor(anchor, until), Ok(()));
+        let early = set.check_anchor(anchor, t - 1).unwrap_err();
+        assert!(
+            early.contains("trust set factory is not valid before"),
+            "{early}"
+        );
+        let late = set.check_anchor(anchor, until + 1).unwrap_err();
+        assert!(late.contains("trust set factory expired at"), "{late}");
     }
 }
