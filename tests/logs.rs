@@ -380,9 +380,9 @@ fn module_mode_refuses_listen_flags_the_twin_owns() {
 }
 
 /// The development server with its stderr (and stdout) on a terminal (`script` from
-/// util-linux gives it a pty) until a log line is out; what the terminal showed.
+/// bsdutils gives it a pty) until a log line is out; what the terminal showed.
 fn on_a_terminal(dir: &Path, env: &[(&str, &str)]) -> Option<String> {
-    let script = common::tool("script", "util-linux")?;
+    let script = common::tool("script", "bsdutils")?;
     let port = free_port();
     let typescript = dir.join(format!("typescript-{port}"));
     let mut command = Command::new(script);
