@@ -846,7 +846,7 @@ impl App {
 
     /// Verifies the connection's client certificate chain for a label, or recalls what an
     /// earlier verification on the same connection found (see [`VerifiedPeer`]). Chains over
-    /// `auth::caps` are refused before any path building; chains longer than
+    /// `auth::caps` were refused before (handshake, forwarded header); chains longer than
     /// `INLINE_CHAIN_CERTS` are verified on the blocking pool, a few at a time, so they never
     /// hold up the other connections of this connection thread.
     async fn verify_peer(
@@ -872,9 +872,10 @@ impl App {
             return peer.outcome.clone().map_err(auth::AuthError::Certificate);
         }
         let grace = label_rt.auth.grace_expired;
-        let outcome = match auth::caps::check_chain(chain) {
-            Err(reason) => Err(reason),
-            Ok(()) if chain.len() <= auth::caps::INLINE_CHAIN_CERTS => {
+        // A chain over `auth::caps` never gets here: the TLS handshake refuses it
+        // (`transport::tls`), and so does the proxy socket's header reading (`transport::proxy`).
+        let outcome = match chain.len() {
+            n if n <= auth::caps::INLINE_CHAIN_CERTS => {
                 self.verified_inline
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let label_trust = LabelTrust {
@@ -894,7 +895,7 @@ impl App {
                     grace,
                 )
             }
-            Ok(()) => {
+            _ => {
                 let permit = self
                     .chain_verifications
                     .clone()

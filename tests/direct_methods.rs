@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::client::{basic, certs_from_answer, iot_edge_body, EstClient};
-use common::mqtt::{free_port, Mosquitto, TwinResponder, RESPONDER_USER};
+use common::mqtt::{
+    free_port, ConnectCapture, Mosquitto, SasCheck, TwinResponder, RESPONDER_PASSWORD,
+    RESPONDER_USER,
+};
 use common::workload::WorkloadStandIn;
 use common::{csr, Pki, PASSWORD, USER};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
@@ -88,7 +91,7 @@ impl MethodCaller {
         .with_no_client_auth();
         let mut options = MqttOptions::new("method-caller", "localhost", port);
         options
-            .set_credentials(RESPONDER_USER, "unused")
+            .set_credentials(RESPONDER_USER, RESPONDER_PASSWORD)
             .set_max_packet_size(512 * 1024, 512 * 1024)
             .set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(tls))));
         let (client, mut eventloop) = AsyncClient::new(options, 16);
@@ -178,6 +181,8 @@ struct Rig {
     pki: Pki,
     workload: WorkloadStandIn,
     broker: Mosquitto,
+    /// The SAS gate the module connects through (edgeHub's checks).
+    gate: ConnectCapture,
     twin: TwinResponder,
     est_port: u16,
 }
@@ -205,6 +210,16 @@ impl Rig {
         let username =
             edge_est::edge::sas::username(GATEWAY, DEVICE, MODULE, &edge_est::edge::sas::product());
         let broker = Mosquitto::start(&mosquitto, dir.path(), free_port(), &broker_cert, &username);
+        let sas = SasCheck {
+            hub: HUB.into(),
+            gateway: GATEWAY.into(),
+            device: DEVICE.into(),
+            module: MODULE.into(),
+            key: workload.state.key.clone(),
+        };
+        let gate =
+            ConnectCapture::start(broker.port, &broker_cert, &workload.state.trust_bundle, sas)
+                .await;
         let est_port = free_port();
         let desired = json!({
             "listen": format!("127.0.0.1:{est_port}"),
@@ -226,6 +241,7 @@ impl Rig {
             pki,
             workload,
             broker,
+            gate,
             twin,
             est_port,
         })
@@ -250,7 +266,7 @@ impl Rig {
             .env("IOTEDGE_AUTHSCHEME", "sasToken")
             .env("IOTEDGE_MODULEGENERATIONID", "gen-1")
             .env("IOTEDGE_GATEWAYHOSTNAME", GATEWAY)
-            .env("EDGE_EST_MQTT_PORT", self.broker.port.to_string())
+            .env("EDGE_EST_MQTT_PORT", self.gate.port.to_string())
             .env("EDGE_EST_DATA_DIR", self.path().join("data"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::client::{basic, certs_from_answer, iot_edge_body, Answer, EstClient};
-use common::mqtt::{free_port, served_certificate, ConnectCapture, Mosquitto, TwinResponder};
+use common::mqtt::{
+    connack, free_port, served_certificate, ConnectCapture, Mosquitto, SasCheck, TwinResponder,
+    CONNACK_NOT_AUTHORIZED, CONNACK_SERVER_UNAVAILABLE,
+};
 use common::workload::{raw_request, WorkloadStandIn};
 use common::{csr, Pki, PASSWORD, USER};
 use edge_est::edge::{self, EdgeEnv, ModuleHandle, ModuleOptions};
@@ -32,6 +35,21 @@ fn module_username() -> String {
         "localhost/gw1/estmod/?api-version=2020-09-30&DeviceClientType=edge-est%2F{}",
         env!("CARGO_PKG_VERSION")
     )
+}
+
+/// mosquitto (`port`: the twin responder connects there) behind the SAS gate (`module_port`:
+/// the module's way in, checked as edgeHub checks it).
+struct EdgeHub {
+    port: u16,
+    module_port: u16,
+    mosquitto: Mosquitto,
+    gate: ConnectCapture,
+}
+
+impl EdgeHub {
+    fn log_text(&self) -> String {
+        self.mosquitto.log_text()
+    }
 }
 
 /// Everything a module test runs against.
@@ -70,7 +88,8 @@ impl Rig {
         self.dir.path()
     }
 
-    fn broker(&self, port: u16) -> Mosquitto {
+    /// mosquitto alone on `port` (the twin responder's side; modules come in through a gate).
+    fn mosquitto(&self, port: u16) -> Mosquitto {
         Mosquitto::start(
             &self.mosquitto,
             self.path(),
@@ -78,6 +97,40 @@ impl Rig {
             &self.broker_cert,
             &module_username(),
         )
+    }
+
+    /// What edgeHub checks of this module's CONNECT.
+    fn sas(&self) -> SasCheck {
+        SasCheck {
+            hub: HUB.into(),
+            gateway: GATEWAY.into(),
+            device: DEVICE.into(),
+            module: MODULE.into(),
+            key: self.workload.state.key.clone(),
+        }
+    }
+
+    /// The SAS gate in front of the broker on `broker_port`.
+    async fn gate(&self, broker_port: u16) -> ConnectCapture {
+        ConnectCapture::start(
+            broker_port,
+            &self.broker_cert,
+            &self.workload.state.trust_bundle,
+            self.sas(),
+        )
+        .await
+    }
+
+    /// edgeHub's stand-in: mosquitto on `port`, modules through the SAS gate.
+    async fn broker(&self, port: u16) -> EdgeHub {
+        let mosquitto = self.mosquitto(port);
+        let gate = self.gate(port).await;
+        EdgeHub {
+            port,
+            module_port: gate.port,
+            mosquitto,
+            gate,
+        }
     }
 
     async fn twin(&self, port: u16, desired: Value) -> TwinResponder {
@@ -170,16 +223,11 @@ async fn started(env: EdgeEnv) -> (ModuleHandle, SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_twin_configures_the_module_live() {
     let Some(rig) = Rig::new().await else { return };
-    let broker = rig.broker(free_port());
+    let broker = rig.broker(free_port()).await;
     let twin = rig.twin(broker.port, rig.desired(&["allowed-*"])).await;
-    // The module reaches the broker through a proxy that records its CONNECT.
-    let capture = ConnectCapture::start(
-        broker.port,
-        &rig.broker_cert,
-        &rig.workload.state.trust_bundle,
-    )
-    .await;
-    let (module, addr) = started(rig.env(capture.port)).await;
+    // The module reaches the broker through the gate, which records its CONNECT.
+    let capture = &broker.gate;
+    let (module, addr) = started(rig.env(broker.module_port)).await;
 
     let reported = twin
         .wait_reported("configVersion 1", |r| r["configVersion"] == 1)
@@ -456,9 +504,9 @@ async fn an_expiring_server_certificate_is_renewed_and_served() {
     let Some(rig) = Rig::new().await else { return };
     // Ten-second certificates: renewed at 80 %, about every eight seconds.
     rig.workload.set_server_lifetime(Duration::from_secs(10));
-    let broker = rig.broker(free_port());
+    let broker = rig.broker(free_port()).await;
     let twin = rig.twin(broker.port, rig.desired(&["renew-*"])).await;
-    let env = rig.env(broker.port);
+    let env = rig.env(broker.module_port);
     let mut module = edge::start(
         env,
         ModuleOptions {
@@ -521,9 +569,22 @@ async fn an_expiring_server_certificate_is_renewed_and_served() {
         .await;
     assert_eq!(reported["status"], "running");
 
-    // The token renewals reconnected (a new CONNECT each time) and got the twin again.
+    // The token renewals reconnected (a new CONNECT each time) and got the twin again, each
+    // time with a fresh token the SAS gate let in (expiry later than the last one's).
     assert!(twin.gets() >= 2, "twin GETs: {}", twin.gets());
     assert!(broker.log_text().matches("as gw1/estmod").count() >= 2);
+    let connects = broker.gate.connects();
+    assert!(connects.len() >= 2, "{connects:?}");
+    assert!(connects.iter().all(|c| c.refused.is_none()), "{connects:?}");
+    let expiries: Vec<u64> = connects
+        .iter()
+        .map(|c| {
+            edge::sas::parse_token(c.password.as_deref().unwrap())
+                .unwrap()
+                .se
+        })
+        .collect();
+    assert!(expiries.windows(2).all(|w| w[0] < w[1]), "{expiries:?}");
     module.stop().await;
 }
 
@@ -531,9 +592,11 @@ async fn an_expiring_server_certificate_is_renewed_and_served() {
 async fn a_restart_with_the_broker_down_serves_the_last_known_good_configuration() {
     let Some(rig) = Rig::new().await else { return };
     let port = free_port();
-    let broker = rig.broker(port);
+    let broker = rig.mosquitto(port);
+    // The gate stays; the broker behind it goes away and comes back.
+    let gate = rig.gate(port).await;
     let twin = rig.twin(port, rig.desired(&["lkg-*"])).await;
-    let (module, _) = started(rig.env(port)).await;
+    let (module, _) = started(rig.env(gate.port)).await;
     twin.wait_reported("configVersion 1", |r| r["configVersion"] == 1)
         .await;
     module.stop().await;
@@ -542,7 +605,7 @@ async fn a_restart_with_the_broker_down_serves_the_last_known_good_configuration
 
     // edgeHub is away: the module serves at once from what it accepted last.
     let started_at = std::time::Instant::now();
-    let (module, addr) = started(rig.env(port)).await;
+    let (module, addr) = started(rig.env(gate.port)).await;
     let child = rig.client(addr);
     let answer = enroll(&child, "lkg-1").await;
     assert_eq!(answer.status, 200, "{}", answer.text());
@@ -552,7 +615,7 @@ async fn a_restart_with_the_broker_down_serves_the_last_known_good_configuration
     assert_eq!(app.metrics().config_version(), 1);
 
     // edgeHub comes back with a newer desired configuration: the module catches up.
-    let broker = rig.broker(port);
+    let broker = rig.mosquitto(port);
     let mut desired = rig.desired(&["lkg-*", "caught-up-*"]);
     desired["$version"] = json!(2);
     let twin = rig.twin(port, desired).await;
@@ -664,7 +727,7 @@ common_names = ["nested-*"]
     let parent = common::TestServer::start(rig.path(), &parent_config).await;
     let port = parent.addr.port();
 
-    let broker = rig.broker(free_port());
+    let broker = rig.broker(free_port()).await;
     let desired = json!({
         "listen": "127.0.0.2:0",
         "metrics_listen": "127.0.0.2:0",
@@ -677,7 +740,7 @@ common_names = ["nested-*"]
         } ],
     });
     let twin = rig.twin(broker.port, desired).await;
-    let mut vars_env = rig.env(broker.port);
+    let mut vars_env = rig.env(broker.module_port);
     vars_env.parent_hostname = Some("127.0.0.1".into());
     vars_env.parent_port = port;
     let (module, addr) = started(vars_env).await;
@@ -714,4 +777,109 @@ common_names = ["nested-*"]
     );
     module.stop().await;
     parent.stop().await;
+}
+
+/// A SAS token for this rig's module as the IoT Edge SDKs make one, signed with the workload
+/// stand-in's key (not by the code under test): `sr` module-scoped and URL-encoded, `sig`
+/// the URL-encoded base64 HMAC over `sr`, a line feed and `se`.
+fn sas_token(rig: &Rig, audience: &str, se: u64) -> String {
+    let sr = percent_encoding::utf8_percent_encode(audience, percent_encoding::NON_ALPHANUMERIC)
+        .to_string();
+    let digest = rig.workload.hmac(format!("{sr}\n{se}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(digest);
+    let sig = percent_encoding::utf8_percent_encode(&sig, percent_encoding::NON_ALPHANUMERIC);
+    format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}")
+}
+
+/// The broker refuses what edgeHub refuses: a module's CONNECT is let in only with a SAS
+/// token that verifies with the module's key, for its own audience, not expired (5 minutes of
+/// skew), under its own client id and a user name with `api-version`; mosquitto itself takes
+/// no anonymous client and no module that did not pass the gate. Positive control: the same
+/// CONNECT with a fresh token is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_broker_refuses_what_edgehub_refuses() {
+    let Some(rig) = Rig::new().await else { return };
+    let broker = rig.broker(free_port()).await;
+    let bundle = &rig.workload.state.trust_bundle;
+    let now = common::mqtt::unix_now();
+    let audience = format!("{HUB}/devices/{DEVICE}/modules/{MODULE}");
+    let fresh = sas_token(&rig, &audience, now + 3600);
+    let user = module_username();
+    let client_id = format!("{DEVICE}/{MODULE}");
+    let at_gate = |id: String, user: String, token: String| async move {
+        connack(broker.module_port, bundle, &id, &user, &token).await
+    };
+    const NOT_AUTHORIZED: Result<(), u8> = Err(CONNACK_NOT_AUTHORIZED);
+
+    assert_eq!(
+        at_gate(client_id.clone(), user.clone(), fresh.clone()).await,
+        Ok(()),
+        "positive control: {:?}",
+        broker.gate.connects()
+    );
+    // Expired more than the 5 minutes of skew ago; within them, accepted as edgeHub does.
+    let expired = sas_token(&rig, &audience, now - 301);
+    assert_eq!(
+        at_gate(client_id.clone(), user.clone(), expired).await,
+        NOT_AUTHORIZED
+    );
+    let skewed = sas_token(&rig, &audience, now - 200);
+    assert_eq!(
+        at_gate(client_id.clone(), user.clone(), skewed).await,
+        Ok(())
+    );
+    // The right shape, another key.
+    let forged = fresh.replace("&sig=", "&sig=AAAA");
+    assert_eq!(
+        at_gate(client_id.clone(), user.clone(), forged).await,
+        NOT_AUTHORIZED
+    );
+    // A valid token of another module of the device.
+    let other = sas_token(
+        &rig,
+        &format!("{HUB}/devices/{DEVICE}/modules/other"),
+        now + 3600,
+    );
+    assert_eq!(
+        at_gate(client_id.clone(), user.clone(), other).await,
+        NOT_AUTHORIZED
+    );
+    // Another hub.
+    let hub = sas_token(
+        &rig,
+        &format!("evil.example/devices/{DEVICE}/modules/{MODULE}"),
+        now + 3600,
+    );
+    assert_eq!(
+        at_gate(client_id.clone(), user.clone(), hub).await,
+        NOT_AUTHORIZED
+    );
+    // The module's token under another client id.
+    assert_eq!(
+        at_gate(format!("{DEVICE}/other"), user.clone(), fresh.clone()).await,
+        NOT_AUTHORIZED
+    );
+    // A user name without api-version: edgeHub's parser throws, return code 3.
+    let no_version = user.replace("api-version=2020-09-30&", "");
+    assert_eq!(
+        at_gate(client_id.clone(), no_version, fresh.clone()).await,
+        Err(CONNACK_SERVER_UNAVAILABLE)
+    );
+    let connects = broker.gate.connects();
+    assert_eq!(
+        connects.iter().filter(|c| c.refused.is_none()).count(),
+        2,
+        "{connects:?}"
+    );
+
+    // mosquitto on its own: the module's fresh token is not its password (only the gate's
+    // is), and no anonymous client gets in.
+    assert_eq!(
+        connack(broker.port, bundle, &client_id, &user, &fresh).await,
+        NOT_AUTHORIZED
+    );
+    assert_eq!(
+        connack(broker.port, bundle, "anyone", "anyone", "").await,
+        NOT_AUTHORIZED
+    );
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::mqtt::{free_port, Mosquitto, TwinResponder};
+use common::mqtt::{free_port, ConnectCapture, Mosquitto, SasCheck, TwinResponder};
 use common::workload::WorkloadStandIn;
 use common::{csr, Pki};
 use edge_est::edge::{self, EdgeEnv, ModuleOptions};
@@ -94,6 +94,15 @@ async fn the_twin_opens_moves_and_closes_the_api_proxy_socket() {
     let broker_cert = workload.issue_server(GATEWAY, Duration::from_secs(86_400));
     let username = edge::sas::username(GATEWAY, DEVICE, MODULE, &edge::sas::product());
     let broker = Mosquitto::start(&mosquitto, path, free_port(), &broker_cert, &username);
+    let sas = SasCheck {
+        hub: "test-hub.example".into(),
+        gateway: GATEWAY.into(),
+        device: DEVICE.into(),
+        module: MODULE.into(),
+        key: workload.state.key.clone(),
+    };
+    let gate =
+        ConnectCapture::start(broker.port, &broker_cert, &workload.state.trust_bundle, sas).await;
 
     // The volume shared with the API proxy, in two places (the second for the move).
     for d in ["run-a", "run-b"] {
@@ -130,7 +139,7 @@ async fn the_twin_opens_moves_and_closes_the_api_proxy_socket() {
         ("IOTEDGE_AUTHSCHEME", "sasToken".into()),
         ("IOTEDGE_MODULEGENERATIONID", "gen-1".into()),
         ("IOTEDGE_GATEWAYHOSTNAME", GATEWAY.into()),
-        ("EDGE_EST_MQTT_PORT", broker.port.to_string()),
+        ("EDGE_EST_MQTT_PORT", gate.port.to_string()),
         ("EDGE_EST_DATA_DIR", data.display().to_string()),
     ]);
     let env = EdgeEnv::from_vars(|k| vars.get(k).cloned()).unwrap();

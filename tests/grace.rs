@@ -229,3 +229,62 @@ fn the_window_is_off_by_default_and_needs_certificate_authentication() {
     let error = config.validate().unwrap_err().to_string();
     assert!(error.contains("labels[0].grace_expired_secs"), "{error}");
 }
+
+/// An RA's exemption from the identity limit is not carried by its certificate once it has
+/// expired: in the grace window the RA renews itself like any device, under the identity
+/// limit. Positive control: the same RA with a valid certificate is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_ra_certificate_in_its_grace_window_is_not_exempt_from_the_identity_limit() {
+    let now = OffsetDateTime::now_utc();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    // Two certificates of the RA this server issued: one expired yesterday, one valid.
+    let expired =
+        pki.issuing
+            .client_cert("ra-1", now - Duration::days(90), now - Duration::days(1));
+    let valid = pki
+        .issuing
+        .client_cert("ra-1", now - Duration::days(1), now + Duration::days(90));
+    for credential in [&expired, &valid] {
+        record_issued(
+            &dir.path().join("journal.jsonl"),
+            &credential.cert_pem,
+            None,
+        );
+    }
+    let mut config = standard_config(&pki);
+    config.limits.rate_per_address = 0.0;
+    config.limits.rate_per_identity = 0.1;
+    config.limits.burst_per_identity = 1.0;
+    let unlabeled = label(&mut config, None);
+    unlabeled.grace_expired_secs = WEEK;
+    let ra_rule = unlabeled
+        .rules
+        .iter_mut()
+        .find(|r| r.matches == ["certificate:issuer"])
+        .expect("the issuer rule");
+    ra_rule.registration_authority = true;
+    let server = TestServer::start(dir.path(), &config).await;
+    let as_ = |c: &Credential| {
+        EstClient::new(
+            server.addr,
+            &pki.root.cert_pem,
+            Some((&c.cert_pem, &c.key_pem)),
+        )
+    };
+
+    // Positive control: the RA with its valid certificate, three times over a burst of one.
+    let as_valid = as_(&valid);
+    for i in 0..3 {
+        let answer = post(&as_valid, "simpleenroll", csr("ra-1", |_| {})).await;
+        assert_eq!(answer.status, 200, "request {i}: {}", answer.text());
+    }
+    // The expired one: its grace renewal passes once, then the identity limit holds it.
+    let as_expired = as_(&expired);
+    let answer = post(&as_expired, "simpleenroll", csr("ra-1", |_| {})).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(server.journal().last().unwrap().grace_renewal);
+    let answer = post(&as_expired, "simpleenroll", csr("ra-1", |_| {})).await;
+    refused(&answer, 429, &["too many requests from this identity"]);
+    server.stop().await;
+}

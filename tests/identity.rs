@@ -568,6 +568,16 @@ common_names = ["{cn}"]
     let as_device = client(server.addr, &root, Some((&chain, &device.key_pem)));
     let answer = post(&as_device, "simpleenroll", &[], plain("dev-victim")).await;
     leaf_of(&answer);
+    // Below it, a CA of the Edge CA's shape (pathlen 0) that is named like none (a factory
+    // line's CA): it takes both, shape and name, to be taken for a device's; accepted.
+    let line_ca = ca_below(&factory_ca, "factory line 3", now + Duration::days(30));
+    let device = line_ca.valid_client("dev-victim");
+    let chain = format!(
+        "{}{}{}",
+        device.cert_pem, line_ca.cert_pem, factory_ca.cert_pem
+    );
+    let as_device = client(server.addr, &root, Some((&chain, &device.key_pem)));
+    leaf_of(&post(&as_device, "simpleenroll", &[], plain("dev-victim")).await);
     // Below that sub-CA, a CA shaped and named like an Edge CA (a device issued elsewhere
     // under the same root): refused by its shape and name.
     let edge_ca = ca_below(&factory_ca, "aziot-edge CA dev-x", now + Duration::days(30));
@@ -1057,7 +1067,8 @@ common_names = ["edgeest"]
     server.stop().await;
 }
 
-/// A trust anchor that has expired vouches for nothing, even for a certificate still valid.
+/// A trust anchor that has expired, or is not valid yet, vouches for nothing, even for a
+/// certificate valid now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_trust_anchor_vouches_for_nothing() {
     let temp = tempfile::tempdir().unwrap();
@@ -1074,18 +1085,30 @@ async fn an_expired_trust_anchor_vouches_for_nothing() {
         issuer: Issuer::new(params, key),
     };
     std::fs::write(dir.join("old-factory.pem"), &old_factory.cert_pem).unwrap();
+    // Nor one not valid yet (its notBefore tomorrow), for a certificate valid now.
+    let key = KeyPair::generate().unwrap();
+    let mut params = edge_est::pki::ca_params("next factory CA", None, Duration::days(1));
+    params.not_before = now + Duration::days(1);
+    params.not_after = now + Duration::days(400);
+    let next_factory = TestCa {
+        cert_pem: params.self_signed(&key).unwrap().pem(),
+        issuer: Issuer::new(params, key),
+    };
+    std::fs::write(dir.join("next-factory.pem"), &next_factory.cert_pem).unwrap();
     let config = config_text(
         &pki,
         r#"
 [trust.old]
 certificates = ["old-factory.pem"]
+[trust.next]
+certificates = ["next-factory.pem"]
 [trust.factory]
 certificates = ["bootstrap-ca.pem"]
 [[labels]]
 issuer = "plant"
-client_trust = ["old", "factory"]
+client_trust = ["old", "next", "factory"]
 [[labels.rules]]
-match = ["certificate:old", "certificate:factory"]
+match = ["certificate:old", "certificate:next", "certificate:factory"]
 common_names = ["{cn}"]
 "#,
     );
@@ -1098,6 +1121,18 @@ common_names = ["{cn}"]
     );
     let answer = post(&as_device, "simpleenroll", &[], plain("dev-o")).await;
     refused(&answer, 401, "the trust anchor of trust set old expired at");
+    let device = next_factory.valid_client("dev-o");
+    let as_device = client(
+        server.addr,
+        &root,
+        Some((&device.cert_pem, &device.key_pem)),
+    );
+    let answer = post(&as_device, "simpleenroll", &[], plain("dev-o")).await;
+    refused(
+        &answer,
+        401,
+        "the trust anchor of trust set next is not valid before",
+    );
     // Positive control: the same request with a certificate of the valid factory CA.
     let device = pki.bootstrap.valid_client("dev-o");
     let as_device = client(
@@ -1106,5 +1141,68 @@ common_names = ["{cn}"]
         Some((&device.cert_pem, &device.key_pem)),
     );
     leaf_of(&post(&as_device, "simpleenroll", &[], plain("dev-o")).await);
+    server.stop().await;
+}
+
+/// A module's certificate comes from its device's Edge CA, and an Edge CA has IoT Edge's
+/// shape: CA, pathlen 0. A CA named like gw-1's Edge CA but free to issue CAs below it (a
+/// layer's own sub-CA, say), issued on this label, does not make what it signs a module of
+/// gw-1. Positive control: the same leaf below gw-1's Edge CA (pathlen 0) is gw-1's module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_comes_only_from_a_ca_of_the_edge_ca_shape() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let until = OffsetDateTime::now_utc() + Duration::days(30);
+    let edge_ca = ca_below(&pki.issuing, "aziot-edge CA gw-1", until);
+    let unconstrained = ca_below_with(&pki.issuing, "aziot-edge CA gw-1", until, None);
+    let pathlen_1 = ca_below_with(&pki.issuing, "aziot-edge CA gw-1", until, Some(1));
+    for ca in [&edge_ca, &unconstrained, &pathlen_1] {
+        common::record_issued(&dir.join("journal.jsonl"), &ca.cert_pem, None);
+    }
+    let config = config_text(
+        &pki,
+        r#"
+[[labels]]
+issuer = "plant"
+client_trust = ["issuer"]
+[labels.authentication]
+basic = false
+[[labels.rules]]
+match = ["module:gw-1/edgeest"]
+common_names = ["edgeest"]
+"#,
+    );
+    let server = TestServer::start(dir, &config).await;
+    let as_module_below = |ca: &TestCa| {
+        let leaf = ca.valid_client("edgeest");
+        let chain = format!("{}{}", leaf.cert_pem, ca.cert_pem);
+        client(server.addr, &root, Some((&chain, &leaf.key_pem)))
+    };
+    for (ca, shape) in [(&unconstrained, "no pathlen"), (&pathlen_1, "pathlen 1")] {
+        let answer = post(&as_module_below(ca), "simpleenroll", &[], plain("edgeest")).await;
+        assert_eq!(answer.status, 401, "{shape}: {}", answer.text());
+        assert!(
+            answer
+                .text()
+                .contains("not issued directly by a CA of trust set issuer"),
+            "{shape}: {}",
+            answer.text()
+        );
+    }
+    let answer = post(
+        &as_module_below(&edge_ca),
+        "simpleenroll",
+        &[],
+        plain("edgeest"),
+    )
+    .await;
+    openssl_verified(dir, &leaf_of(&answer), "edgeest", "issuing-ca.pem");
+    assert_eq!(
+        server.journal().len(),
+        4,
+        "the three CAs and the module's certificate"
+    );
     server.stop().await;
 }

@@ -378,3 +378,71 @@ fn module_mode_refuses_listen_flags_the_twin_owns() {
         stderr(&out)
     );
 }
+
+/// The development server with its stderr (and stdout) on a terminal (`script` from
+/// bsdutils gives it a pty) until a log line is out; what the terminal showed.
+fn on_a_terminal(dir: &Path, env: &[(&str, &str)]) -> Option<String> {
+    let script = common::tool("script", "bsdutils")?;
+    let port = free_port();
+    let typescript = dir.join(format!("typescript-{port}"));
+    let mut command = Command::new(script);
+    command
+        .arg("-qefc")
+        .arg(format!(
+            "exec timeout -s TERM 60 {} serve --data-dir data --listen 127.0.0.1:{port}",
+            env!("CARGO_BIN_EXE_edge-est")
+        ))
+        .arg(&typescript)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env_remove("RuntimeLogLevel")
+        .env_remove("NO_COLOR")
+        .env("EDGE_EST_DEV_PASSWORD", "pw")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start script");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = std::fs::read_to_string(&typescript).unwrap_or_default();
+        if text.contains("INFO") && text.contains("openssl verify") {
+            break text;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("edge-est under script exited ({status}): {text}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line on the terminal: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // script passes SIGTERM on to the server (and `timeout` stops it in any case).
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    Some(text)
+}
+
+/// README: "No line carries colour codes unless stderr is a terminal (and `NO_COLOR` is
+/// unset)". On a terminal the shipped binary colours its lines; with `NO_COLOR` set it does
+/// not (the pipe case is `container_logs_carry_no_colour_…`).
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(coloured) = on_a_terminal(dir.path(), &[]) else {
+        return;
+    };
+    assert!(
+        coloured.contains("\x1b["),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_a_terminal(dir.path(), &[("NO_COLOR", "1")]).unwrap();
+    assert!(plain.contains("INFO"), "{plain:?}");
+    assert!(!plain.contains('\x1b'), "colour with NO_COLOR: {plain:?}");
+}

@@ -316,6 +316,51 @@ async fn forwarded_certificates_are_validated_and_malformed_headers_refused() {
     server.stop().await;
 }
 
+/// The socket has no handshake to refuse a chain over the caps of `auth::caps`: a forwarded
+/// header of more certificates than a TLS client may present is refused (400) before any
+/// verification; at the cap, the device's certificate with its issuing CA repeated, it is
+/// verified and served (positive control at the boundary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_chain_over_the_certificate_cap_is_refused_before_verification() {
+    let (dir, pki) = setup();
+    let server = Both::start(dir.path(), standard_config(&pki)).await;
+    let device = enrolled_device(&server, &pki, "device-8").await;
+    let cap = edge_est::auth::caps::MAX_CHAIN_CERTS;
+    let chain_of = |certs: usize| {
+        let mut pem = device.cert_pem.clone();
+        for _ in 1..certs {
+            pem.push_str(&pki.issuing.cert_pem);
+        }
+        escaped(&pem)
+    };
+    let enroll = |value: String| {
+        let headers = enroll_headers(&[(CLIENT_CERT, value)]);
+        let server = &server;
+        async move {
+            server
+                .via_proxy(
+                    "POST",
+                    "strict/simpleenroll",
+                    &headers,
+                    iot_edge_body(&csr("device-8")),
+                )
+                .await
+        }
+    };
+    let answer = enroll(chain_of(cap + 1)).await;
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert!(
+        answer
+            .text()
+            .contains(&format!("holds {} certificates, more than {cap}", cap + 1)),
+        "{}",
+        answer.text()
+    );
+    let answer = enroll(chain_of(cap)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_keeps_the_limits_of_the_tls_listener() {
     let (dir, pki) = setup();

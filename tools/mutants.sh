@@ -26,8 +26,13 @@ tests_for() {
     src/policy/*) echo "--test policy_guards --test refusals --test grace --test rate_limits" ;;
     src/journal.rs) echo "--test journal_durability --test journal_restart" ;;
     src/edge/desired.rs) echo "" ;;
-    src/auth/*) echo "--test refusals --test grace --test kept_connections" ;;
-    src/issue/*) echo "--test misbehaving_upstream --test hierarchy --test binary_claims" ;;
+    src/auth/chain.rs) echo "--test hostile_chains --test identity --test grace --test refusals" ;;
+    src/auth/client_cert.rs) echo "--test grace --test identity --test hostile_chains --test refusals" ;;
+    src/auth/caps.rs) echo "--test hostile_chains" ;;
+    src/auth/ra.rs) echo "--test identity --test ra_reenroll --test refusals" ;;
+    src/auth/basic.rs) echo "--test refusals --test rate_limits" ;;
+    src/auth/*) echo "--test refusals --test grace --test identity --test hostile_chains" ;;
+    src/issue/*) echo "--test misbehaving_upstream --test outage --test hierarchy" ;;
     src/server.rs) echo "--test refusals --test misbehaving_upstream --test journal_durability" ;;
     src/est/*) echo "--test openssl_clients --test hostile_clients" ;;
     *) echo "--test refusals" ;;

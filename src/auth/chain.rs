@@ -474,4 +474,66 @@ mod tests {
         index.record("not hex", None);
         assert_eq!(index.len(), 1);
     }
+
+    /// Every CA on a path valid now: webpki checks the path as of the time asked (for a
+    /// grace renewal, the leaf's expiry), so this check is what refuses a CA that expired
+    /// since or (were the time asked later than now) is not valid yet.
+    #[test]
+    fn a_ca_is_valid_only_between_its_dates() {
+        let now = ::time::OffsetDateTime::now_utc();
+        let ca = |not_before: ::time::OffsetDateTime, not_after: ::time::OffsetDateTime| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = crate::pki::ca_params("line CA", Some(0), ::time::Duration::days(1));
+            params.not_before = not_before;
+            params.not_after = not_after;
+            let der = params.self_signed(&key).unwrap().der().clone();
+            CaFacts::of(&der).unwrap()
+        };
+        let t = now.unix_timestamp();
+        let day = ::time::Duration::days(1);
+        assert_eq!(ca(now - day, now + day).check_valid_at(t), Ok(()));
+        let early = ca(now + day, now + 2 * day).check_valid_at(t).unwrap_err();
+        assert!(
+            early.contains("\"line CA\" on its path is not valid before"),
+            "{early}"
+        );
+        let late = ca(now - 2 * day, now - day).check_valid_at(t).unwrap_err();
+        assert!(
+            late.contains("\"line CA\" on its path expired at"),
+            "{late}"
+        );
+        // Both dates are inclusive (RFC 5280 4.1.2.5), to the second.
+        let at = ::time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+        let exact = ca(at, at + day);
+        assert_eq!(exact.check_valid_at(t), Ok(()));
+        assert!(exact.check_valid_at(t - 1).is_err());
+        let exact = ca(at - day, at);
+        assert_eq!(exact.check_valid_at(t), Ok(()));
+        assert!(exact.check_valid_at(t + 1).is_err());
+    }
+
+    /// A trust anchor vouches between its dates only, both inclusive.
+    #[test]
+    fn a_trust_anchor_is_valid_only_between_its_dates() {
+        let t = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        let at = ::time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+        let day = ::time::Duration::days(1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = crate::pki::ca_params("factory CA", None, day);
+        params.not_before = at;
+        params.not_after = at + day;
+        let der = params.self_signed(&key).unwrap().der().clone();
+        let set = TrustSet::new("factory", std::slice::from_ref(&der)).unwrap();
+        let anchor = &set.anchors()[0];
+        let until = t + day.whole_seconds();
+        assert_eq!(set.check_anchor(anchor, t), Ok(()));
+        assert_eq!(set.check_anchor(anchor, until), Ok(()));
+        let early = set.check_anchor(anchor, t - 1).unwrap_err();
+        assert!(
+            early.contains("trust set factory is not valid before"),
+            "{early}"
+        );
+        let late = set.check_anchor(anchor, until + 1).unwrap_err();
+        assert!(late.contains("trust set factory expired at"), "{late}");
+    }
 }

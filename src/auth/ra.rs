@@ -308,5 +308,14 @@ mod tests {
         ] {
             assert!(ModuleOf::parse(bad).is_err(), "{bad}");
         }
+        // IoT Hub's length limit, 128 characters, on both.
+        let long = "d".repeat(128);
+        assert!(ModuleOf::parse(&format!("{long}/edgeest")).is_ok());
+        assert!(ModuleOf::parse(&format!("gw/{long}")).is_ok());
+        let too_long = "d".repeat(129);
+        let e = ModuleOf::parse(&format!("{too_long}/edgeest")).unwrap_err();
+        assert!(e.contains("device is longer than 128"), "{e}");
+        let e = ModuleOf::parse(&format!("gw/{too_long}")).unwrap_err();
+        assert!(e.contains("module is longer than 128"), "{e}");
     }
 }

@@ -75,3 +75,38 @@ pub fn merged(
     cas.extend(roots);
     cas
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca(
+        cn: &str,
+        parent: Option<&rcgen::Issuer<'_, rcgen::KeyPair>>,
+    ) -> (
+        CertificateDer<'static>,
+        rcgen::Issuer<'static, rcgen::KeyPair>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = crate::pki::ca_params(cn, None, ::time::Duration::days(30));
+        let cert = match parent {
+            Some(p) => params.signed_by(&key, p).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert.der().clone(), rcgen::Issuer::new(params, key))
+    }
+
+    /// An `auto` label's cacerts: the CAs that sign, the upstream's first, then the roots,
+    /// each certificate once (a root both chains share is listed once).
+    #[test]
+    fn merged_lists_signing_cas_first_and_each_certificate_once() {
+        let (root, root_issuer) = ca("root", None);
+        let (upper, _) = ca("upper issuing CA", Some(&root_issuer));
+        let (own, _) = ca("own issuing CA", Some(&root_issuer));
+        let all = merged(
+            &[upper.clone(), root.clone()],
+            &[own.clone(), root.clone(), upper.clone()],
+        );
+        assert_eq!(all, vec![upper, own, root]);
+    }
+}

@@ -34,8 +34,10 @@ use super::{drain, serve_http, Connection, RefusedBecause, Service};
 pub const CLIENT_CERT_HEADER: &str = "x-ms-edge-clientcert";
 /// The header nginx forwards the client's address in.
 pub const FORWARDED_FOR_HEADER: &str = "x-forwarded-for";
-/// Most certificates one forwarded header may hold (nginx sends the leaf alone).
-const MAX_FORWARDED_CERTS: usize = 8;
+/// Most certificates one forwarded header may hold (nginx sends the leaf alone): the cap of a
+/// TLS client's chain. The bytes cap of `auth::caps` cannot be reached here: the connection's
+/// 16 KiB header limit (`transport`) refuses a header that large first.
+const MAX_FORWARDED_CERTS: usize = crate::auth::caps::MAX_CHAIN_CERTS;
 
 /// What the API proxy said about the client of a request on the proxy socket.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

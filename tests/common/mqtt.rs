@@ -32,9 +32,17 @@ pub fn free_port() -> u16 {
 }
 
 pub const RESPONDER_USER: &str = "twin-responder";
+/// The twin responder's (and the method caller's) password at the broker.
+pub const RESPONDER_PASSWORD: &str = "responder-secret";
+/// The password the SAS gate ([`ConnectCapture`]) puts in a module's CONNECT once it has
+/// checked its SAS token: the broker takes nothing else from `module_user`, so a module
+/// reaches it only through the gate.
+const GATE_PASSWORD: &str = "checked-by-the-sas-gate";
 
-/// A mosquitto process on 127.0.0.1:`port` with TLS; only `RESPONDER_USER` and
-/// `module_user` may use `$iothub/#` (ACL). Killed on drop.
+/// A mosquitto process on 127.0.0.1:`port` with TLS and no anonymous access: a
+/// `password_file` made at start (`mosquitto_passwd`) knows `RESPONDER_USER` and
+/// `module_user` (whose password only the SAS gate sends); only they may use `$iothub/#`
+/// (ACL). Killed on drop.
 pub struct Mosquitto {
     pub port: u16,
     pub log: PathBuf,
@@ -60,12 +68,40 @@ impl Mosquitto {
             ),
         )
         .unwrap();
+        let passwords = dir.join("passwords");
+        let passwd = binary.with_file_name("mosquitto_passwd");
+        let passwd = if passwd.exists() {
+            passwd
+        } else {
+            PathBuf::from("/usr/bin/mosquitto_passwd")
+        };
+        for (i, (user, password)) in [
+            (RESPONDER_USER, RESPONDER_PASSWORD),
+            (module_user, GATE_PASSWORD),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut command = Command::new(&passwd);
+            if i == 0 {
+                command.arg("-c");
+            }
+            let out = command
+                .arg("-b")
+                .arg(&passwords)
+                .arg(user)
+                .arg(password)
+                .output()
+                .expect("run mosquitto_passwd (package mosquitto)");
+            assert!(out.status.success(), "mosquitto_passwd: {out:?}");
+        }
         let log = dir.join("mosquitto.log");
         let conf = dir.join("mosquitto.conf");
         let mut text = format!(
             "per_listener_settings false\n\
              persistence false\n\
-             allow_anonymous true\n\
+             allow_anonymous false\n\
+             password_file {passwords}\n\
              acl_file {acl}\n\
              connection_messages true\n\
              log_dest file {log}\n\
@@ -74,6 +110,7 @@ impl Mosquitto {
              certfile {dir}/broker.pem\n\
              keyfile {dir}/broker.key\n",
             acl = dir.join("acl").display(),
+            passwords = passwords.display(),
             log = log.display(),
             dir = dir.display(),
         );
@@ -182,7 +219,7 @@ impl TwinResponder {
         }));
         let mut options = MqttOptions::new(RESPONDER_USER, "localhost", port);
         options
-            .set_credentials(RESPONDER_USER, "unused")
+            .set_credentials(RESPONDER_USER, RESPONDER_PASSWORD)
             .set_max_packet_size(256 * 1024, 256 * 1024)
             .set_transport(Transport::Tls(TlsConfiguration::Rustls(client_tls(
                 trust_bundle,
@@ -341,17 +378,149 @@ impl Drop for TwinResponder {
     }
 }
 
-/// The fields of an MQTT CONNECT.
+/// The fields of an MQTT CONNECT, and the gate's answer: `None` let through, `Some((code,
+/// reason))` refused with that CONNACK return code.
 #[derive(Clone, Debug)]
 pub struct Connect {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
     pub keep_alive: u16,
+    pub refused: Option<(u8, String)>,
 }
 
-/// A TLS proxy in front of the broker (TLS with `cert` on its side, TLS to the broker trusting
-/// `trust_bundle`), recording every CONNECT packet.
+/// What edgeHub checks of a module's CONNECT before it lets it in (`MqttUsernameParser`,
+/// `DeviceIdentityProvider`, `SharedAccessSignature`, `DeviceScopeTokenAuthenticator`; see
+/// the IoT Edge reference): a blank client id or a user name without `api-version` is
+/// answered with return code 3; a client id other than `{device}/{module}`, a user name for
+/// another identity, a token that is not `SharedAccessSignature sr=…&sig=…&se=…`, an
+/// audience other than the hub's or the gateway's (this module or its device, compared
+/// case-insensitively), an HMAC that does not verify with the module's key over the verbatim
+/// `sr`, a line feed and `se`, or an `se` more than 5 minutes past: return code 5.
+#[derive(Clone, Debug)]
+pub struct SasCheck {
+    pub hub: String,
+    pub gateway: String,
+    pub device: String,
+    pub module: String,
+    /// The module identity key (the workload API's).
+    pub key: Vec<u8>,
+}
+
+/// CONNACK return codes.
+pub const CONNACK_SERVER_UNAVAILABLE: u8 = 3;
+pub const CONNACK_NOT_AUTHORIZED: u8 = 5;
+
+impl SasCheck {
+    pub fn check(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+        now: u64,
+    ) -> Result<(), (u8, String)> {
+        let malformed = |why: String| Err((CONNACK_SERVER_UNAVAILABLE, why));
+        let refused = |why: String| Err((CONNACK_NOT_AUTHORIZED, why));
+        if client_id.is_empty() {
+            return malformed("blank client id".into());
+        }
+        let Some(username) = username else {
+            return malformed("no user name".into());
+        };
+        let Some((path, query)) = username.split_once("/?") else {
+            return malformed(format!("user name {username:?} has no query"));
+        };
+        if !query.split('&').any(|kv| kv.starts_with("api-version=")) {
+            return malformed(format!("user name {username:?} has no api-version"));
+        }
+        let segments: Vec<&str> = path.split('/').collect();
+        let [_host, device, module] = segments[..] else {
+            return malformed(format!(
+                "user name {username:?} is not host/device/module/?…"
+            ));
+        };
+        let identity = format!("{}/{}", self.device, self.module);
+        if client_id != identity {
+            return refused(format!("client id {client_id:?} is not {identity:?}"));
+        }
+        if format!("{device}/{module}") != identity {
+            return refused(format!("user name names {device}/{module}"));
+        }
+        let Some(token) = password else {
+            return refused("no SAS token".into());
+        };
+        let parts: Vec<&str> = token.split_whitespace().collect();
+        let ["SharedAccessSignature", fields] = parts[..] else {
+            return refused("not \"SharedAccessSignature <fields>\"".into());
+        };
+        let mut sr = None;
+        let mut sig = None;
+        let mut se = None;
+        for field in fields.split('&') {
+            let kv: Vec<&str> = field.split('=').collect();
+            let [key, value] = kv[..] else {
+                return refused(format!("field {field:?} is not key=value"));
+            };
+            match key {
+                "sr" => sr = Some(value),
+                "sig" => sig = Some(value),
+                "se" => se = Some(value),
+                _ => {}
+            }
+        }
+        let (Some(sr), Some(sig), Some(se)) = (sr, sig, se) else {
+            return refused("sr, sig or se missing".into());
+        };
+        let Ok(expiry) = se.parse::<u64>() else {
+            return refused(format!("se {se:?} is not a number"));
+        };
+        if expiry + 300 < now {
+            return refused(format!("token expired at {expiry} (now {now})"));
+        }
+        let audience = percent_encoding::percent_decode_str(sr)
+            .decode_utf8_lossy()
+            .to_lowercase();
+        let (host, scope) = audience.split_once('/').unwrap_or((&audience, ""));
+        let device_scope = format!("devices/{}", self.device).to_lowercase();
+        let module_scope = format!("{device_scope}/modules/{}", self.module).to_lowercase();
+        if !(host == self.hub.to_lowercase() || host == self.gateway.to_lowercase())
+            || !(scope == device_scope || scope == module_scope)
+        {
+            return refused(format!("audience {audience:?} is not this module's"));
+        }
+        let digest = percent_encoding::percent_decode_str(sig)
+            .decode_utf8()
+            .ok()
+            .and_then(|b64| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_bytes())
+                    .ok()
+            });
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.key);
+        let verified = digest.is_some_and(|d| {
+            aws_lc_rs::hmac::verify(&key, format!("{sr}\n{expiry}").as_bytes(), &d).is_ok()
+        });
+        if !verified {
+            return refused("the signature does not verify with the module's key".into());
+        }
+        Ok(())
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// edgeHub's front door for modules: a TLS proxy in front of the broker (TLS with `cert` on
+/// its side, TLS to the broker trusting `trust_bundle`) that records every CONNECT and checks
+/// it as edgeHub does ([`SasCheck`]). Refused, the client gets edgeHub's CONNACK return code
+/// and the connection is closed; let through, the CONNECT reaches the broker with the
+/// password the broker expects of the module (`GATE_PASSWORD`).
 pub struct ConnectCapture {
     pub port: u16,
     pub connects: Arc<Mutex<Vec<Connect>>>,
@@ -363,6 +532,24 @@ impl ConnectCapture {
         broker_port: u16,
         cert: &(String, String),
         trust_bundle: &str,
+        sas: SasCheck,
+    ) -> ConnectCapture {
+        Self::start_at(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            broker_port,
+            cert,
+            trust_bundle,
+            sas,
+        )
+    }
+
+    /// [`ConnectCapture::start`] on a listener of the caller's.
+    pub fn start_at(
+        listener: tokio::net::TcpListener,
+        broker_port: u16,
+        cert: &(String, String),
+        trust_bundle: &str,
+        sas: SasCheck,
     ) -> ConnectCapture {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.0.as_bytes())
             .map(Result::unwrap)
@@ -379,8 +566,8 @@ impl ConnectCapture {
             .unwrap(),
         );
         let client = client_tls(trust_bundle);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let sas = Arc::new(sas);
         let connects = Arc::new(Mutex::new(Vec::new()));
         let recorded = connects.clone();
         let task = tokio::spawn(async move {
@@ -388,7 +575,12 @@ impl ConnectCapture {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (server, client, recorded) = (server.clone(), client.clone(), recorded.clone());
+                let (server, client, recorded, sas) = (
+                    server.clone(),
+                    client.clone(),
+                    recorded.clone(),
+                    sas.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(mut inbound) = tokio_rustls::TlsAcceptor::from(server).accept(tcp).await
                     else {
@@ -398,13 +590,39 @@ impl ConnectCapture {
                     loop {
                         let mut probe = buffer.clone();
                         match Packet::read(&mut probe, 1024 * 1024) {
-                            Ok(Packet::Connect(connect)) => {
+                            Ok(Packet::Connect(mut connect)) => {
+                                let username = connect.login.as_ref().map(|l| l.username.clone());
+                                let password = connect.login.as_ref().map(|l| l.password.clone());
+                                let verdict = sas.check(
+                                    &connect.client_id,
+                                    username.as_deref(),
+                                    password.as_deref(),
+                                    unix_now(),
+                                );
                                 recorded.lock().unwrap().push(Connect {
                                     client_id: connect.client_id.clone(),
-                                    username: connect.login.as_ref().map(|l| l.username.clone()),
-                                    password: connect.login.as_ref().map(|l| l.password.clone()),
+                                    username,
+                                    password,
                                     keep_alive: connect.keep_alive,
+                                    refused: verdict.clone().err(),
                                 });
+                                if let Err((code, _)) = verdict {
+                                    let _ = inbound.write_all(&[0x20, 0x02, 0x00, code]).await;
+                                    let _ = inbound.shutdown().await;
+                                    return;
+                                }
+                                if let Some(login) = connect.login.as_mut() {
+                                    login.password = GATE_PASSWORD.to_owned();
+                                }
+                                let mut rewritten = BytesMut::new();
+                                if Packet::Connect(connect)
+                                    .write(&mut rewritten, 1024 * 1024)
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                rewritten.extend_from_slice(&probe);
+                                buffer = rewritten;
                                 break;
                             }
                             Ok(_) => return,
@@ -460,4 +678,39 @@ pub async fn served_certificate(addr: SocketAddr, name: &str, root_pem: &str) ->
         .await
         .expect("TLS handshake with the module");
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Connects to `port` as `client_id` with `username`/`password` and returns the CONNACK's
+/// outcome: `Ok(())` accepted, `Err(code)` refused with that return code (0 for a connection
+/// that failed otherwise).
+pub async fn connack(
+    port: u16,
+    trust_bundle: &str,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> Result<(), u8> {
+    let mut options = MqttOptions::new(client_id, "localhost", port);
+    options
+        .set_credentials(username, password)
+        .set_transport(Transport::Tls(TlsConfiguration::Rustls(client_tls(
+            trust_bundle,
+        ))));
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                    return Err(code as u8);
+                }
+                Err(_) => return Err(0),
+            }
+        }
+    })
+    .await
+    .expect("a CONNACK within 10 s");
+    let _ = client.disconnect().await;
+    outcome
 }
