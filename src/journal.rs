@@ -208,15 +208,21 @@ impl Journal {
 
     /// Reads every entry of a journal file (for tests and tools). Torn lines are skipped.
     pub fn read_all(path: &Path) -> std::io::Result<Vec<JournalEntry>> {
-        use std::io::BufRead;
-        // Line by line: a journal of years of issuances is never held whole in memory.
         let mut entries = Vec::new();
+        Self::scan(path, |entry| entries.push(entry))?;
+        Ok(entries)
+    }
+
+    /// Hands every entry of a journal file to `each`, line by line: a journal of years of
+    /// issuances is never held whole in memory. Torn lines are skipped.
+    pub fn scan(path: &Path, mut each: impl FnMut(JournalEntry)) -> std::io::Result<()> {
+        use std::io::BufRead;
         for line in std::io::BufReader::new(File::open(path)?).split(b'\n') {
             if let Ok(entry) = serde_json::from_slice(&line?) {
-                entries.push(entry);
+                each(entry);
             }
         }
-        Ok(entries)
+        Ok(())
     }
 }
 

@@ -79,13 +79,11 @@ impl App {
     pub fn new(runtime: Runtime, journal: Journal) -> App {
         let metrics = Arc::new(Metrics::new());
         // Rebuilt from the journal, which records every issuance, local and forwarded.
-        let issuance = match Journal::read_all(journal.path()) {
-            Ok(entries) => Arc::new(IssuanceIndex::from_journal(&entries)),
-            Err(e) => {
-                tracing::warn!(journal = %journal.path().display(), error = %e, "the journal cannot be read: no earlier certificate counts as issued by a label");
-                Arc::new(IssuanceIndex::new())
-            }
-        };
+        let issuance = Arc::new(IssuanceIndex::new());
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Err(e) = Journal::scan(journal.path(), |entry| issuance.record_entry(&entry, now)) {
+            tracing::warn!(journal = %journal.path().display(), error = %e, "the journal cannot be read: no earlier certificate counts as issued by a label");
+        }
         // Upstream state is kept next to the journal.
         let state_dir = journal.path().parent().map(Path::to_path_buf);
         let backend = Backend::new(metrics.clone(), state_dir);

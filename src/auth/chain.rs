@@ -374,21 +374,17 @@ impl IssuanceIndex {
         IssuanceIndex::default()
     }
 
-    /// The index of a journal's entries.
-    pub fn from_journal(entries: &[crate::journal::JournalEntry]) -> IssuanceIndex {
-        let index = IssuanceIndex::new();
-        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
-        for entry in entries {
-            let expired_long_ago = ::time::OffsetDateTime::parse(
-                &entry.not_after,
-                &::time::format_description::well_known::Rfc3339,
-            )
-            .is_ok_and(|t| t.unix_timestamp() + KEPT_AFTER_EXPIRY_SECS < now);
-            if !expired_long_ago {
-                index.record(&entry.sha256, entry.label.as_deref());
-            }
+    /// Adds a journal entry read back at start, unless its certificate expired longer ago
+    /// than any grace window reaches (`now`: Unix seconds).
+    pub fn record_entry(&self, entry: &crate::journal::JournalEntry, now: i64) {
+        let expired_long_ago = ::time::OffsetDateTime::parse(
+            &entry.not_after,
+            &::time::format_description::well_known::Rfc3339,
+        )
+        .is_ok_and(|t| t.unix_timestamp() + KEPT_AFTER_EXPIRY_SECS < now);
+        if !expired_long_ago {
+            self.record(&entry.sha256, entry.label.as_deref());
         }
-        index
     }
 
     /// Records that `label` issued the certificate of SHA-256 `sha256_hex` (lowercase hex).
@@ -473,6 +469,47 @@ mod tests {
         assert!(!index.issued_on(b"other", &[Some("narrow".into())]));
         index.record("not hex", None);
         assert_eq!(index.len(), 1);
+    }
+
+    /// A journal read back at start: a certificate that expired longer ago than any grace
+    /// window reaches is left out (memory), one that expired within it is kept.
+    #[test]
+    fn entries_long_expired_are_left_out_of_the_index() {
+        let index = IssuanceIndex::new();
+        let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
+        let entry = |der: &[u8], not_after: &str| {
+            let mut entry: crate::journal::JournalEntry =
+                serde_json::from_value(serde_json::json!({
+                    "time": "", "serial": "", "subject": "", "sans": [], "label": "l",
+                    "operation": "", "identity": "", "profile": "", "not_before": "",
+                    "not_after": not_after, "sha256": "", "certificate": "",
+                }))
+                .unwrap();
+            entry.sha256 = fingerprint(der)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            entry
+        };
+        let fmt = |secs: i64| {
+            ::time::OffsetDateTime::from_unix_timestamp(secs)
+                .unwrap()
+                .format(&::time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        let day = 86_400;
+        index.record_entry(
+            &entry(b"old", &fmt(now - KEPT_AFTER_EXPIRY_SECS - day)),
+            now,
+        );
+        index.record_entry(
+            &entry(b"recent", &fmt(now - KEPT_AFTER_EXPIRY_SECS + day)),
+            now,
+        );
+        index.record_entry(&entry(b"valid", &fmt(now + day)), now);
+        assert!(!index.knows(b"old"));
+        assert!(index.knows(b"recent"));
+        assert!(index.knows(b"valid"));
     }
 
     /// Every CA on a path valid now: webpki checks the path as of the time asked (for a
