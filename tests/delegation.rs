@@ -1089,6 +1089,10 @@ max_validity_secs = 6"#,
 const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN_PIN: &str = "5518-user-pin";
 
+/// The token tests run one at a time: SoftHSM's login state is per process and token, and a
+/// token is initialised with an SO login.
+static TOKEN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A SoftHSM token labelled `label` in a token directory of this process (SoftHSM reads
 /// SOFTHSM2_CONF once: one directory for the whole test binary).
 fn softhsm_token(label: &str) -> cryptoki::slot::Slot {
@@ -1185,6 +1189,7 @@ fn token_private_keys(slot: cryptoki::slot::Slot) -> Vec<(String, bool, bool)> {
 /// commit; a key of another prefix on the same token stays (control).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_generates_its_ca_key_inside_the_token() {
+    let _one_at_a_time = TOKEN_TESTS.lock().await;
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path();
     let pki = Pki::generate_p256(dir);
@@ -1277,4 +1282,46 @@ async fn a_layer_generates_its_ca_key_inside_the_token() {
     // The kept CA loads again from its URI (what a restart does).
     let loaded = edge_est::runtime::Runtime::build(&config, dir).unwrap();
     assert!(loaded.enrolled()[0].fingerprint.is_some());
+}
+
+/// Rollover with token keys: after a renewal the key of the CA just replaced stays (the
+/// runtime in force signs with it until the swap); at the renewal after, it is destroyed. The
+/// token then holds the current CA's key and the previous one's, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_keys_of_replaced_cas_are_destroyed_one_renewal_later() {
+    let _one_at_a_time = TOKEN_TESTS.lock().await;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let (_, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 9"#,
+    )
+    .await;
+    let slot = softhsm_token("roll");
+    std::fs::write(dir.join("roll.pin"), format!("{TOKEN_PIN}\n")).unwrap();
+    let mut config = mid_config(&pki, top.addr);
+    config.enrolled_issuers.get_mut("mid").unwrap().key = Some(format!(
+        "pkcs11:token=roll?pin-source=file:{}&module-path={SOFTHSM}",
+        dir.join("roll.pin").display()
+    ));
+    let mid = TestServer::start(dir, &config).await;
+    let mut seen = vec![enrolled_ca(&mid, std::time::Duration::from_secs(20)).await];
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while seen.len() < 3 {
+        assert!(std::time::Instant::now() < until, "{seen:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let f = mid.app.runtime().enrolled()[0].fingerprint.unwrap();
+        if f != *seen.last().unwrap() {
+            seen.push(f);
+        }
+    }
+    let keys = token_private_keys(slot);
+    // Default prefix edge-est-<issuer>; three CAs made three keys, the first was destroyed.
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys
+        .iter()
+        .all(|(l, s, e)| l.starts_with("edge-est-mid-") && *s && !*e));
 }

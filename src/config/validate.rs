@@ -99,7 +99,9 @@ impl Config {
                          token); leave it out for a key file under the data directory",
                     ));
                 } else {
-                    match crate::keys::Pkcs11Uri::parse(key) {
+                    // Checked as the URI of a generated key is (object= and id= set).
+                    let (generated, _) = crate::issue::delegation::token_key_uri(key, name, 0);
+                    match crate::keys::Pkcs11Uri::parse(&generated) {
                         Err(e) => found.push(ConfigError::invalid(field("key"), e)),
                         Ok(uri) => {
                             if matches!(uri.pin, Some(crate::keys::uri::PinSource::Value(_))) {
@@ -109,7 +111,8 @@ impl Config {
                                      kept under the data directory; use pin-source=file:",
                                 ));
                             }
-                            if uri.id.is_some() {
+                            let path = key[7..].split('?').next().unwrap_or("");
+                            if path.split(';').any(|a| a.starts_with("id=")) {
                                 found.push(ConfigError::invalid(
                                     field("key"),
                                     "id= is set per renewal; name the token and at most an \

@@ -371,7 +371,7 @@ async fn remove_orphan_token_keys(
     kept: &Kept,
     old_key: Option<&str>,
 ) {
-    let (_, prefix) = token_key_uri(location, &enrolled.name, 0);
+    let (token_uri, prefix) = token_key_uri(location, &enrolled.name, 0);
     let label_of = |uri: &str| {
         crate::keys::Pkcs11Uri::parse(uri)
             .ok()
@@ -383,8 +383,12 @@ async fn remove_orphan_token_keys(
         .filter(|k| crate::keys::is_pkcs11(k))
         .filter_map(label_of)
         .collect();
-    let Ok(uri) = crate::keys::Pkcs11Uri::parse(location) else {
-        return;
+    let uri = match crate::keys::Pkcs11Uri::parse(&token_uri) {
+        Ok(uri) => uri,
+        Err(e) => {
+            tracing::warn!(issuer = %enrolled.name, error = %e, "cannot remove orphan token keys");
+            return;
+        }
     };
     let Some(module) = uri
         .module_path
