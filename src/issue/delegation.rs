@@ -9,6 +9,10 @@
 //! atomically (temporary file, fsync, rename, fsync of the directory). `current.json` is the
 //! commit point: a key it does not name is an orphan of an interrupted renewal, never used
 //! and removed by the next one; a CA is never half written.
+//!
+//! With a PKCS#11 token location in `key`, the key pair is generated inside the token instead
+//! (never extractable), named in `current.json` by URI, and orphan token keys of the issuer's
+//! label prefix are destroyed at the next commit, as orphan files are.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
