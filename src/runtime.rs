@@ -224,6 +224,7 @@ impl Runtime {
                 current,
                 fingerprint,
                 previous,
+                pkcs11_module: module,
             });
         }
 

@@ -560,8 +560,19 @@ common_names = ["l3-*"]
         e.contains("enrolled_issuers.mid.enroll: no upstream named \"nowhere\""),
         "{e}"
     );
+    // A token location is taken (its key is generated in the token); a PIN in it, a key file,
+    // or no module is refused.
     let e = enrolled("enroll = \"top\"\nkey = \"pkcs11:token=t;object=k\"").unwrap_err();
-    assert!(e.contains("not supported yet"), "{e}");
+    assert!(
+        e.contains("enrolled_issuers.mid.key: no PKCS#11 module"),
+        "{e}"
+    );
+    enrolled("enroll = \"top\"\nkey = \"pkcs11:token=t;object=k?pin-source=file:/run/pin&module-path=/usr/lib/softhsm/libsofthsm2.so\"").unwrap();
+    let e = enrolled("enroll = \"top\"\nkey = \"pkcs11:token=t;object=k?pin-value=4711-secret&module-path=/usr/lib/softhsm/libsofthsm2.so\"").unwrap_err();
+    assert!(e.contains("pin-value is refused here"), "{e}");
+    assert!(!e.contains("4711-secret"), "{e}");
+    let e = enrolled("enroll = \"top\"\nkey = \"ca.key\"").unwrap_err();
+    assert!(e.contains("only a pkcs11: token location"), "{e}");
     enrolled("enroll = \"top\"").unwrap();
     // A CA of pathlen 0 cannot sign the Edge CAs the rules grant.
     let edge_cas = "enroll = \"top\"\n[[labels]]\nname = \"edge\"\nissuer = \"mid\"\n\
@@ -1071,4 +1082,246 @@ max_validity_secs = 6"#,
     assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
     mid.stop().await;
     top.stop().await;
+}
+
+// ---- a layer's CA key generated inside a PKCS#11 token (SoftHSM2) ------------------------
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOKEN_PIN: &str = "5518-user-pin";
+
+/// The token tests run one at a time: SoftHSM's login state is per process and token, and a
+/// token is initialised with an SO login.
+static TOKEN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A SoftHSM token labelled `label` in a token directory of this process (SoftHSM reads
+/// SOFTHSM2_CONF once: one directory for the whole test binary).
+fn softhsm_token(label: &str) -> cryptoki::slot::Slot {
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        assert!(
+            Path::new(SOFTHSM).exists(),
+            "{SOFTHSM} missing: install softhsm2"
+        );
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::create_dir(dir.join("tokens")).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        dir
+    });
+    let ctx = edge_est::keys::pkcs11::module(Path::new(SOFTHSM)).unwrap();
+    let free = ctx
+        .get_all_slots()
+        .unwrap()
+        .into_iter()
+        .find(|s| !ctx.get_token_info(*s).unwrap().token_initialized())
+        .unwrap();
+    ctx.init_token(free, &AuthPin::from("so-0000"), label)
+        .unwrap();
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == label)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    session
+        .login(UserType::So, Some(&AuthPin::from("so-0000")))
+        .unwrap();
+    session.init_pin(&AuthPin::from(TOKEN_PIN)).unwrap();
+    session.logout().unwrap();
+    slot
+}
+
+/// (CKA_SENSITIVE, CKA_EXTRACTABLE) of each private key on the token, by label.
+fn token_private_keys(slot: cryptoki::slot::Slot) -> Vec<(String, bool, bool)> {
+    use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+    let ctx = edge_est::keys::pkcs11::module(Path::new(SOFTHSM)).unwrap();
+    let session = ctx.open_ro_session(slot).unwrap();
+    // The process is logged in already (the server's key); login state is per application.
+    let _ = session.login(
+        cryptoki::session::UserType::User,
+        Some(&cryptoki::types::AuthPin::from(TOKEN_PIN)),
+    );
+    let mut out = Vec::new();
+    for handle in session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .unwrap()
+    {
+        let (mut label, mut sensitive, mut extractable) = (String::new(), false, true);
+        for a in session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Label,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
+            )
+            .unwrap()
+        {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8(l).unwrap(),
+                Attribute::Sensitive(v) => sensitive = v,
+                Attribute::Extractable(v) => extractable = v,
+                _ => {}
+            }
+        }
+        out.push((label, sensitive, extractable));
+    }
+    out.sort();
+    out
+}
+
+/// A layer whose key location is a token: each renewal generates its CA key inside the token
+/// (sensitive, never extractable), the CSR is signed there, current.json names the key by URI
+/// with its pin-source and no PIN, and what the CA signs verifies with openssl. An orphan of
+/// an interrupted renewal (same label prefix) is never used and is destroyed at the next
+/// commit; a key of another prefix on the same token stays (control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_generates_its_ca_key_inside_the_token() {
+    let _one_at_a_time = TOKEN_TESTS.lock().await;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (_top_config, top) =
+        top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+    let slot = softhsm_token("deleg");
+    std::fs::write(dir.join("token.pin"), format!("{TOKEN_PIN}\n")).unwrap();
+    let location = format!(
+        "pkcs11:token=deleg;object=mid-ca?pin-source=file:{}&module-path={SOFTHSM}",
+        dir.join("token.pin").display()
+    );
+    // What an interrupted renewal leaves: a key of this issuer's prefix that current.json
+    // never named; and a key of someone else on the same token.
+    let orphan_uri = format!(
+        "pkcs11:token=deleg;object=mid-ca-1;id=1?pin-source=file:{}&module-path={SOFTHSM}",
+        dir.join("token.pin").display()
+    );
+    let orphan = edge_est::keys::TokenKey::generate(&orphan_uri, None).unwrap();
+    let orphan_spki =
+        rcgen::PublicKeyData::subject_public_key_info(&edge_est::keys::IssuerKey::Token(orphan));
+    let other_uri = orphan_uri.replace("mid-ca-1;id=1", "other-key;id=2");
+    edge_est::keys::TokenKey::generate(&other_uri, None).unwrap();
+
+    let mut config = mid_config(&pki, top.addr);
+    config.enrolled_issuers.get_mut("mid").unwrap().key = Some(location);
+    config.validate().unwrap();
+    let mid = TestServer::start(dir, &config).await;
+    enrolled_ca(&mid, std::time::Duration::from_secs(20)).await;
+
+    // It signs, and the chain verifies with openssl against the root.
+    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-tok").await;
+    let leaf = leaf_of(&answer);
+    assert_eq!(issuer_cn(&leaf), "L3 issuing CA gw-mid");
+    let chain = cacerts(mid.addr, &root).await;
+    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
+    write(dir, "tok-cacerts.pem", &chain_pem);
+    write(dir, "tok-leaf.pem", &to_pem(&leaf));
+    assert!(openssl_verify(
+        dir,
+        "root.pem",
+        "tok-cacerts.pem",
+        "tok-leaf.pem"
+    ));
+
+    // current.json names the token key by URI, with its pin-source and no PIN.
+    let state_dir = std::fs::read_dir(dir.join("mid"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
+        .unwrap()
+        .path();
+    let state = std::fs::read_to_string(state_dir.join("current.json")).unwrap();
+    let kept: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let key = kept["key"].as_str().unwrap().to_owned();
+    assert!(
+        key.starts_with("pkcs11:token=deleg;object=mid-ca-"),
+        "{key}"
+    );
+    assert!(key.contains("pin-source=file:"), "{key}");
+    assert!(
+        !state.contains("pin-value") && !state.contains(TOKEN_PIN),
+        "{state}"
+    );
+    // No key file was written.
+    assert!(std::fs::read_dir(&state_dir)
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().starts_with("key-")));
+
+    // The CA's key is the one generated in the token for this renewal, not the orphan.
+    let (_, ca) = X509Certificate::from_der(&chain[0]).unwrap();
+    assert_eq!(cn_of(&chain[0]), "L3 issuing CA gw-mid");
+    assert_ne!(ca.public_key().raw, &orphan_spki[..]);
+    let label = edge_est::keys::Pkcs11Uri::parse(&key)
+        .unwrap()
+        .object
+        .unwrap();
+    // On the token: the CA key (sensitive, not extractable) and the other prefix's key; the
+    // orphan was destroyed at the commit.
+    let keys = token_private_keys(slot);
+    assert_eq!(
+        keys,
+        vec![
+            (label.clone(), true, false),
+            ("other-key".into(), true, false)
+        ],
+        "{keys:?}"
+    );
+    // The kept CA loads again from its URI (what a restart does).
+    let loaded = edge_est::runtime::Runtime::build(&config, dir).unwrap();
+    assert!(loaded.enrolled()[0].fingerprint.is_some());
+}
+
+/// Rollover with token keys: after a renewal the key of the CA just replaced stays (the
+/// runtime in force signs with it until the swap); at the renewal after, it is destroyed. The
+/// token then holds the current CA's key and the previous one's, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_keys_of_replaced_cas_are_destroyed_one_renewal_later() {
+    let _one_at_a_time = TOKEN_TESTS.lock().await;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let (_, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 9"#,
+    )
+    .await;
+    let slot = softhsm_token("roll");
+    std::fs::write(dir.join("roll.pin"), format!("{TOKEN_PIN}\n")).unwrap();
+    let mut config = mid_config(&pki, top.addr);
+    config.enrolled_issuers.get_mut("mid").unwrap().key = Some(format!(
+        "pkcs11:token=roll?pin-source=file:{}&module-path={SOFTHSM}",
+        dir.join("roll.pin").display()
+    ));
+    let mid = TestServer::start(dir, &config).await;
+    let mut seen = vec![enrolled_ca(&mid, std::time::Duration::from_secs(20)).await];
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    while seen.len() < 3 {
+        assert!(std::time::Instant::now() < until, "{seen:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let f = mid.app.runtime().enrolled()[0].fingerprint.unwrap();
+        if f != *seen.last().unwrap() {
+            seen.push(f);
+        }
+    }
+    let keys = token_private_keys(slot);
+    // Default prefix edge-est-<issuer>; three CAs made three keys, the first was destroyed.
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys
+        .iter()
+        .all(|(l, s, e)| l.starts_with("edge-est-mid-") && *s && !*e));
 }

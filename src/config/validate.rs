@@ -89,15 +89,46 @@ impl Config {
             if enrolled.common_name.trim().is_empty() {
                 found.push(ConfigError::invalid(field("common_name"), "is empty"));
             }
-            if enrolled.key.is_some() {
-                // Keys are made here, in a 0600 file under the data directory; generating them
-                // inside a PKCS#11 token is not there yet, and a key named would not be used.
-                found.push(ConfigError::invalid(
-                    field("key"),
-                    "keys of an enrolled issuer are generated in a file under the data \
-                     directory; generating them in a PKCS#11 token is not supported yet: leave \
-                     it out",
-                ));
+            if let Some(key) = &enrolled.key {
+                // A token location: each renewal generates its key inside that token. Its URI
+                // is written to current.json, so the PIN comes from a file, never the URI.
+                if !crate::keys::is_pkcs11(key) {
+                    found.push(ConfigError::invalid(
+                        field("key"),
+                        "only a pkcs11: token location (the key is generated inside the \
+                         token); leave it out for a key file under the data directory",
+                    ));
+                } else {
+                    // Checked as the URI of a generated key is (object= and id= set).
+                    let (generated, _) = crate::issue::delegation::token_key_uri(key, name, 0);
+                    match crate::keys::Pkcs11Uri::parse(&generated) {
+                        Err(e) => found.push(ConfigError::invalid(field("key"), e)),
+                        Ok(uri) => {
+                            if matches!(uri.pin, Some(crate::keys::uri::PinSource::Value(_))) {
+                                found.push(ConfigError::invalid(
+                                    field("key"),
+                                    "pin-value is refused here: the generated key's URI is \
+                                     kept under the data directory; use pin-source=file:",
+                                ));
+                            }
+                            let path = key[7..].split('?').next().unwrap_or("");
+                            if path.split(';').any(|a| a.starts_with("id=")) {
+                                found.push(ConfigError::invalid(
+                                    field("key"),
+                                    "id= is set per renewal; name the token and at most an \
+                                     object= prefix",
+                                ));
+                            }
+                            if uri.module_path.is_none() && self.pkcs11_module.is_none() {
+                                found.push(ConfigError::invalid(
+                                    field("key"),
+                                    "no PKCS#11 module: set pkcs11_module (or module-path= in \
+                                     the URI)",
+                                ));
+                            }
+                        }
+                    }
+                }
             }
             if enrolled.retry_max_secs == 0 {
                 found.push(ConfigError::invalid(

@@ -9,6 +9,10 @@
 //! atomically (temporary file, fsync, rename, fsync of the directory). `current.json` is the
 //! commit point: a key it does not name is an orphan of an interrupted renewal, never used
 //! and removed by the next one; a CA is never half written.
+//!
+//! With a PKCS#11 token location in `key`, the key pair is generated inside the token instead
+//! (never extractable), named in `current.json` by URI, and orphan token keys of the issuer's
+//! label prefix are destroyed at the next commit, as orphan files are.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -110,6 +114,8 @@ pub struct Enrolled {
     pub fingerprint: Option<[u8; 32]>,
     /// Earlier CAs still valid.
     pub previous: Vec<CertificateDer<'static>>,
+    /// The PKCS#11 library for a key generated in a token (`pkcs11_module`).
+    pub pkcs11_module: Option<PathBuf>,
 }
 
 /// Loads the kept CA of `name`: the issuer, and the earlier CAs still valid. `None` as the
@@ -328,6 +334,92 @@ fn remove_orphan_keys(dir: &Path, kept: &Kept) {
     }
 }
 
+/// The URI of a key generated in the token at `location` for the renewal `stamp`, and its
+/// label prefix: `object=` of the location (default `edge-est-<issuer>`) followed by
+/// `-<stamp>`, as CKA_LABEL, and the stamp as CKA_ID. The query (`pin-source`, `module-path`)
+/// is kept as written.
+pub fn token_key_uri(location: &str, issuer: &str, stamp: i128) -> (String, String) {
+    let body = &location[7..];
+    let (path, query) = match body.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (body, None),
+    };
+    let mut object = None;
+    let mut attributes: Vec<&str> = Vec::new();
+    for attr in path.split(';').filter(|a| !a.is_empty()) {
+        match attr.split_once('=') {
+            Some(("object", value)) => object = Some(value.to_owned()),
+            Some(("id", _)) => {}
+            _ => attributes.push(attr),
+        }
+    }
+    let prefix = object.unwrap_or_else(|| format!("edge-est-{issuer}"));
+    let object = format!("object={prefix}-{stamp}");
+    let id = format!("id={stamp}");
+    attributes.push(&object);
+    attributes.push(&id);
+    let mut uri = format!("pkcs11:{}", attributes.join(";"));
+    if let Some(query) = query {
+        uri.push('?');
+        uri.push_str(query);
+    }
+    (uri, format!("{prefix}-"))
+}
+
+/// Destroys the token keys of this issuer that `current.json` does not name: orphans of
+/// interrupted renewals and keys of CAs replaced before the last one. The key of the CA just
+/// replaced stays: the runtime still in force signs with it until the new one is swapped in.
+async fn remove_orphan_token_keys(
+    enrolled: &Enrolled,
+    location: &str,
+    kept: &Kept,
+    old_key: Option<&str>,
+) {
+    let (token_uri, prefix) = token_key_uri(location, &enrolled.name, 0);
+    let label_of = |uri: &str| {
+        crate::keys::Pkcs11Uri::parse(uri)
+            .ok()
+            .and_then(|u| u.object)
+    };
+    let keep: Vec<String> = [Some(kept.key.as_str()), old_key]
+        .into_iter()
+        .flatten()
+        .filter(|k| crate::keys::is_pkcs11(k))
+        .filter_map(label_of)
+        .collect();
+    let uri = match crate::keys::Pkcs11Uri::parse(&token_uri) {
+        Ok(uri) => uri,
+        Err(e) => {
+            tracing::warn!(issuer = %enrolled.name, error = %e, "cannot remove orphan token keys");
+            return;
+        }
+    };
+    let Some(module) = uri
+        .module_path
+        .clone()
+        .or_else(|| enrolled.pkcs11_module.clone())
+    else {
+        return;
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        crate::keys::pkcs11::destroy_keys(&module, &uri, &prefix, &keep)
+    })
+    .await;
+    match result {
+        Ok(Ok(destroyed)) if !destroyed.is_empty() => {
+            tracing::info!(issuer = %enrolled.name, keys = ?destroyed, "orphan token keys removed");
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(issuer = %enrolled.name, error = %e, "cannot remove orphan token keys")
+        }
+        Err(e) => {
+            tracing::warn!(issuer = %enrolled.name, error = %e, "cannot remove orphan token keys")
+        }
+    }
+}
+
 /// What an enrollment produced: kept on disk, to be journaled.
 pub struct Renewed {
     pub chain: Vec<CertificateDer<'static>>,
@@ -343,17 +435,39 @@ pub async fn renew(enrolled: &Enrolled, root_pem: &str) -> Result<Renewed, Deleg
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&enrolled.dir, std::fs::Permissions::from_mode(0o700));
     }
-    // The key is on disk before anything is asked: a CA is never granted for a key lost.
-    let key = rcgen::KeyPair::generate().map_err(|e| DelegationError::Key(e.to_string()))?;
+    // The key is on disk (or in the token) before anything is asked: a CA is never granted
+    // for a key lost.
     let stamp = OffsetDateTime::now_utc().unix_timestamp_nanos();
-    let key_file = format!("key-{stamp}.pem");
-    write_synced(
-        &enrolled.dir.join(&key_file),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    )
-    .map_err(store)?;
-    sync_dir(&enrolled.dir).map_err(store)?;
+    let old = read_kept(&enrolled.dir);
+    let (key, key_name) = match enrolled.config.key.as_deref() {
+        Some(location) if crate::keys::is_pkcs11(location) => {
+            let (uri, _) = token_key_uri(location, &enrolled.name, stamp);
+            let module = enrolled.pkcs11_module.clone();
+            let generated = {
+                let uri = uri.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::keys::TokenKey::generate(&uri, module.as_deref())
+                })
+                .await
+                .map_err(|e| DelegationError::Key(e.to_string()))?
+            };
+            let key = generated.map_err(|e| DelegationError::Key(e.to_string()))?;
+            (IssuerKey::Token(key), uri)
+        }
+        _ => {
+            let key =
+                rcgen::KeyPair::generate().map_err(|e| DelegationError::Key(e.to_string()))?;
+            let key_file = format!("key-{stamp}.pem");
+            write_synced(
+                &enrolled.dir.join(&key_file),
+                key.serialize_pem().as_bytes(),
+                0o600,
+            )
+            .map_err(store)?;
+            sync_dir(&enrolled.dir).map_err(store)?;
+            (IssuerKey::File(key), key_file)
+        }
+    };
 
     let csr = ca_request(&enrolled.config, &key)?;
     let label = enrolled.config.label.as_deref();
@@ -362,7 +476,8 @@ pub async fn renew(enrolled: &Enrolled, root_pem: &str) -> Result<Renewed, Deleg
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     let chain = check_answer(&answer, &cacerts, &root, &spki, enrolled.config.path_len)?;
 
-    let mut previous: Vec<String> = read_kept(&enrolled.dir)
+    let old_key = old.as_ref().map(|o| o.key.clone());
+    let mut previous: Vec<String> = old
         .map(|old| {
             let now = OffsetDateTime::now_utc();
             let mut previous: Vec<String> = old
@@ -387,20 +502,22 @@ pub async fn renew(enrolled: &Enrolled, root_pem: &str) -> Result<Renewed, Deleg
     previous.dedup();
     let kept = Kept {
         chain: pem_of(&chain),
-        key: key_file,
+        key: key_name,
         previous,
         obtained: Some(OffsetDateTime::now_utc().unix_timestamp()),
     };
     commit(&enrolled.dir, &kept).map_err(store)?;
     remove_orphan_keys(&enrolled.dir, &kept);
+    if let Some(location) = enrolled.config.key.as_deref() {
+        if crate::keys::is_pkcs11(location) {
+            remove_orphan_token_keys(enrolled, location, &kept, old_key.as_deref()).await;
+        }
+    }
     Ok(Renewed { chain })
 }
 
 /// The CA CSR: CN as configured, CA:TRUE with the pathlen asked for, keyCertSign + cRLSign.
-fn ca_request(
-    config: &EnrolledIssuerConfig,
-    key: &rcgen::KeyPair,
-) -> Result<Vec<u8>, DelegationError> {
+fn ca_request(config: &EnrolledIssuerConfig, key: &IssuerKey) -> Result<Vec<u8>, DelegationError> {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params

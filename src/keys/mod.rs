@@ -158,6 +158,39 @@ impl TokenKey {
         Ok(Arc::new(key))
     }
 
+    /// Generates an EC P-256 key pair inside the token and opens its private half. `uri_text`
+    /// names the token and the new key's `object=` (CKA_LABEL) and `id=` (CKA_ID); nothing of
+    /// the key leaves the token but its public point.
+    pub fn generate(uri_text: &str, module: Option<&Path>) -> Result<Arc<TokenKey>, KeyError> {
+        let uri = Pkcs11Uri::parse(uri_text).map_err(KeyError::Uri)?;
+        let module = uri
+            .module_path
+            .as_deref()
+            .or(module)
+            .ok_or_else(|| KeyError::NoModule {
+                uri: uri.shown.clone(),
+            })?;
+        let (Some(label), Some(id)) = (&uri.object, &uri.id) else {
+            return Err(KeyError::Uri(format!(
+                "{}: a generated key needs object= and id=",
+                uri.shown
+            )));
+        };
+        let point = blocking(|| pkcs11::generate_ec_p256(module, &uri, label, id))?;
+        let object = pkcs11::TokenObject::find(module, &uri)?;
+        // SubjectPublicKeyInfo of an EC P-256 key: the fixed algorithm prefix, then the point.
+        let mut spki = vec![
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        spki.extend_from_slice(&point);
+        Ok(Arc::new(TokenKey {
+            object,
+            spki,
+            public_key: point,
+        }))
+    }
+
     pub fn kind(&self) -> TokenKeyKind {
         self.object.kind
     }

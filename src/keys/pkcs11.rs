@@ -428,3 +428,114 @@ impl TokenObject {
         Ok(out)
     }
 }
+
+impl Token {
+    /// Runs `op` on a fresh read-write session (object creation and destruction need one),
+    /// logged in as the user.
+    fn with_rw_session<T>(
+        &self,
+        op: impl FnOnce(&Session) -> Result<T, CkError>,
+    ) -> Result<T, CkError> {
+        let session = self.ctx.open_rw_session(self.slot)?;
+        self.login(&session)?;
+        op(&session)
+    }
+}
+
+/// Generates an EC P-256 key pair inside the token `uri` names, labelled `label` with CKA_ID
+/// `id`: the private key is a token object, private, sensitive, never extractable, allowed to
+/// sign. Returns the public point (uncompressed, 65 bytes).
+pub fn generate_ec_p256(
+    module_path: &Path,
+    uri: &Pkcs11Uri,
+    label: &str,
+    id: &[u8],
+) -> Result<Vec<u8>, KeyError> {
+    let token = Token::open(module_path, uri)?;
+    let failed = |e: CkError| KeyError::Token {
+        uri: uri.shown.clone(),
+        reason: format!("generating a key pair: {e}"),
+    };
+    let public_template = [
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::EcParams(P256_PARAMS.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ];
+    let private_template = [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ];
+    let point = token
+        .with_rw_session(|s| {
+            let (public, _private) = s.generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &public_template,
+                &private_template,
+            )?;
+            s.get_attributes(public, &[AttributeType::EcPoint])
+        })
+        .map_err(failed)?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p),
+            _ => None,
+        })
+        .unwrap_or_default();
+    // CKA_EC_POINT is a DER OCTET STRING around the point (some tokens give the bare point).
+    let point = match point.as_slice() {
+        [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest.to_vec(),
+        bare => bare.to_vec(),
+    };
+    if point.len() != 65 || point[0] != 0x04 {
+        return Err(KeyError::Token {
+            uri: uri.shown.clone(),
+            reason: "the generated key's public point is malformed".into(),
+        });
+    }
+    Ok(point)
+}
+
+/// Destroys the key objects (private and public) on the token `uri` names whose CKA_LABEL
+/// starts with `prefix` and is none of `keep`. Returns the labels destroyed.
+pub fn destroy_keys(
+    module_path: &Path,
+    uri: &Pkcs11Uri,
+    prefix: &str,
+    keep: &[&str],
+) -> Result<Vec<String>, KeyError> {
+    let token = Token::open(module_path, uri)?;
+    let failed = |e: CkError| KeyError::Token {
+        uri: uri.shown.clone(),
+        reason: format!("removing orphan keys: {e}"),
+    };
+    token
+        .with_rw_session(|s| {
+            let mut destroyed = Vec::new();
+            for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                for handle in s.find_objects(&[Attribute::Class(class)])? {
+                    let label = s
+                        .get_attributes(handle, &[AttributeType::Label])?
+                        .into_iter()
+                        .find_map(|a| match a {
+                            Attribute::Label(l) => Some(String::from_utf8_lossy(&l).into_owned()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    if label.starts_with(prefix) && !keep.contains(&label.as_str()) {
+                        s.destroy_object(handle)?;
+                        destroyed.push(label);
+                    }
+                }
+            }
+            Ok(destroyed)
+        })
+        .map_err(failed)
+}
