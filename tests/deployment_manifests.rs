@@ -585,10 +585,20 @@ fn modules_rotate_logs_and_images_are_pinned_or_placeholders() {
             );
         }
         let modules = agent["modules"].as_object().unwrap();
-        assert_eq!(
-            modules["edgeest"]["settings"]["image"], "${MODULES.edge-est}",
-            "{name}: edge-est's image must follow the platform iotedgedev builds for"
-        );
+        if name.to_string().contains("pkcs11") {
+            // module/build-pkcs11-image.sh builds it (iotedgedev cannot: it needs the host's
+            // PKCS#11 library); the tag it printed comes from the deployment's environment.
+            assert_eq!(
+                modules["edgeest"]["settings"]["image"],
+                "${CONTAINER_REGISTRY_SERVER}/edge-est:${EDGE_EST_PKCS11_TAG}",
+                "{name}: the PKCS#11 image's tag"
+            );
+        } else {
+            assert_eq!(
+                modules["edgeest"]["settings"]["image"], "${MODULES.edge-est}",
+                "{name}: edge-est's image must follow the platform iotedgedev builds for"
+            );
+        }
         let order = |m: &str| modules[m]["startupOrder"].as_u64().unwrap();
         assert!(order("edgeest") < order("IoTEdgeAPIProxy"), "{name}");
         if let Some(registry) = modules.get("registry") {
@@ -654,4 +664,36 @@ fn the_readme_metrics_collector_snippet_fits_the_manifests() {
         let report = checked(&manifest);
         assert!(report.is_ok(), "{name}: {:#?}", report.errors);
     }
+}
+
+/// The PKCS#11 variant: the issuing key is a token URI, never checked as a file; what the
+/// container must see of it is its PIN file, on a volume.
+#[test]
+fn a_token_key_needs_its_pin_file_on_a_volume_not_a_key_file() {
+    let manifest = load("top-layer-pkcs11.deployment.template.json");
+    let report = checked(&manifest);
+    assert!(report.is_ok(), "{:#?}", report.errors);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .all(|w| !w.message.contains("pkcs11:")),
+        "a token URI was taken for a file: {:#?}",
+        report.warnings
+    );
+    let key = &manifest["modulesContent"]["edgeest"]["properties.desired"]["issuers"]["top"]["key"];
+    assert!(key.as_str().is_some_and(|k| k.starts_with("pkcs11:")));
+    // Without the volume that holds the PIN file: refused, naming it.
+    let mut without = manifest.clone();
+    let binds = &mut without["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
+        ["edgeest"]["settings"]["createOptions"]["HostConfig"]["Binds"];
+    binds
+        .as_array_mut()
+        .unwrap()
+        .retain(|b| !b.as_str().unwrap().contains("/run/secrets"));
+    fails_at(
+        &without,
+        &format!("{EST_DESIRED}.issuers.top.key (pin-source)"),
+        "/run/secrets/hsm-pin is on no volume",
+    );
 }

@@ -225,6 +225,18 @@ fn placeholder_keys() -> Vec<PathBuf> {
 /// Every file path a configuration names (not inline PEM), with its field.
 fn files_of(config: &Config) -> Vec<(String, PathBuf)> {
     let mut files = Vec::new();
+    // A token key is no file: what the container must see of it is its PIN file (the
+    // PKCS#11 library itself is in the image that loads it).
+    let key = |field: String, path: &Path, files: &mut Vec<_>| {
+        let text = path.to_string_lossy();
+        if !crate::keys::is_pkcs11(&text) {
+            files.push((field, path.to_owned()));
+        } else if let Ok(uri) = crate::keys::Pkcs11Uri::parse(&text) {
+            if let Some(crate::keys::uri::PinSource::File(pin)) = uri.pin {
+                files.push((format!("{field} (pin-source)"), pin));
+            }
+        }
+    };
     let pem = |field: String, source: &crate::config::PemSource, files: &mut Vec<_>| {
         if !source.is_inline() {
             files.push((field, PathBuf::from(&source.0)));
@@ -232,7 +244,7 @@ fn files_of(config: &Config) -> Vec<(String, PathBuf)> {
     };
     if let Some(tls) = &config.tls {
         pem("tls.certificate".into(), &tls.certificate, &mut files);
-        files.push(("tls.key".into(), tls.key.clone()));
+        key("tls.key".into(), &tls.key, &mut files);
     }
     for (name, set) in &config.trust {
         for (i, source) in set.certificates.iter().enumerate() {
@@ -249,7 +261,7 @@ fn files_of(config: &Config) -> Vec<(String, PathBuf)> {
             &issuer.certificate,
             &mut files,
         );
-        files.push((format!("issuers.{name}.key"), issuer.key.clone()));
+        key(format!("issuers.{name}.key"), &issuer.key, &mut files);
     }
     for (name, upstream) in &config.upstreams {
         for (i, source) in upstream.trust.iter().enumerate() {
@@ -262,8 +274,8 @@ fn files_of(config: &Config) -> Vec<(String, PathBuf)> {
                 &mut files,
             );
         }
-        if let Some(key) = &upstream.key {
-            files.push((format!("upstreams.{name}.key"), key.clone()));
+        if let Some(path) = &upstream.key {
+            key(format!("upstreams.{name}.key"), path, &mut files);
         }
         if let Some(password) = &upstream.password_file {
             files.push((format!("upstreams.{name}.password_file"), password.clone()));
