@@ -338,3 +338,252 @@ pub fn hex(bytes: &[u8]) -> String {
             s
         })
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use ::time::Duration as Span;
+    use rcgen::{ExtendedKeyUsagePurpose, Issuer, KeyPair, SerialNumber};
+
+    const DAY: u64 = 86_400;
+
+    /// Unix seconds, whole (certificate dates have no fractions).
+    fn unix_now() -> i64 {
+        OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn at(secs: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(secs).unwrap()
+    }
+
+    fn system_time(secs: i64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    }
+
+    pub(crate) struct Ca {
+        pub der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    /// A CA valid from a month ago for a year unless `dates` says otherwise, self-signed or
+    /// issued by `parent`.
+    pub(crate) fn ca(
+        cn: &str,
+        path_len: Option<u8>,
+        parent: Option<&Ca>,
+        dates: Option<(i64, i64)>,
+    ) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = crate::pki::ca_params(cn, path_len, Span::days(365));
+        let (not_before, not_after) =
+            dates.unwrap_or((unix_now() - 30 * DAY as i64, unix_now() + 365 * DAY as i64));
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
+        let cert = match parent {
+            Some(p) => params.signed_by(&key, &p.issuer).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        Ca {
+            der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A client certificate issued by `parent`, valid between the two dates (Unix seconds).
+    fn leaf(cn: &str, parent: &Ca, not_before: i64, not_after: i64) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            crate::pki::leaf_params(cn, vec![ExtendedKeyUsagePurpose::ClientAuth], Span::days(1));
+        params.not_before = at(not_before);
+        params.not_after = at(not_after);
+        params.serial_number = Some(SerialNumber::from(vec![0x0a, 0xbc, 0x01]));
+        params
+            .signed_by(&key, &parent.issuer)
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    pub(crate) fn valid_leaf(cn: &str, parent: &Ca) -> CertificateDer<'static> {
+        leaf(
+            cn,
+            parent,
+            unix_now() - DAY as i64,
+            unix_now() + 30 * DAY as i64,
+        )
+    }
+
+    pub(crate) fn set(name: &str, anchor: &Ca, depth: chain::Depth) -> Arc<TrustSet> {
+        Arc::new(TrustSet::with_depth(name, std::slice::from_ref(&anchor.der), depth).unwrap())
+    }
+
+    fn label(sets: &[Arc<TrustSet>]) -> LabelTrust<'_> {
+        LabelTrust {
+            sets,
+            ..LabelTrust::default()
+        }
+    }
+
+    /// `verify` checks against the sets given, with the known intermediates completing a leaf
+    /// presented alone; what it returns describes the leaf.
+    #[test]
+    fn verify_uses_the_trust_sets_and_the_known_intermediates() {
+        let root = ca("plant root", None, None, None);
+        let issuing = ca("plant issuing CA", Some(0), Some(&root), None);
+        let device = valid_leaf("dev-1", &issuing);
+        let now = SystemTime::now();
+
+        let direct = set("devices", &issuing, chain::Depth::Direct);
+        let identity = verify(std::slice::from_ref(&device), &[direct.clone()], &[], now).unwrap();
+        assert_eq!(identity.subject.to_string(), "CN=dev-1");
+        assert_eq!(identity.trust, "devices");
+        assert_eq!(identity.serial, "0abc01");
+        assert!(!identity.grace && !identity.ca && identity.device.is_none());
+        assert_eq!(identity.to_string(), "certificate \"CN=dev-1\" (devices)");
+        // No set: nothing vouches.
+        let e = verify(std::slice::from_ref(&device), &[], &[], now).unwrap_err();
+        assert_eq!(e, "this label trusts no client certificates");
+
+        // Below the root through the issuing CA, which the client did not send: the known
+        // intermediates complete the path; without them the issuer is unknown.
+        let deep = set("plant", &root, chain::Depth::Any);
+        let known = [issuing.der.clone()];
+        let identity = verify(std::slice::from_ref(&device), &[deep.clone()], &known, now).unwrap();
+        assert_eq!(identity.trust, "plant");
+        let e = verify(std::slice::from_ref(&device), &[deep], &[], now).unwrap_err();
+        assert_eq!(e, "not issued by a CA this label trusts");
+    }
+
+    /// A module's identity says whose module it is.
+    #[test]
+    fn a_module_identity_names_its_device() {
+        let root = ca("plant root", None, None, None);
+        let module = valid_leaf("edgeHub", &root);
+        let identity = describe(&module, "issuer", Some("gw-1".into())).unwrap();
+        assert_eq!(
+            identity.to_string(),
+            "certificate \"CN=edgeHub\" (module of device gw-1, issuer)"
+        );
+    }
+
+    /// The grace window, to the second: a leaf that expired exactly `grace` ago is accepted
+    /// (marked), one second later it is refused saying so. A label without a window refuses an
+    /// expired leaf as expired, with its date, and says nothing of a window.
+    #[test]
+    fn the_grace_window_ends_to_the_second() {
+        let issuing = ca("plant issuing CA", Some(0), None, None);
+        let expired_at = unix_now() - 2 * DAY as i64;
+        let device = leaf("dev-g", &issuing, expired_at - 90 * DAY as i64, expired_at);
+        let chain = [device];
+        let sets = [set("devices", &issuing, chain::Depth::Direct)];
+        let trust = label(&sets);
+        let grace = Duration::from_secs(DAY);
+        let last_second = expired_at + DAY as i64;
+
+        let identity = verify_for_label(&chain, &trust, system_time(last_second), grace).unwrap();
+        assert!(identity.grace);
+        assert_eq!(identity.subject.to_string(), "CN=dev-g");
+        // Valid now: no grace, whatever the window.
+        let identity = verify_for_label(&chain, &trust, system_time(expired_at), grace).unwrap();
+        assert!(!identity.grace);
+
+        let expired = format!("expired at {}", chain::format_unix(expired_at));
+        let e = verify_for_label(&chain, &trust, system_time(last_second + 1), grace).unwrap_err();
+        assert_eq!(
+            e,
+            format!("{expired}, longer ago than this label's grace window (86400 s)")
+        );
+        let e = verify_for_label(&chain, &trust, system_time(last_second + DAY as i64), grace)
+            .unwrap_err();
+        assert!(
+            e.contains("longer ago than this label's grace window"),
+            "{e}"
+        );
+
+        let e = verify_for_label(&chain, &trust, system_time(expired_at + 1), Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(e, expired);
+    }
+
+    /// Only the client's own certificate gets grace: an issuing CA that expired within the
+    /// window vouches for nothing (positive control: the same window lets the leaf itself
+    /// renew).
+    #[test]
+    fn an_expired_ca_gets_no_grace() {
+        let now = unix_now();
+        let root = ca("plant root", None, None, None);
+        let lapsed = ca(
+            "plant issuing CA",
+            Some(0),
+            Some(&root),
+            Some((now - 300 * DAY as i64, now - 3600)),
+        );
+        let device = leaf(
+            "dev-1",
+            &lapsed,
+            now - 90 * DAY as i64,
+            now + 30 * DAY as i64,
+        );
+        let sets = [set("plant", &root, chain::Depth::Any)];
+        let trust = label(&sets);
+        let grace = Duration::from_secs(7 * DAY);
+        let e = verify_for_label(
+            &[device, lapsed.der.clone()],
+            &trust,
+            system_time(now),
+            grace,
+        )
+        .unwrap_err();
+        assert!(e.contains(&chain::format_unix(now - 3600)), "{e}");
+        assert!(!e.contains("grace"), "{e}");
+
+        let issuing = ca("plant issuing CA", Some(0), Some(&root), None);
+        let device = leaf("dev-1", &issuing, now - 90 * DAY as i64, now - 3600);
+        let identity = verify_for_label(
+            &[device, issuing.der.clone()],
+            &trust,
+            system_time(now),
+            grace,
+        )
+        .unwrap();
+        assert!(identity.grace);
+    }
+
+    /// Of the sets a label tries, the most telling refusal answers, whatever their order: the
+    /// set that knows the issuer says "expired", not the one that does not know it.
+    #[test]
+    fn the_most_telling_refusal_answers() {
+        let now = unix_now();
+        let issuing = ca("plant issuing CA", Some(0), None, None);
+        let stranger = ca("another plant's CA", Some(0), None, None);
+        let device = leaf("dev-1", &issuing, now - 90 * DAY as i64, now - DAY as i64);
+        let chain = [device];
+        let knows = set("devices", &issuing, chain::Depth::Direct);
+        let unknown = set("others", &stranger, chain::Depth::Direct);
+        let expired = format!("expired at {}", chain::format_unix(now - DAY as i64));
+        for sets in [
+            [unknown.clone(), knows.clone()],
+            [knows.clone(), unknown.clone()],
+        ] {
+            let e = verify_for_label(&chain, &label(&sets), system_time(now), Duration::ZERO)
+                .unwrap_err();
+            assert_eq!(e, expired);
+        }
+        // Of equally telling refusals, the first set's, in the label's order.
+        let root = ca("plant root", None, None, None);
+        let below = ca("plant issuing CA", Some(0), Some(&root), None);
+        let device = valid_leaf("dev-1", &below);
+        let first = set("first", &root, chain::Depth::Direct);
+        let second = set("second", &root, chain::Depth::Direct);
+        let path = [device, below.der.clone()];
+        for (sets, says) in [
+            ([first.clone(), second.clone()], "trust set first"),
+            ([second, first], "trust set second"),
+        ] {
+            let e = verify_for_label(&path, &label(&sets), system_time(now), Duration::ZERO)
+                .unwrap_err();
+            assert!(e.contains(says), "{e}");
+            assert!(e.contains("not issued directly"), "{e}");
+        }
+    }
+}

@@ -133,3 +133,201 @@ pub async fn authenticate(
     }
     Ok(Identity { certificate, user })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use base64::Engine;
+
+    use super::client_cert::tests::{ca, set, valid_leaf};
+    use super::*;
+
+    fn methods(certificate: bool, basic: bool, require_both: bool) -> AuthMethods {
+        AuthMethods {
+            certificate,
+            basic,
+            require_both,
+            grace_expired: Duration::ZERO,
+        }
+    }
+
+    fn basic(user: &str, password: &str) -> Vec<u8> {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        format!("Basic {encoded}").into_bytes()
+    }
+
+    async fn attempt(
+        methods: AuthMethods,
+        trust: &LabelTrust<'_>,
+        users: &UserDb,
+        chain: Option<&[CertificateDer<'static>]>,
+        header: Option<&[u8]>,
+    ) -> Result<Identity, AuthError> {
+        let creds = Credentials {
+            peer_chain: chain,
+            peer_verified: None,
+            authorization: header,
+            attempts: Arc::new(basic::Unlimited),
+        };
+        authenticate(methods, trust, users, creds).await
+    }
+
+    /// Which credentials a label takes, and what it answers each combination with: a
+    /// credential a label does not accept never authenticates, and a presented credential that
+    /// fails is refused even when another one would pass.
+    #[tokio::test]
+    async fn each_label_accepts_only_its_methods_and_every_presented_credential_counts() {
+        let issuing = ca("plant issuing CA", Some(0), None, None);
+        let stranger = ca("another plant's CA", Some(0), None, None);
+        let device = vec![valid_leaf("dev-1", &issuing)];
+        let forged = vec![valid_leaf("dev-1", &stranger)];
+        let sets = [set("devices", &issuing, Depth::Direct)];
+        let trust = LabelTrust {
+            sets: &sets,
+            ..LabelTrust::default()
+        };
+        let mut users = BTreeMap::new();
+        users.insert("estuser".to_owned(), basic::hash_password("right").unwrap());
+        let users = UserDb::new(&users, 1).unwrap();
+        let good = basic("estuser", "right");
+        let wrong = basic("estuser", "wrong");
+
+        macro_rules! auth {
+            ($m:expr, $chain:expr, $header:expr) => {
+                attempt($m, &trust, &users, $chain, $header)
+            };
+        }
+        let cert_only = methods(true, false, false);
+        let basic_only = methods(false, true, false);
+        let either = methods(true, true, false);
+        let both = methods(true, true, true);
+
+        // Certificates only.
+        let id = auth!(cert_only, Some(&device), None).await.unwrap();
+        assert_eq!(id.cn(), Some("dev-1"));
+        assert!(id.user.is_none());
+        assert_eq!(id.to_string(), "certificate \"CN=dev-1\" (devices)");
+        let e = auth!(cert_only, Some(&forged), None).await.unwrap_err();
+        assert_eq!(
+            e,
+            AuthError::Certificate("not issued by a CA this label trusts".into())
+        );
+        assert_eq!(
+            auth!(cert_only, None, Some(&good)).await.unwrap_err(),
+            AuthError::MethodNotAccepted("client certificates")
+        );
+        assert_eq!(
+            auth!(cert_only, None, None).await.unwrap_err(),
+            AuthError::Missing
+        );
+        // An empty chain is no certificate.
+        assert_eq!(
+            auth!(cert_only, Some(&[]), None).await.unwrap_err(),
+            AuthError::Missing
+        );
+
+        // HTTP Basic only.
+        let id = auth!(basic_only, None, Some(&good)).await.unwrap();
+        assert_eq!(id.user.as_deref(), Some("estuser"));
+        assert_eq!(id.cn(), None);
+        assert_eq!(id.to_string(), "user estuser");
+        assert_eq!(
+            auth!(basic_only, None, Some(&wrong)).await.unwrap_err(),
+            AuthError::BadPassword
+        );
+        assert_eq!(
+            auth!(basic_only, Some(&device), None).await.unwrap_err(),
+            AuthError::MethodNotAccepted("HTTP Basic")
+        );
+        assert_eq!(
+            auth!(basic_only, None, None).await.unwrap_err(),
+            AuthError::Missing
+        );
+        // A certificate alongside is not looked at.
+        let id = auth!(basic_only, Some(&forged), Some(&good)).await.unwrap();
+        assert!(id.certificate.is_none());
+
+        // Either: one is enough, a failing one is refused whatever the other.
+        let id = auth!(either, Some(&device), None).await.unwrap();
+        assert_eq!(id.cn(), Some("dev-1"));
+        let id = auth!(either, None, Some(&good)).await.unwrap();
+        assert_eq!(id.user.as_deref(), Some("estuser"));
+        assert_eq!(
+            auth!(either, Some(&device), Some(&wrong))
+                .await
+                .unwrap_err(),
+            AuthError::BadPassword
+        );
+        assert!(matches!(
+            auth!(either, Some(&forged), Some(&good)).await.unwrap_err(),
+            AuthError::Certificate(_)
+        ));
+        assert_eq!(
+            auth!(either, None, None).await.unwrap_err(),
+            AuthError::Missing
+        );
+
+        // Both required.
+        assert_eq!(
+            auth!(both, Some(&device), None).await.unwrap_err(),
+            AuthError::NeedBoth
+        );
+        assert_eq!(
+            auth!(both, None, Some(&good)).await.unwrap_err(),
+            AuthError::NeedBoth
+        );
+        let id = auth!(both, Some(&device), Some(&good)).await.unwrap();
+        assert_eq!(
+            id.to_string(),
+            "certificate \"CN=dev-1\" (devices) + user estuser"
+        );
+        assert_eq!(
+            Identity {
+                certificate: None,
+                user: None
+            }
+            .to_string(),
+            "anonymous"
+        );
+    }
+
+    /// What an earlier verification of the connection's chain found is used as it is, on a
+    /// label that takes certificates; on a label that does not, it authenticates nothing.
+    #[tokio::test]
+    async fn an_earlier_verification_counts_only_where_certificates_do() {
+        let issuing = ca("plant issuing CA", Some(0), None, None);
+        let device = vec![valid_leaf("dev-1", &issuing)];
+        let sets = [set("devices", &issuing, Depth::Direct)];
+        let trust = LabelTrust {
+            sets: &sets,
+            ..LabelTrust::default()
+        };
+        let mut earlier =
+            client_cert::verify(&device, &sets, &[], std::time::SystemTime::now()).unwrap();
+        earlier.trust = "verified earlier".into();
+        let users = UserDb::new(&BTreeMap::new(), 1).unwrap();
+        let auth = |m: AuthMethods| {
+            authenticate(
+                m,
+                &trust,
+                &users,
+                Credentials {
+                    peer_chain: Some(&device),
+                    peer_verified: Some(&earlier),
+                    authorization: None,
+                    attempts: Arc::new(basic::Unlimited),
+                },
+            )
+        };
+        let id = auth(methods(true, false, false)).await.unwrap();
+        assert_eq!(id.certificate.unwrap().trust, "verified earlier");
+        assert_eq!(
+            auth(methods(false, true, false)).await.unwrap_err(),
+            AuthError::MethodNotAccepted("HTTP Basic")
+        );
+    }
+}
