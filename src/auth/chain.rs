@@ -573,4 +573,36 @@ mod tests {
         let late = set.check_anchor(anchor, until + 1).unwrap_err();
         assert!(late.contains("trust set factory expired at"), "{late}");
     }
+
+    /// `issuer` on a label: a certificate issued on another label of the same server (a
+    /// wider one, say) is not this label's, whichever label was recorded first.
+    #[test]
+    fn the_index_keeps_each_label_to_its_own_certificates() {
+        let index = IssuanceIndex::new();
+        let hex = |der: &[u8]| -> String {
+            fingerprint(der)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        index.record(&hex(b"from wide"), Some("wide"));
+        index.record(&hex(b"from narrow"), Some("narrow"));
+        index.record(&hex(b"unlabeled"), None);
+        index.record(&hex(b"narrow again"), Some("narrow"));
+        let narrow = [Some("narrow".to_owned())];
+        let wide = [Some("wide".to_owned())];
+        assert!(index.issued_on(b"from narrow", &narrow));
+        assert!(index.issued_on(b"narrow again", &narrow));
+        assert!(!index.issued_on(b"from wide", &narrow));
+        assert!(index.issued_on(b"from wide", &wide));
+        assert!(!index.issued_on(b"from narrow", &wide));
+        assert!(index.issued_on(b"unlabeled", &[None]));
+        assert!(!index.issued_on(b"unlabeled", &narrow));
+        // A group of labels: either counts.
+        assert!(index.issued_on(b"from wide", &[Some("narrow".into()), Some("wide".into())]));
+        assert!(!index.knows(b"never issued"));
+        assert_eq!(index.len(), 4);
+        assert!(!index.is_empty());
+        assert!(IssuanceIndex::new().is_empty());
+    }
 }

@@ -586,4 +586,38 @@ pub(super) mod tests {
             assert!(e.contains("not issued directly"), "{e}");
         }
     }
+
+    /// A trust set that keeps its retired root during a rollover (same name, old key, now
+    /// expired) next to the new one: the retired root vouches for nothing, whatever the
+    /// order, and each anchor's own dates are the ones checked (positive control: the new
+    /// root's device).
+    #[test]
+    fn a_retired_root_of_the_same_name_vouches_for_nothing() {
+        let now = unix_now();
+        let new_root = ca("plant root", None, None, None);
+        let retired = ca(
+            "plant root",
+            None,
+            None,
+            Some((now - 800 * DAY as i64, now - DAY as i64)),
+        );
+        let from_retired = vec![leaf("dev-1", &retired, now - DAY as i64, now + DAY as i64)];
+        let from_new = vec![valid_leaf("dev-1", &new_root)];
+        for anchors in [
+            [new_root.der.clone(), retired.der.clone()],
+            [retired.der.clone(), new_root.der.clone()],
+        ] {
+            let sets = [Arc::new(TrustSet::new("plant", &anchors).unwrap())];
+            let trust = label(&sets);
+            let e = verify_for_label(&from_retired, &trust, system_time(now), Duration::ZERO)
+                .unwrap_err();
+            assert!(
+                e.contains("the trust anchor of trust set plant expired at"),
+                "{e}"
+            );
+            let identity =
+                verify_for_label(&from_new, &trust, system_time(now), Duration::ZERO).unwrap();
+            assert_eq!(identity.trust, "plant");
+        }
+    }
 }
