@@ -620,4 +620,54 @@ pub(super) mod tests {
             assert_eq!(identity.trust, "plant");
         }
     }
+
+    /// `issuer`: what the label's issuing CA signed on this label (its journal's index), not
+    /// everything it signed. A certificate the same CA issued on another label is refused
+    /// (positive control: the one issued here; and a set of another name needs no record).
+    #[test]
+    fn issuer_means_issued_on_this_label() {
+        let issuing = ca("layer issuing CA", Some(0), None, None);
+        let here = valid_leaf("dev-1", &issuing);
+        let elsewhere = valid_leaf("dev-1", &issuing);
+        let index = chain::IssuanceIndex::new();
+        let hex_of = |der: &CertificateDer<'_>| hex(&chain::fingerprint(der));
+        index.record(&hex_of(&here), Some("narrow"));
+        index.record(&hex_of(&elsewhere), Some("wide"));
+        let labels = [Some("narrow".to_owned())];
+        let issuer_set = [set(chain::ISSUER_SET, &issuing, chain::Depth::Direct)];
+        let trust = LabelTrust {
+            sets: &issuer_set,
+            hierarchy: Hierarchy {
+                index: Some(&index),
+                issuer_labels: &labels,
+                ..Hierarchy::default()
+            },
+            ..LabelTrust::default()
+        };
+        let now = SystemTime::now();
+        let identity =
+            verify_for_label(std::slice::from_ref(&here), &trust, now, Duration::ZERO).unwrap();
+        assert_eq!(identity.trust, "issuer");
+        let e = verify_for_label(
+            std::slice::from_ref(&elsewhere),
+            &trust,
+            now,
+            Duration::ZERO,
+        )
+        .unwrap_err();
+        assert!(e.contains("not issued on this label"), "{e}");
+
+        let devices = [set("devices", &issuing, chain::Depth::Direct)];
+        let trust = LabelTrust {
+            sets: &devices,
+            ..trust
+        };
+        verify_for_label(
+            std::slice::from_ref(&elsewhere),
+            &trust,
+            now,
+            Duration::ZERO,
+        )
+        .unwrap();
+    }
 }
