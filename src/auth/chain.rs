@@ -507,6 +507,9 @@ mod tests {
             now,
         );
         index.record_entry(&entry(b"valid", &fmt(now + day)), now);
+        // The last second a grace window could reach: kept.
+        index.record_entry(&entry(b"edge", &fmt(now - KEPT_AFTER_EXPIRY_SECS)), now);
+        assert!(index.knows(b"edge"));
         assert!(!index.knows(b"old"));
         assert!(index.knows(b"recent"));
         assert!(index.knows(b"valid"));
