@@ -670,4 +670,57 @@ pub(super) mod tests {
         )
         .unwrap();
     }
+
+    /// What a verification found holds until the earliest notAfter on its path, the leaf's,
+    /// an intermediate's or the anchor's (a connection that keeps it must not outlive a CA).
+    #[test]
+    fn a_verification_holds_until_the_earliest_not_after_on_its_path() {
+        let now = unix_now();
+        let (month_ago, soon, later) = (
+            now - 30 * DAY as i64,
+            now + 5 * DAY as i64,
+            now + 10 * DAY as i64,
+        );
+        let root = ca("plant root", None, None, Some((month_ago, soon)));
+        let issuing = ca(
+            "plant issuing CA",
+            Some(0),
+            Some(&root),
+            Some((month_ago, later)),
+        );
+        let device = leaf("dev-1", &issuing, month_ago, now + 30 * DAY as i64);
+        let path = [device.clone(), issuing.der.clone()];
+        let until = |sets: &[Arc<TrustSet>], chain: &[CertificateDer<'static>]| {
+            verify_for_label(chain, &label(sets), system_time(now), Duration::ZERO)
+                .unwrap()
+                .valid_until
+                .unix_timestamp()
+        };
+        // The anchor's.
+        assert_eq!(
+            until(&[set("plant", &root, chain::Depth::Any)], &path),
+            soon
+        );
+        // The intermediate's (the anchor lasts longer).
+        let long_root = ca("plant root", None, None, None);
+        let issuing = ca(
+            "plant issuing CA",
+            Some(0),
+            Some(&long_root),
+            Some((month_ago, later)),
+        );
+        let device = leaf("dev-1", &issuing, month_ago, now + 30 * DAY as i64);
+        let path = [device, issuing.der.clone()];
+        assert_eq!(
+            until(&[set("plant", &long_root, chain::Depth::Any)], &path),
+            later
+        );
+        // The leaf's.
+        let short = leaf("dev-1", &issuing, month_ago, now + DAY as i64);
+        let path = [short, issuing.der.clone()];
+        assert_eq!(
+            until(&[set("plant", &long_root, chain::Depth::Any)], &path),
+            now + DAY as i64
+        );
+    }
 }
