@@ -26,6 +26,11 @@ struct Rig {
 /// The stub (starting with `behaviour`), and an edge-est whose unlabeled path forwards to it
 /// and whose label `auto` forwards, or signs here while the stub cannot be reached.
 async fn rig(behaviour: Behaviour, request_timeout_secs: u64) -> Rig {
+    rig_with(behaviour, request_timeout_secs, "").await
+}
+
+/// [`rig`], with more lines for the `[upstreams.parent]` table.
+async fn rig_with(behaviour: Behaviour, request_timeout_secs: u64, upstream_extra: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate_p256(dir.path());
     let stub = UpstreamStub::start(dir.path(), behaviour).await;
@@ -71,7 +76,7 @@ match = ["user:estuser"]
 common_names = ["*"]
 "#,
         hash = pki.password_hash,
-        upstream = stub.upstream_toml("parent", request_timeout_secs),
+        upstream = stub.upstream_toml("parent", request_timeout_secs) + upstream_extra,
     );
     let config = toml::from_str(&text).unwrap();
     let server = TestServer::start(dir.path(), &config).await;
@@ -503,4 +508,40 @@ async fn a_reconfiguration_keeps_the_health_of_an_unchanged_upstream() {
         .app
         .swap(Runtime::build(&changed, rig.dir.path()).unwrap());
     assert_eq!(rig.upstream_state(), State::Unknown);
+}
+
+/// Past the stale bound of its cached chain, a `forward` label does not vouch for the chain
+/// above (its `/cacerts` is a 503 while the layer above is gone), where an `auto` label keeps
+/// serving the chain it signs in the stead of, however old. Positive control: both served
+/// while the layer above is up. (Both bounds 0 here: nothing is fresh, nothing stale is kept.)
+#[tokio::test]
+async fn past_its_stale_bound_only_an_auto_label_serves_the_chain_above() {
+    let rig = rig_with(
+        Behaviour::Sign,
+        10,
+        "cacerts_ttl_secs = 0\ncacerts_stale_secs = 0\n",
+    )
+    .await;
+    let client = EstClient::new(rig.server.addr, &rig.root, None);
+    for path in ["cacerts", "auto/cacerts"] {
+        let answer = client.request("GET", path, &[], Vec::new()).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        assert!(!certs_from_answer(&answer.body).is_empty(), "{path}");
+    }
+    let addr = rig.stub.addr;
+    drop(rig.stub);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let answer = client.request("GET", "cacerts", &[], Vec::new()).await;
+    assert_text(&answer, 503, "cannot be reached");
+    assert_eq!(answer.header("retry-after"), Some("17"));
+    let answer = client.request("GET", "auto/cacerts", &[], Vec::new()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(!certs_from_answer(&answer.body).is_empty());
+    // Still the same once the layer above is known to be away (answered at once).
+    assert_eq!(state_of(&rig.server), State::Away);
+    let answer = client.request("GET", "cacerts", &[], Vec::new()).await;
+    assert_text(&answer, 503, "away since");
+    let answer = client.request("GET", "auto/cacerts", &[], Vec::new()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
 }
