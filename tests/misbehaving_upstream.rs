@@ -11,18 +11,26 @@ use std::time::{Duration, Instant};
 use common::client::{basic, certs_from_answer, iot_edge_body, Answer, EstClient};
 use common::upstream_stub::{Behaviour, UpstreamStub};
 use common::{Pki, TestServer, PASSWORD, USER};
+use edge_est::issue::health::State;
+use edge_est::runtime::Runtime;
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
 
 struct Rig {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     stub: UpstreamStub,
     server: TestServer,
     root: String,
+    config: edge_est::config::Config,
 }
 
 /// The stub (starting with `behaviour`), and an edge-est whose unlabeled path forwards to it
 /// and whose label `auto` forwards, or signs here while the stub cannot be reached.
 async fn rig(behaviour: Behaviour, request_timeout_secs: u64) -> Rig {
+    rig_with(behaviour, request_timeout_secs, "").await
+}
+
+/// [`rig`], with more lines for the `[upstreams.parent]` table.
+async fn rig_with(behaviour: Behaviour, request_timeout_secs: u64, upstream_extra: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate_p256(dir.path());
     let stub = UpstreamStub::start(dir.path(), behaviour).await;
@@ -68,16 +76,17 @@ match = ["user:estuser"]
 common_names = ["*"]
 "#,
         hash = pki.password_hash,
-        upstream = stub.upstream_toml("parent", request_timeout_secs),
+        upstream = stub.upstream_toml("parent", request_timeout_secs) + upstream_extra,
     );
     let config = toml::from_str(&text).unwrap();
     let server = TestServer::start(dir.path(), &config).await;
     let root = std::fs::read_to_string(dir.path().join("root.pem")).unwrap();
     Rig {
-        _dir: dir,
+        dir,
         stub,
         server,
         root,
+        config,
     }
 }
 
@@ -121,6 +130,35 @@ impl Rig {
 
     fn journaled(&self) -> usize {
         self.server.journal().len()
+    }
+
+    /// An enrollment at `path` claiming `budget_ms` in the budget header (as a lower layer
+    /// sends it; any client can).
+    async fn enroll_within(&self, path: &str, budget_ms: &str, cn: &str) -> Answer {
+        EstClient::new(self.server.addr, &self.root, None)
+            .request(
+                "POST",
+                path,
+                &[
+                    ("content-type", "application/pkcs10".to_owned()),
+                    ("edge-est-budget-ms", budget_ms.to_owned()),
+                    basic(USER, PASSWORD),
+                ],
+                iot_edge_body(&common::csr(cn)),
+            )
+            .await
+    }
+
+    /// The health of the upstream, as the running configuration holds it.
+    fn upstream_state(&self) -> State {
+        self.server
+            .app
+            .runtime()
+            .labels()
+            .find_map(|l| l.upstream.clone())
+            .unwrap()
+            .health
+            .state()
     }
 }
 
@@ -327,4 +365,183 @@ async fn auto_never_overrides_an_upstream_refusal_with_a_local_signature() {
     let journal = rig.server.journal();
     assert_eq!(journal.len(), 1);
     assert_eq!(journal[0].issued_by, "local");
+}
+
+/// A budget too short to ask the layer above (a child's `edge-est-budget-ms`, which any
+/// client can send): 503 at once, the layer above neither asked nor taken for away. Were it
+/// asked with no time, the timeout would mark it away, and one child could make this layer
+/// answer everyone 503 (forward) or sign locally in its stead (auto) at will. Positive
+/// control: a budget that leaves time to ask is served from above.
+#[tokio::test]
+async fn a_budget_too_short_to_ask_never_marks_the_layer_above_away() {
+    let rig = rig(Behaviour::Sign, 10).await;
+    rig.control().await;
+    assert_eq!(rig.upstream_state(), State::Up);
+    let asked = rig.stub.enrollments();
+    for (i, budget) in ["0", "1", "200"].into_iter().enumerate() {
+        let answer = rig
+            .enroll_within("simpleenroll", budget, &format!("device{i}"))
+            .await;
+        assert_text(&answer, 503, "did not answer within 0 ms");
+        assert_eq!(rig.stub.enrollments(), asked, "budget {budget}: asked");
+        assert_eq!(rig.upstream_state(), State::Up, "budget {budget}");
+    }
+    assert_eq!(rig.journaled(), 1);
+    let answer = rig.enroll_within("simpleenroll", "5000", "device9").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(rig.stub.enrollments(), asked + 1);
+    assert_eq!(
+        rig.server.journal().last().unwrap().issued_by,
+        "upstream parent"
+    );
+}
+
+/// The health of `server`'s upstream (its only one).
+fn state_of(server: &TestServer) -> State {
+    server
+        .app
+        .runtime()
+        .labels()
+        .find_map(|l| l.upstream.clone())
+        .unwrap()
+        .health
+        .state()
+}
+
+/// At start, an `auto` label asks the layer above for its chain at once (so that it knows
+/// it before its first enrollment, and can sign in its stead if it goes away); a `forward`
+/// label does not contact it before a request needs it (reachability is claimed only after
+/// contact). Bounded: the `auto` layer must see the stub up within 15 s.
+#[tokio::test]
+async fn at_start_an_auto_label_learns_the_chain_above_and_a_forward_label_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let stub = UpstreamStub::start(dir.path(), Behaviour::Sign).await;
+    let config = |mode: &str| -> edge_est::config::Config {
+        let text = format!(
+            r#"
+listen = "127.0.0.1:0"
+journal = "{mode}/journal.jsonl"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[users]
+estuser = "{hash}"
+[issuers.plant]
+certificate = "issuing-ca.pem"
+key = "issuing-ca.key"
+{upstream}
+[[labels]]
+name = "{mode}"
+mode = "{mode}"
+upstream = "parent"
+{local}
+[[labels.rules]]
+match = ["user:estuser"]
+common_names = ["*"]
+"#,
+            hash = pki.password_hash,
+            upstream = stub.upstream_toml("parent", 10),
+            local = if mode == "auto" {
+                "issuer = \"plant\"\n[labels.fallback]\ncommon_names = [\"device*\"]"
+            } else {
+                ""
+            },
+        );
+        toml::from_str(&text).unwrap()
+    };
+    let forward = TestServer::start(dir.path(), &config("forward")).await;
+    let auto = TestServer::start(dir.path(), &config("auto")).await;
+    let started = Instant::now();
+    while state_of(&auto) != State::Up {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the auto label never asked the layer above"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time enough for a contact at start to have shown (the auto layer's took less).
+    tokio::time::sleep(started.elapsed() + Duration::from_millis(500)).await;
+    assert_eq!(state_of(&forward), State::Unknown);
+    // Control: the forward label's first request contacts it.
+    let answer = EstClient::new(
+        forward.addr,
+        &std::fs::read_to_string(dir.path().join("root.pem")).unwrap(),
+        None,
+    )
+    .request(
+        "POST",
+        "forward/simpleenroll",
+        &[
+            ("content-type", "application/pkcs10".to_owned()),
+            basic(USER, PASSWORD),
+        ],
+        iot_edge_body(&common::csr("device1")),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(state_of(&forward), State::Up);
+}
+
+/// A reconfiguration keeps what this layer knows of an upstream whose configuration did not
+/// change (its state is not asked again: `up` stays `up`, an outage stays known), and
+/// forgets it for one that changed.
+#[tokio::test]
+async fn a_reconfiguration_keeps_the_health_of_an_unchanged_upstream() {
+    let rig = rig(Behaviour::Sign, 10).await;
+    rig.control().await;
+    assert_eq!(rig.upstream_state(), State::Up);
+    let same = || Runtime::build(&rig.config, rig.dir.path()).unwrap();
+    rig.server.app.swap(same());
+    assert_eq!(rig.upstream_state(), State::Up, "after a reconfiguration");
+    let current = rig.server.app.runtime();
+    assert!(rig.server.app.swap_if(&current, same()));
+    assert_eq!(rig.upstream_state(), State::Up, "after a conditional one");
+    // Another upstream configuration: not the same upstream, nothing is carried over.
+    let mut changed = rig.config.clone();
+    changed
+        .upstreams
+        .get_mut("parent")
+        .unwrap()
+        .retry_after_secs = 18;
+    rig.server
+        .app
+        .swap(Runtime::build(&changed, rig.dir.path()).unwrap());
+    assert_eq!(rig.upstream_state(), State::Unknown);
+}
+
+/// Past the stale bound of its cached chain, a `forward` label does not vouch for the chain
+/// above (its `/cacerts` is a 503 while the layer above is gone), where an `auto` label keeps
+/// serving the chain it signs in the stead of, however old. Positive control: both served
+/// while the layer above is up. (Both bounds 0 here: nothing is fresh, nothing stale is kept.)
+#[tokio::test]
+async fn past_its_stale_bound_only_an_auto_label_serves_the_chain_above() {
+    let rig = rig_with(
+        Behaviour::Sign,
+        10,
+        "cacerts_ttl_secs = 0\ncacerts_stale_secs = 0\n",
+    )
+    .await;
+    let client = EstClient::new(rig.server.addr, &rig.root, None);
+    for path in ["cacerts", "auto/cacerts"] {
+        let answer = client.request("GET", path, &[], Vec::new()).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        assert!(!certs_from_answer(&answer.body).is_empty(), "{path}");
+    }
+    let addr = rig.stub.addr;
+    drop(rig.stub);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let answer = client.request("GET", "cacerts", &[], Vec::new()).await;
+    assert_text(&answer, 503, "cannot be reached");
+    assert_eq!(answer.header("retry-after"), Some("17"));
+    let answer = client.request("GET", "auto/cacerts", &[], Vec::new()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(!certs_from_answer(&answer.body).is_empty());
+    // Still the same once the layer above is known to be away (answered at once).
+    assert_eq!(state_of(&rig.server), State::Away);
+    let answer = client.request("GET", "cacerts", &[], Vec::new()).await;
+    assert_text(&answer, 503, "away since");
+    let answer = client.request("GET", "auto/cacerts", &[], Vec::new()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
 }

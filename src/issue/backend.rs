@@ -437,4 +437,38 @@ mod tests {
                 <= Duration::from_secs(3)
         );
     }
+
+    /// The reserve kept from the upstream's budget, exactly: a fifth (at least 0.5 s) where
+    /// the layer can fall back, a tenth (at least 0.2 s) where it only relays. A deadline
+    /// counts down from when it was made.
+    #[test]
+    fn the_reserve_is_a_fifth_or_a_tenth_of_what_is_left() {
+        let close = |got: Duration, want_ms: u64| {
+            let want = Duration::from_millis(want_ms);
+            assert!(
+                got <= want && got + Duration::from_millis(500) >= want,
+                "{got:?}, not about {want:?}"
+            );
+        };
+        let deadline = Deadline::after(Duration::from_secs(10));
+        close(deadline.remaining(), 10_000);
+        close(deadline.upstream_budget(true), 8_000);
+        close(deadline.upstream_budget(false), 9_000);
+        // Below 2.5 s (or 2 s) left, the floor of the reserve applies.
+        let short = Deadline::after(Duration::from_secs(1));
+        close(short.upstream_budget(true), 500);
+        close(short.upstream_budget(false), 800);
+        // From a request's header, counted from when the request started.
+        let mut headers = HeaderMap::new();
+        headers.insert(BUDGET_HEADER, "4000".parse().unwrap());
+        let started = Instant::now();
+        close(
+            Deadline::from_request(&headers, started, Duration::from_secs(30)).remaining(),
+            4_000,
+        );
+        close(
+            Deadline::from_request(&HeaderMap::new(), started, Duration::from_secs(3)).remaining(),
+            3_000,
+        );
+    }
 }

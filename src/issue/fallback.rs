@@ -324,6 +324,336 @@ mod tests {
         assert!(refused.contains("issuing CA"), "{refused}");
     }
 
+    fn grant(ca: bool, subject: &[(AttributeType, &str)], sans: Vec<SanEntry>) -> Grant {
+        Grant {
+            ca,
+            subject: crate::est::Subject::from_attributes(
+                subject
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (*v).to_owned()))
+                    .collect(),
+            ),
+            sans,
+            sub_ca: None,
+        }
+    }
+
+    fn allowance(toml_text: &str) -> Fallback {
+        Fallback::new(&toml::from_str(toml_text).unwrap()).unwrap()
+    }
+
+    /// Each name of a locally signed request must be within the allowance, by its own
+    /// field: the end-entity CN by `common_names`, a CA's by `ca_common_names`, each other
+    /// attribute by its own list (short name or OID), each subjectAltName by its kind.
+    /// Every refusal has its positive control: the same shape within the allowance passes.
+    #[test]
+    fn every_name_of_a_local_signature_is_checked_by_its_own_field() {
+        use AttributeType::*;
+        let fallback = allowance(
+            r#"
+            common_names = ["dev-*"]
+            ca_common_names = ["aziot-edge CA *"]
+            dns_names = ["*.l3.plant.local"]
+            ip_addresses = ["10.3.*"]
+            uris = ["urn:l3:*"]
+            emails = ["ops@l3.plant.local"]
+            [subject_attributes]
+            o = ["Contoso"]
+            "2.5.4.11" = ["Plant 3"]
+            "#,
+        );
+        let ok = |g: &Grant| fallback.check(g).unwrap();
+        let refused = |g: &Grant| fallback.check(g).unwrap_err().what;
+
+        // A device with every kind of name, all within: signed.
+        ok(&grant(
+            false,
+            &[
+                (CommonName, "dev-1"),
+                (Organization, "Contoso"),
+                (OrganizationalUnit, "Plant 3"),
+            ],
+            vec![
+                SanEntry::Dns("Dev-1.L3.plant.local".into()),
+                SanEntry::Ip("10.3.0.7".parse().unwrap()),
+                SanEntry::Uri("urn:l3:dev-1".into()),
+                SanEntry::Email("OPS@l3.plant.local".into()),
+            ],
+        ));
+        // An Edge CA by its CA name, no SAN: signed.
+        ok(&grant(true, &[(CommonName, "aziot-edge CA gw-3")], vec![]));
+
+        // An end-entity CN is held to `common_names`, a CA's to `ca_common_names`.
+        let what = refused(&grant(false, &[(CommonName, "aziot-edge CA gw-3")], vec![]));
+        assert_eq!(what, "subject CN=\"aziot-edge CA gw-3\"");
+        let what = refused(&grant(true, &[(CommonName, "dev-1")], vec![]));
+        assert_eq!(what, "subject CN=\"dev-1\"");
+        // Other attributes by their own list, never another's: OU is not within O's.
+        let what = refused(&grant(
+            false,
+            &[(CommonName, "dev-1"), (OrganizationalUnit, "Contoso")],
+            vec![],
+        ));
+        assert_eq!(what, "subject OU=\"Contoso\"");
+        let what = refused(&grant(
+            false,
+            &[(CommonName, "dev-1"), (Organization, "Plant 3")],
+            vec![],
+        ));
+        assert_eq!(what, "subject O=\"Plant 3\"");
+        let what = refused(&grant(
+            false,
+            &[(CommonName, "dev-1"), (Locality, "Anywhere")],
+            vec![],
+        ));
+        assert_eq!(what, "subject L=\"Anywhere\"");
+        // Each subjectAltName by its kind; an unknown kind never.
+        for (san, text) in [
+            (SanEntry::Dns("dev-1.l4.plant.local".into()), "DNS"),
+            (SanEntry::Ip("10.4.0.7".parse().unwrap()), "IP"),
+            (SanEntry::Uri("urn:l4:dev-1".into()), "URI"),
+            (SanEntry::Email("ops@l4.plant.local".into()), "email"),
+            (SanEntry::Other("otherName 1.2.3".into()), "otherName"),
+            // A DNS pattern does not admit an IP address's text, nor the reverse.
+            (SanEntry::Uri("10.3.0.7".into()), "URI"),
+        ] {
+            let what = refused(&grant(false, &[(CommonName, "dev-1")], vec![san]));
+            assert!(
+                what.starts_with("subjectAltName") && what.contains(text),
+                "{what}"
+            );
+        }
+    }
+
+    /// Without `ca_common_names` no CA is signed locally, whatever its name; an end-entity
+    /// certificate still is.
+    #[test]
+    fn an_allowance_without_ca_names_signs_no_ca() {
+        use AttributeType::*;
+        let fallback = allowance(r#"common_names = ["*"]"#);
+        fallback
+            .check(&grant(false, &[(CommonName, "dev-1")], vec![]))
+            .unwrap();
+        let what = fallback
+            .check(&grant(true, &[(CommonName, "dev-1")], vec![]))
+            .unwrap_err()
+            .what;
+        assert_eq!(what, "a CA certificate");
+    }
+
+    #[test]
+    fn placeholders_are_refused_in_an_allowance() {
+        for field in ["common_names", "dns_names"] {
+            for pattern in ["{cn}", "dev-{user}", "fixed-*"] {
+                let config: FallbackConfig =
+                    toml::from_str(&format!("{field} = [{pattern:?}]")).unwrap();
+                let parsed = Fallback::new(&config);
+                if pattern.contains('{') {
+                    let error = parsed.unwrap_err();
+                    assert!(
+                        error.starts_with(&format!("{field}: {pattern:?}: a fallback allowance")),
+                        "{error}"
+                    );
+                } else {
+                    parsed.unwrap();
+                }
+            }
+        }
+        let config: FallbackConfig = toml::from_str("[subject_attributes]\nCN = [\"x\"]").unwrap();
+        assert!(Fallback::new(&config)
+            .unwrap_err()
+            .contains("CN is governed"));
+    }
+
+    fn rules(toml_text: &str) -> LabelConfig {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    /// The RA rules of the upper label for an RA: those marked `registration_authority`,
+    /// by module name for `module:` matches, else by `client_cn` (none: any RA).
+    #[test]
+    fn the_ra_rules_are_those_naming_this_ra() {
+        let upper = rules(
+            r#"
+            [[rules]]
+            match = ["module:gw-2/edgeest"]
+            registration_authority = true
+            common_names = ["by-module"]
+            [[rules]]
+            match = ["module:gw-2/other"]
+            registration_authority = true
+            common_names = ["other-module"]
+            [[rules]]
+            match = ["certificate:*"]
+            client_cn = ["ra-*"]
+            registration_authority = true
+            common_names = ["by-cn"]
+            [[rules]]
+            match = ["certificate:*"]
+            registration_authority = true
+            common_names = ["any-ra"]
+            [[rules]]
+            match = ["certificate:*"]
+            client_cn = ["edgeest", "ra-*"]
+            common_names = ["not-an-ra"]
+            "#,
+        );
+        let names = |cn: &str| -> Vec<&str> {
+            ra_rules(&upper, cn)
+                .iter()
+                .map(|r| r.common_names[0].as_str())
+                .collect()
+        };
+        assert_eq!(names("edgeest"), ["by-module", "any-ra"]);
+        assert_eq!(names("ra-1"), ["by-cn", "any-ra"]);
+        assert_eq!(names("someone"), ["any-ra"]);
+    }
+
+    #[test]
+    fn a_fallback_wider_than_the_upper_ra_rule_is_named_pattern_by_pattern() {
+        let upper = rules(
+            r#"
+            [[rules]]
+            match = ["certificate:*"]
+            registration_authority = true
+            common_names = ["l3-*"]
+            dns_names = ["*.l3.plant.local"]
+            [rules.subject_attributes]
+            O = ["Contoso"]
+            "#,
+        );
+        let ra = ra_rules(&upper, "edgeest");
+        let within: FallbackConfig = toml::from_str(
+            r#"
+            common_names = ["l3-dev-*"]
+            dns_names = ["a.l3.plant.local"]
+            [subject_attributes]
+            O = ["Contoso"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(within_upper_allowance(&within, &ra), Vec::<String>::new());
+        let wider: FallbackConfig = toml::from_str(
+            r#"
+            common_names = ["l3-dev-*", "*"]
+            emails = ["a@b"]
+            [subject_attributes]
+            O = ["Contoso", "*"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            within_upper_allowance(&wider, &ra),
+            [
+                "fallback.common_names: \"*\" is wider than what the upper layer allows this RA (\"l3-*\")",
+                "fallback.emails: \"a@b\" is wider than what the upper layer allows this RA (nothing)",
+                "fallback.subject_attributes.O: \"*\" is wider than what the upper layer allows this RA",
+            ]
+        );
+    }
+
+    fn config(toml_text: &str) -> Config {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    /// Each `auto` label of a nested layer is checked against the upper label it forwards to
+    /// (its `upstream_label`, else the one its upstream's URL names), and only where the upper
+    /// layer has an RA rule for it.
+    #[test]
+    fn across_layers_each_auto_label_meets_the_upper_label_it_forwards_to() {
+        let top = config(
+            r#"
+            [[labels]]
+            name = "wide"
+            [[labels.rules]]
+            match = ["certificate:*"]
+            registration_authority = true
+            common_names = ["*"]
+            [[labels]]
+            name = "narrow"
+            [[labels.rules]]
+            match = ["certificate:*"]
+            registration_authority = true
+            common_names = ["l3-*"]
+            [[labels]]
+            name = "no-ra"
+            [[labels.rules]]
+            match = ["certificate:*"]
+            common_names = ["l3-*"]
+            "#,
+        );
+        let lower = |label: &str, by_url: bool| {
+            let (url, upstream_label) = if by_url {
+                (format!("/.well-known/est/{label}"), String::new())
+            } else {
+                (
+                    "/.well-known/est".to_owned(),
+                    format!("upstream_label = {label:?}"),
+                )
+            };
+            config(&format!(
+                r#"
+                [upstreams.top]
+                url = "https://top:8085{url}"
+                trust = []
+                [[labels]]
+                name = "l3"
+                mode = "auto"
+                upstream = "top"
+                {upstream_label}
+                [labels.fallback]
+                common_names = ["dev-*"]
+                "#
+            ))
+        };
+        let check = |lower: &Config, nested: bool| -> Vec<(String, String)> {
+            across_layers(&[
+                LayerConfig {
+                    source: "top.json",
+                    ra_cn: "edgeest",
+                    config: &top,
+                    nested: false,
+                },
+                LayerConfig {
+                    source: "l3.json",
+                    ra_cn: "edgeest",
+                    config: lower,
+                    nested,
+                },
+            ])
+            .into_iter()
+            .map(|(source, text)| (source.to_owned(), text))
+            .collect()
+        };
+        for by_url in [false, true] {
+            let narrow = check(&lower("narrow", by_url), true);
+            assert_eq!(narrow.len(), 1, "{narrow:?}");
+            assert_eq!(narrow[0].0, "l3.json");
+            assert_eq!(
+                narrow[0].1,
+                "labels[0].fallback.common_names: \"dev-*\" is wider than what the upper layer \
+                 allows this RA (\"l3-*\"), whose RA rule for \"edgeest\" is in top.json"
+            );
+            let none = Vec::<(String, String)>::new();
+            assert_eq!(check(&lower("wide", by_url), true), none);
+            assert_eq!(check(&lower("no-ra", by_url), true), none, "a sibling");
+            assert_eq!(check(&lower("narrow", by_url), false), none, "not nested");
+        }
+    }
+
+    /// Characters after a star still count: `l3-*-a` is not within `l3-*-b`. Consecutive
+    /// stars are one.
+    #[test]
+    fn pattern_inclusion_looks_past_stars() {
+        assert!(!pattern_within("l3-*-a", "l3-*-b"));
+        assert!(pattern_within("l3-*-a", "l3-*-*"));
+        assert!(pattern_within("l3-**", "l3-*"));
+        assert!(pattern_within("l3-*", "l3-**"));
+        assert!(!pattern_within("a*b", "a*c"));
+        assert!(pattern_within("ab", "a*b"));
+        assert!(!pattern_within("ab", "a*bc"));
+    }
+
     #[test]
     fn pattern_inclusion_is_sound() {
         assert!(pattern_within("l3-*", "l3-*"));

@@ -274,3 +274,266 @@ pub(crate) fn spawn_probe(upstream: Weak<Upstream>, max: Duration) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    /// The log lines written while `f` runs (level INFO and above, no ANSI, no time).
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<StdMutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = sink.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[test]
+    fn states_have_their_reported_names() {
+        assert_eq!(
+            State::ALL.map(State::as_str),
+            ["unknown", "up", "away", "misconfigured"]
+        );
+    }
+
+    /// `record` says when the state changed, and only then: a second failure of the same
+    /// kind is no news (whatever its cause), a misconfiguration with a new cause is.
+    #[test]
+    fn a_state_changes_only_when_the_outcome_differs() {
+        let health = Health::new("p".into());
+        assert_eq!(health.state(), State::Unknown);
+        let before = now_secs();
+        let up = health.record("p", "gw:1", &Outcome::Answered, None);
+        assert_eq!(up, Some(State::Up));
+        assert_eq!(health.state(), State::Up);
+        assert_eq!(health.record("p", "gw:1", &Outcome::Answered, None), None);
+        let away = health.record("p", "gw:1", &Outcome::Away("refused".into()), None);
+        assert_eq!(away, Some(State::Away));
+        let snapshot = health.snapshot();
+        assert_eq!(
+            (snapshot.state, snapshot.cause.as_str()),
+            (State::Away, "refused")
+        );
+        // `since` is the wall clock of the change, in seconds.
+        assert!(
+            snapshot.since >= before && snapshot.since <= now_secs(),
+            "{snapshot:?}"
+        );
+        let again = health.record("p", "gw:1", &Outcome::Away("timed out".into()), None);
+        assert_eq!(again, None, "away again, for another cause: no change");
+        assert_eq!(health.snapshot().cause, "refused");
+        let wrong = Outcome::Misconfigured("404".into());
+        assert_eq!(
+            health.record("p", "gw:1", &wrong, None),
+            Some(State::Misconfigured)
+        );
+        assert_eq!(health.record("p", "gw:1", &wrong, None), None);
+        let other = Outcome::Misconfigured("TLS certificate not trusted".into());
+        assert_eq!(
+            health.record("p", "gw:1", &other, None),
+            Some(State::Misconfigured),
+            "a new misconfiguration is news"
+        );
+        assert_eq!(health.snapshot().cause, "TLS certificate not trusted");
+        assert_eq!(
+            health.record("p", "gw:1", &Outcome::Answered, None),
+            Some(State::Up)
+        );
+        assert_eq!(health.snapshot().cause, "");
+    }
+
+    /// The probe asks the `/cacerts` of the label whose request failed; an answer does not
+    /// change which.
+    #[test]
+    fn the_probe_asks_the_label_that_failed() {
+        let health = Health::new("p".into());
+        assert_eq!(health.probe_label(), None);
+        health.record("p", "gw:1", &Outcome::Away("refused".into()), Some("l2"));
+        assert_eq!(health.probe_label().as_deref(), Some("l2"));
+        health.record("p", "gw:1", &Outcome::Answered, Some("other"));
+        assert_eq!(health.probe_label().as_deref(), Some("l2"));
+        health.record("p", "gw:1", &Outcome::Misconfigured("404".into()), None);
+        assert_eq!(health.probe_label(), None);
+    }
+
+    /// Each change is logged once, at its level: an error for a misconfiguration, a warning
+    /// for an outage, news when the layer above answers again, nothing at INFO for the first
+    /// contact.
+    #[test]
+    fn each_change_is_logged_once_at_its_level() {
+        let health = Health::new("p".into());
+        let text = logged(|| {
+            health.record("p", "gw:1", &Outcome::Answered, None);
+        });
+        assert_eq!(text, "", "the first contact is no news");
+        let text = logged(|| {
+            health.record("p", "gw:1", &Outcome::Away("refused".into()), None);
+            health.record("p", "gw:1", &Outcome::Away("refused".into()), None);
+        });
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains("WARN") && text.contains("the layer above is away"),
+            "{text}"
+        );
+        let text = logged(|| {
+            health.record("p", "gw:1", &Outcome::Answered, None);
+        });
+        assert!(
+            text.contains("INFO")
+                && text.contains("answers again")
+                && text.contains("was=\"away\""),
+            "{text}"
+        );
+        let text = logged(|| {
+            health.record("p", "gw:1", &Outcome::Misconfigured("404".into()), None);
+        });
+        assert!(
+            text.contains("ERROR") && text.contains("MISCONFIGURED"),
+            "{text}"
+        );
+    }
+
+    /// A layer restarted during an outage knows at once: the state is kept on disk for the
+    /// same configuration, and taken back only by it, only before anything is learned, and
+    /// never as `up`.
+    #[test]
+    fn an_outage_is_kept_across_a_restart_for_the_same_configuration_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Health::new("p {url}".into());
+        first.keep_in(dir.path(), "p");
+        first.record("p", "gw:1", &Outcome::Away("refused".into()), Some("l2"));
+        let kept = first.snapshot();
+
+        let restarted = Health::new("p {url}".into());
+        restarted.keep_in(dir.path(), "p");
+        assert_eq!(restarted.snapshot(), kept);
+        assert_eq!(restarted.probe_label().as_deref(), Some("l2"));
+
+        let reconfigured = Health::new("p {other url}".into());
+        reconfigured.keep_in(dir.path(), "p");
+        assert_eq!(reconfigured.state(), State::Unknown);
+
+        let learned = Health::new("p {url}".into());
+        learned.record("p", "gw:1", &Outcome::Answered, None);
+        learned.keep_in(dir.path(), "p");
+        assert_eq!(learned.state(), State::Up, "what this run learned wins");
+
+        // A kept `up` is not taken back: reachability is claimed only after contact.
+        let up = Health::new("p {url}".into());
+        up.keep_in(dir.path(), "p");
+        up.record("p", "gw:1", &Outcome::Answered, None);
+        let after_up = Health::new("p {url}".into());
+        after_up.keep_in(dir.path(), "p");
+        assert_eq!(after_up.state(), State::Unknown);
+    }
+
+    /// A reconfigured runtime takes over what its predecessor knew of the same upstream
+    /// configuration, and nothing of another.
+    #[test]
+    fn a_reconfiguration_takes_over_the_health_of_the_same_upstream_only() {
+        let old = Health::new("p {url}".into());
+        old.record("p", "gw:1", &Outcome::Away("refused".into()), Some("l2"));
+        let same = Health::new("p {url}".into());
+        same.adopt(&old);
+        assert_eq!(same.snapshot(), old.snapshot());
+        assert_eq!(same.probe_label().as_deref(), Some("l2"));
+        let other = Health::new("p {other url}".into());
+        other.adopt(&old);
+        assert_eq!(other.state(), State::Unknown);
+    }
+
+    #[test]
+    fn one_probe_at_a_time() {
+        let health = Health::new("p".into());
+        assert!(health.start_probing());
+        assert!(!health.start_probing(), "a second probe is refused");
+        health.stop_probing();
+        assert!(
+            health.start_probing(),
+            "after the first stops, a new one may start"
+        );
+    }
+
+    /// While the layer above is away the probe keeps asking, one at a time, with pauses that
+    /// double: against an upstream that accepts connections and never answers (each probe
+    /// times out after the 1 s request timeout), the second probe comes at least 1 s + 1 s
+    /// after the first, the third at least 1 s + 2 s after the second. Bounded by a deadline,
+    /// so a probe that stops fails instead of hanging.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_probe_keeps_asking_an_upstream_that_is_away_with_growing_pauses() {
+        use std::sync::atomic::AtomicUsize;
+        use std::time::Instant;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(StdMutex::new(Vec::<Instant>::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let silent = {
+            let accepted = accepted.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((socket, _)) = listener.accept().await {
+                    accepted.lock().unwrap().push(Instant::now());
+                    count.fetch_add(1, Ordering::SeqCst);
+                    held.push(socket);
+                }
+            })
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = crate::pki::ca_params("anchor", None, time::Duration::days(1))
+            .self_signed(&key)
+            .unwrap();
+        let config: crate::config::UpstreamConfig = serde_json::from_value(serde_json::json!({
+            "url": format!("https://127.0.0.1:{port}/.well-known/est"),
+            "trust": [crate::config::PemSource(ca.pem())],
+            "request_timeout_secs": 1,
+            "probe_max_secs": 8,
+        }))
+        .unwrap();
+        let upstream = Upstream::new("parent", &config, Path::new("."))
+            .unwrap()
+            .shared();
+        upstream.health.record(
+            "parent",
+            &upstream.host,
+            &Outcome::Away("refused".into()),
+            None,
+        );
+        upstream.ensure_probing();
+        assert!(!upstream.health.start_probing(), "the probe runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while count.load(Ordering::SeqCst) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the probe stopped asking: {} probes in 30 s",
+                count.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let at = accepted.lock().unwrap().clone();
+        let (first, second) = (at[1] - at[0], at[2] - at[1]);
+        assert!(first >= Duration::from_millis(1900), "{first:?}");
+        assert!(second >= Duration::from_millis(2900), "{second:?}");
+        assert_eq!(upstream.health.state(), State::Away);
+        silent.abort();
+    }
+}
