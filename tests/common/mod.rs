@@ -263,6 +263,7 @@ pub fn record_issued(journal: &Path, cert_pem: &str, label: Option<&str>) {
         },
         issued_by: "local".into(),
         grace_renewal: false,
+        issuer_ca: None,
     };
     let mut line = serde_json::to_string(&entry).unwrap();
     line.push('\n');
