@@ -9,8 +9,12 @@ use std::path::Path;
 
 use ::time::{Duration, OffsetDateTime};
 use common::bin::{free_port, Running, BIN};
-use common::client::{basic, certs_from_answer, iot_edge_body, to_pem, Answer, EstClient};
+use common::client::{
+    basic, certs_from_answer, csr_shaped as csr, leaf_of, post_csr as post, refused, to_pem,
+    Answer, EstClient,
+};
 use common::pki::Credential;
+use common::softhsm::SOFTHSM;
 use common::{openssl_verify, Pki, TestServer, PASSWORD, USER};
 use edge_est::config::Config;
 use rcgen::{
@@ -22,14 +26,6 @@ use x509_parser::prelude::*;
 
 // ---- helpers ------------------------------------------------------------------------------
 
-fn csr(cn: &str, key: &KeyPair, shape: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    shape(&mut params);
-    params.serialize_request(key).unwrap().der().to_vec()
-}
-
 /// A CA request: CA:TRUE with `path_len` (None: no pathlen asked), keyCertSign.
 fn ca_csr(cn: &str, key: &KeyPair, path_len: Option<u8>) -> Vec<u8> {
     csr(cn, key, |p| {
@@ -39,28 +35,6 @@ fn ca_csr(cn: &str, key: &KeyPair, path_len: Option<u8>) -> Vec<u8> {
         });
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     })
-}
-
-async fn post(client: &EstClient, path: &str, auth: &[(&str, String)], body: Vec<u8>) -> Answer {
-    let mut headers = vec![("content-type", "application/pkcs10".to_owned())];
-    headers.extend(auth.iter().cloned());
-    client
-        .request("POST", path, &headers, iot_edge_body(&body))
-        .await
-}
-
-fn leaf_of(answer: &Answer) -> Vec<u8> {
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    certs_from_answer(&answer.body).remove(0)
-}
-
-fn refused(answer: &Answer, status: u16, says: &str) {
-    assert_eq!(answer.status, status, "{}", answer.text());
-    assert!(
-        answer.text().contains(says),
-        "{says:?} in {}",
-        answer.text()
-    );
 }
 
 fn as_holder(addr: std::net::SocketAddr, root: &str, who: &Credential) -> EstClient {
@@ -1536,60 +1510,15 @@ max_validity_secs = 6"#,
 
 // ---- a layer's CA key generated inside a PKCS#11 token (SoftHSM2) ------------------------
 
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN_PIN: &str = "5518-user-pin";
 
 /// The token tests run one at a time: SoftHSM's login state is per process and token, and a
 /// token is initialised with an SO login.
 static TOKEN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A SoftHSM token labelled `label` in a token directory of this process (SoftHSM reads
-/// SOFTHSM2_CONF once: one directory for the whole test binary).
+/// A SoftHSM token labelled `label`, user PIN [`TOKEN_PIN`].
 fn softhsm_token(label: &str) -> cryptoki::slot::Slot {
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
-    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        assert!(
-            Path::new(SOFTHSM).exists(),
-            "{SOFTHSM} missing: install softhsm2"
-        );
-        let dir = tempfile::tempdir().unwrap().keep();
-        std::fs::create_dir(dir.join("tokens")).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join("tokens").display()
-            ),
-        )
-        .unwrap();
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        dir
-    });
-    let ctx = edge_est::keys::pkcs11::module(Path::new(SOFTHSM)).unwrap();
-    let free = ctx
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        .find(|s| !ctx.get_token_info(*s).unwrap().token_initialized())
-        .unwrap();
-    ctx.init_token(free, &AuthPin::from("so-0000"), label)
-        .unwrap();
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label() == label)
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    session
-        .login(UserType::So, Some(&AuthPin::from("so-0000")))
-        .unwrap();
-    session.init_pin(&AuthPin::from(TOKEN_PIN)).unwrap();
-    session.logout().unwrap();
-    slot
+    common::softhsm::new_token(label, TOKEN_PIN)
 }
 
 /// (CKA_SENSITIVE, CKA_EXTRACTABLE) of each private key on the token, by label.

@@ -6,6 +6,7 @@ pub mod bin;
 pub mod client;
 pub mod mqtt;
 pub mod pki;
+pub mod softhsm;
 pub mod upstream_stub;
 pub mod workload;
 
