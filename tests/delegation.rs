@@ -653,6 +653,33 @@ async fn enroll_basic(addr: std::net::SocketAddr, root: &str, cn: &str) -> (Answ
     (answer, key)
 }
 
+/// `simplereenroll` of `cn` (`cn.l3.plant.local`) by the holder of `cert` and `key`; the
+/// renewed certificate.
+async fn reenroll(
+    addr: std::net::SocketAddr,
+    root: &str,
+    cn: &str,
+    cert: &[u8],
+    key: &KeyPair,
+) -> Vec<u8> {
+    let holder = Credential {
+        cert_pem: to_pem(cert),
+        key_pem: key.serialize_pem(),
+    };
+    let dns = format!("{cn}.l3.plant.local");
+    leaf_of(
+        &post(
+            &as_holder(addr, root, &holder),
+            "simplereenroll",
+            &[],
+            csr(cn, key, |p| {
+                p.subject_alt_names = vec![SanType::DnsName(dns.as_str().try_into().unwrap())];
+            }),
+        )
+        .await,
+    )
+}
+
 async fn cacerts(addr: std::net::SocketAddr, root: &str) -> Vec<Vec<u8>> {
     let answer = EstClient::new(addr, root, None)
         .request("GET", "cacerts", &[], Vec::new())
@@ -862,23 +889,7 @@ max_validity_secs = 9"#,
     assert!(after.contains(&first), "the old CA still in /cacerts");
 
     // A certificate of the old CA renews through the new one.
-    let old = Credential {
-        cert_pem: to_pem(&old_leaf),
-        key_pem: old_key.serialize_pem(),
-    };
-    let renewed = leaf_of(
-        &post(
-            &as_holder(mid.addr, &root, &old),
-            "simplereenroll",
-            &[],
-            csr("l3-old", &old_key, |p| {
-                p.subject_alt_names = vec![SanType::DnsName(
-                    "l3-old.l3.plant.local".try_into().unwrap(),
-                )];
-            }),
-        )
-        .await,
-    );
+    let renewed = reenroll(mid.addr, &root, "l3-old", &old_leaf, &old_key).await;
     let (_, renewed_cert) = X509Certificate::from_der(&renewed).unwrap();
     let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
     let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
@@ -1002,23 +1013,7 @@ max_validity_secs = 45"#,
     );
 
     // The certificate of the replaced CA renews through the new one.
-    let holder = Credential {
-        cert_pem: to_pem(&last),
-        key_pem: last_key.serialize_pem(),
-    };
-    let renewed = leaf_of(
-        &post(
-            &as_holder(mid.addr, &root, &holder),
-            "simplereenroll",
-            &[],
-            csr("l3-last", &last_key, |p| {
-                p.subject_alt_names = vec![SanType::DnsName(
-                    "l3-last.l3.plant.local".try_into().unwrap(),
-                )];
-            }),
-        )
-        .await,
-    );
+    let renewed = reenroll(mid.addr, &root, "l3-last", &last, &last_key).await;
     let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
     let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
     let (_, renewed) = X509Certificate::from_der(&renewed).unwrap();
