@@ -46,6 +46,11 @@ pub struct JournalEntry {
     /// label's grace window to renew the same subject (`grace_expired_secs`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub grace_renewal: bool,
+    /// SHA-256 (lowercase hex) of the CA certificate that signed it, for a local issuance: an
+    /// enrolled issuer's replaced CA stays trusted until the last certificate it signed
+    /// expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ca: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +335,7 @@ mod tests {
             certificate: "MA==".into(),
             issued_by: "local".into(),
             grace_renewal: false,
+            issuer_ca: None,
         }
     }
 

@@ -224,6 +224,7 @@ impl Runtime {
                 current,
                 fingerprint,
                 previous,
+                obtained: loaded.obtained,
                 pkcs11_module: module,
             });
         }

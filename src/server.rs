@@ -153,6 +153,11 @@ impl App {
         self.runtime.load_full()
     }
 
+    /// What this layer issued, by label and by signing CA (from the journal).
+    pub fn issuance(&self) -> &IssuanceIndex {
+        &self.issuance
+    }
+
     pub fn journal(&self) -> &Journal {
         &self.journal
     }
@@ -1100,10 +1105,11 @@ impl App {
             certificate: base64::engine::general_purpose::STANDARD.encode(&issuance.certs[0]),
             issued_by: issuance.issued_by.clone(),
             grace_renewal,
+            issuer_ca: issuance.issuer_ca.clone(),
         };
         self.journal.record(&entry, expected).await?;
         // From now on `issuer` on this label knows it (renewals, module Edge CAs).
-        self.issuance.record(&entry.sha256, entry.label.as_deref());
+        self.issuance.record_issued(&entry);
 
         let certs: Vec<&[u8]> = issuance.certs.iter().map(Vec::as_slice).collect();
         let pkcs7 = est::pkcs7::encode_certs_only(&certs)

@@ -8,8 +8,13 @@ mod common;
 use std::path::Path;
 
 use ::time::{Duration, OffsetDateTime};
-use common::client::{basic, certs_from_answer, iot_edge_body, to_pem, Answer, EstClient};
+use common::bin::{free_port, Running, BIN};
+use common::client::{
+    basic, certs_from_answer, csr_shaped as csr, leaf_of, post_csr as post, refused, to_pem,
+    Answer, EstClient,
+};
 use common::pki::Credential;
+use common::softhsm::SOFTHSM;
 use common::{openssl_verify, Pki, TestServer, PASSWORD, USER};
 use edge_est::config::Config;
 use rcgen::{
@@ -21,14 +26,6 @@ use x509_parser::prelude::*;
 
 // ---- helpers ------------------------------------------------------------------------------
 
-fn csr(cn: &str, key: &KeyPair, shape: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    shape(&mut params);
-    params.serialize_request(key).unwrap().der().to_vec()
-}
-
 /// A CA request: CA:TRUE with `path_len` (None: no pathlen asked), keyCertSign.
 fn ca_csr(cn: &str, key: &KeyPair, path_len: Option<u8>) -> Vec<u8> {
     csr(cn, key, |p| {
@@ -38,28 +35,6 @@ fn ca_csr(cn: &str, key: &KeyPair, path_len: Option<u8>) -> Vec<u8> {
         });
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     })
-}
-
-async fn post(client: &EstClient, path: &str, auth: &[(&str, String)], body: Vec<u8>) -> Answer {
-    let mut headers = vec![("content-type", "application/pkcs10".to_owned())];
-    headers.extend(auth.iter().cloned());
-    client
-        .request("POST", path, &headers, iot_edge_body(&body))
-        .await
-}
-
-fn leaf_of(answer: &Answer) -> Vec<u8> {
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    certs_from_answer(&answer.body).remove(0)
-}
-
-fn refused(answer: &Answer, status: u16, says: &str) {
-    assert_eq!(answer.status, status, "{}", answer.text());
-    assert!(
-        answer.text().contains(says),
-        "{says:?} in {}",
-        answer.text()
-    );
 }
 
 fn as_holder(addr: std::net::SocketAddr, root: &str, who: &Credential) -> EstClient {
@@ -588,7 +563,13 @@ common_names = ["l3-*"]
 /// The middle layer: Basic devices `l3-*` and renewals of what it issued; its issuer `mid` is
 /// enrolled from the top with its RA credential (mid-ra.pem), its state under `mid/`.
 fn mid_config(pki: &Pki, top: std::net::SocketAddr) -> Config {
-    let text = format!(
+    let text = mid_config_toml(pki, top.port());
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// [`mid_config`] as TOML, upstream `top` at `port`.
+fn mid_config_toml(pki: &Pki, port: u16) -> String {
+    format!(
         r#"
 journal = "mid/journal.jsonl"
 [tls]
@@ -619,9 +600,7 @@ common_names = ["{{cn}}"]
 dns_names = ["*.l3.plant.local"]
 "#,
         hash = pki.password_hash,
-        port = top.port()
-    );
-    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    )
 }
 
 /// A top layer whose RA rule for gw-mid grants a sub-CA of `validity` (TOML of `sub_ca`), and
@@ -672,6 +651,33 @@ async fn enroll_basic(addr: std::net::SocketAddr, root: &str, cn: &str) -> (Answ
     )
     .await;
     (answer, key)
+}
+
+/// `simplereenroll` of `cn` (`cn.l3.plant.local`) by the holder of `cert` and `key`; the
+/// renewed certificate.
+async fn reenroll(
+    addr: std::net::SocketAddr,
+    root: &str,
+    cn: &str,
+    cert: &[u8],
+    key: &KeyPair,
+) -> Vec<u8> {
+    let holder = Credential {
+        cert_pem: to_pem(cert),
+        key_pem: key.serialize_pem(),
+    };
+    let dns = format!("{cn}.l3.plant.local");
+    leaf_of(
+        &post(
+            &as_holder(addr, root, &holder),
+            "simplereenroll",
+            &[],
+            csr(cn, key, |p| {
+                p.subject_alt_names = vec![SanType::DnsName(dns.as_str().try_into().unwrap())];
+            }),
+        )
+        .await,
+    )
 }
 
 async fn cacerts(addr: std::net::SocketAddr, root: &str) -> Vec<Vec<u8>> {
@@ -883,23 +889,7 @@ max_validity_secs = 9"#,
     assert!(after.contains(&first), "the old CA still in /cacerts");
 
     // A certificate of the old CA renews through the new one.
-    let old = Credential {
-        cert_pem: to_pem(&old_leaf),
-        key_pem: old_key.serialize_pem(),
-    };
-    let renewed = leaf_of(
-        &post(
-            &as_holder(mid.addr, &root, &old),
-            "simplereenroll",
-            &[],
-            csr("l3-old", &old_key, |p| {
-                p.subject_alt_names = vec![SanType::DnsName(
-                    "l3-old.l3.plant.local".try_into().unwrap(),
-                )];
-            }),
-        )
-        .await,
-    );
+    let renewed = reenroll(mid.addr, &root, "l3-old", &old_leaf, &old_key).await;
     let (_, renewed_cert) = X509Certificate::from_der(&renewed).unwrap();
     let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
     let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
@@ -935,6 +925,125 @@ max_validity_secs = 9"#,
         }
     }
     assert!(total > 10, "{total} enrollments under load");
+    mid.stop().await;
+    top.stop().await;
+}
+
+/// Rollover retention from the journal: the middle's certificates live 20 s and its CA 45 s.
+/// After the rollover the replaced CA stays in /cacerts and in `issuer` trust while the last
+/// certificate it signed lives (also across a restart: the journal says so), that
+/// certificate renews through the new CA, and the replaced CA leaves once it has expired,
+/// before the CA's own notAfter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_ca_stays_until_the_last_certificate_it_signed_expires() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (_, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 45"#,
+    )
+    .await;
+    let mut config = mid_config(&pki, top.addr);
+    config.profiles.insert(
+        "short".into(),
+        toml::from_str(
+            "kind = \"end-entity\"\nvalidity_days = 1\nvalidity_secs = 20\nextended_key_usage = [\"clientAuth\"]",
+        )
+        .unwrap(),
+    );
+    config.labels[0].profile = "short".into();
+    let mid = TestServer::start(dir, &config).await;
+    let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
+    let first_der = cacerts(mid.addr, &root).await.remove(0);
+    let (_, first_ca) = X509Certificate::from_der(&first_der).unwrap();
+    let first_until = first_ca.validity().not_after.to_datetime();
+    let (renew_at, _) = (
+        edge_est::issue::delegation::renew_point(
+            mid.app.runtime().enrolled()[0].current.unwrap().0,
+            first_until,
+        ),
+        (),
+    );
+    let sleep_until = |t: OffsetDateTime| async move {
+        let left = t - OffsetDateTime::now_utc();
+        if left.is_positive() {
+            tokio::time::sleep(left.try_into().unwrap()).await;
+        }
+    };
+    // The last certificate of the first CA, 8 s before the rollover: it outlives it.
+    sleep_until(renew_at - Duration::seconds(8)).await;
+    let (answer, last_key) = enroll_basic(mid.addr, &root, "l3-last").await;
+    let last = leaf_of(&answer);
+    let (_, last_cert) = X509Certificate::from_der(&last).unwrap();
+    let last_until = last_cert.validity().not_after.to_datetime();
+    last_cert
+        .verify_signature(Some(first_ca.public_key()))
+        .expect("signed by the first CA");
+    assert!(
+        last_until < first_until - Duration::seconds(2),
+        "{last_until} {first_until}"
+    );
+
+    // The rollover.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while mid.app.runtime().enrolled()[0].fingerprint == Some(first) {
+        assert!(std::time::Instant::now() < until, "no rollover");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let fingerprints = |chain: &[Vec<u8>]| -> Vec<[u8; 32]> {
+        chain
+            .iter()
+            .map(|c| edge_est::auth::chain::fingerprint(c))
+            .collect()
+    };
+    // Past the settling time, and after a restart: the journal keeps the first CA.
+    sleep_until(OffsetDateTime::now_utc() + Duration::seconds(6)).await;
+    mid.stop().await;
+    let mid = TestServer::start(dir, &config).await;
+    assert!(OffsetDateTime::now_utc() < last_until, "the test ran late");
+    let now = fingerprints(&cacerts(mid.addr, &root).await);
+    assert_ne!(now[0], first, "the new CA first");
+    assert!(
+        now.contains(&first),
+        "the replaced CA stays while its last certificate lives"
+    );
+
+    // The certificate of the replaced CA renews through the new one.
+    let renewed = reenroll(mid.addr, &root, "l3-last", &last, &last_key).await;
+    let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
+    let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
+    let (_, renewed) = X509Certificate::from_der(&renewed).unwrap();
+    renewed
+        .verify_signature(Some(new_ca.public_key()))
+        .expect("renewed by the new CA");
+
+    // Once that certificate has expired, the replaced CA leaves, before its own notAfter.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = fingerprints(&cacerts(mid.addr, &root).await);
+        if !now.contains(&first) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the replaced CA stays");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let gone = OffsetDateTime::now_utc();
+    assert!(
+        gone >= last_until,
+        "left at {gone}, its last certificate lived until {last_until}"
+    );
+    assert!(
+        gone < first_until,
+        "left at {gone}, only when it expired itself ({first_until})"
+    );
+    let kept =
+        std::fs::read_to_string(mid.app.runtime().enrolled()[0].dir.join("current.json")).unwrap();
+    let kept: serde_json::Value = serde_json::from_str(&kept).unwrap();
+    assert_eq!(kept["previous"].as_array().map(Vec::len), Some(0), "{kept}");
     mid.stop().await;
     top.stop().await;
 }
@@ -1003,6 +1112,316 @@ async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
     let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-loss").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
     mid.stop().await;
+    top.stop().await;
+}
+
+// ---- 3. the shipped binary: what an operator sees, a kill in the middle of a renewal --------
+
+/// `GET /metrics` of a binary's metrics listener.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of the gauge `name` for the issuer `mid`.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metric_line(metrics, name)
+        .first()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits up to `within` for the gauge `name` of `mid` to satisfy `test`.
+async fn gauge_until(port: u16, name: &str, within: u64, test: impl Fn(f64) -> bool) -> f64 {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(within);
+    loop {
+        let metrics = scrape(port);
+        if let Some(v) = gauge(&metrics, name).filter(|v| test(*v)) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < until, "{name}:\n{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits up to `within` seconds for a line of the binary's log holding `what`; the line.
+async fn log_line(running: &Running, what: &str, within: u64) -> String {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(within);
+    loop {
+        let log = running.log_text();
+        if let Some(line) = log.lines().find(|l| l.contains(what)) {
+            return line.to_owned();
+        }
+        assert!(std::time::Instant::now() < until, "no {what:?} in:\n{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `edge-est serve --config mid.toml` in `dir`, its log in `log`, its metrics on `metrics`.
+fn serve_mid(dir: &Path, pki: &Pki, upstream_port: u16, metrics: u16, log: &str) -> Running {
+    write(
+        dir,
+        "mid.toml",
+        &format!(
+            "metrics_listen = \"127.0.0.1:{metrics}\"\n{}",
+            mid_config_toml(pki, upstream_port)
+        ),
+    );
+    let port = free_port();
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["serve", "--config", "mid.toml", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(dir);
+    Running::start(command, port, &dir.join(log))
+}
+
+/// The shipped binary, as its CA ages: without a CA it says in one log line that its labels
+/// forward (gauge `forwarding` 1, and the top's CA signs); enrolled, it exposes the seconds
+/// left; its renewals refused, it warns at 90 % of the CA's life with the seconds left; expired
+/// unrenewed, it says it forwards again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_says_when_it_forwards_and_warns_at_ninety_percent() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (granting, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 12"#,
+    )
+    .await;
+    let mut refusing = granting.clone();
+    refusing.labels[0].rules[2].sub_ca = None;
+    let build = |c: &Config| edge_est::runtime::Runtime::build(c, dir).unwrap();
+    top.app.swap(build(&refusing));
+
+    let metrics = free_port();
+    let mid = serve_mid(dir, &pki, top.addr.port(), metrics, "mid.log");
+    let line = log_line(&mid, "enrolled issuer has no valid CA yet", 10).await;
+    assert!(line.contains("WARN") && line.contains("mid"), "{line}");
+    assert!(line.contains("labels forward to the layer above"), "{line}");
+    gauge_until(metrics, "edgeest_enrolled_issuer_forwarding", 10, |v| {
+        v == 1.0
+    })
+    .await;
+    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-dev-01").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
+
+    top.app.swap(build(&granting));
+    log_line(&mid, "enrolled a new issuing CA from the layer above", 15).await;
+    top.app.swap(build(&refusing));
+    gauge_until(metrics, "edgeest_enrolled_issuer_forwarding", 5, |v| {
+        v == 0.0
+    })
+    .await;
+    let left = gauge_until(metrics, "edgeest_enrolled_issuer_expiry_seconds", 5, |v| {
+        v > 0.0
+    })
+    .await;
+    assert!(left <= 12.0, "{left}");
+    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-dev-02").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
+
+    // Renewal refused from two thirds on; at 90 % a warning with the seconds left.
+    let failed = log_line(&mid, "enrolling the issuing CA failed", 15).await;
+    assert!(failed.contains("retry_in_secs"), "{failed}");
+    let warning = log_line(&mid, "past 90 % of its life and not renewed yet", 15).await;
+    assert!(warning.contains("WARN"), "{warning}");
+    let seconds_left: f64 = warning
+        .split("seconds_left=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no seconds_left in {warning}"));
+    assert!((0.0..=1.5).contains(&seconds_left), "{warning}");
+    let left = gauge(&scrape(metrics), "edgeest_enrolled_issuer_expiry_seconds").unwrap();
+    assert!(left < 2.0, "{left}");
+
+    // Expired unrenewed: it forwards again, and says so.
+    let expired = log_line(&mid, "the enrolled CA expired before it was renewed", 10).await;
+    assert!(expired.contains("forward"), "{expired}");
+    gauge_until(metrics, "edgeest_enrolled_issuer_forwarding", 5, |v| {
+        v == 1.0
+    })
+    .await;
+    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-dev-03").await;
+    assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
+    drop(mid);
+    top.stop().await;
+}
+
+/// A TCP relay to `target` that holds what a client sends while `hold` is set: a request
+/// through it waits as for an upper layer that does not answer.
+struct Relay {
+    port: u16,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn relay(target: std::net::SocketAddr) -> Relay {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = hold.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let hold = held.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut client_in, mut client_out) = client.into_split();
+                let (mut server_in, mut server_out) = server.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = client_in.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        while hold.load(Relaxed) {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        if server_out.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_out.shutdown().await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut server_in, &mut client_out).await;
+                    let _ = client_out.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    Relay { port, hold }
+}
+
+/// The key files of an issuer's state directory.
+fn key_files(state: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("key-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The shipped binary killed (SIGKILL) while its renewal waits for the layer above: the new
+/// key is on disk, the committed CA untouched. Restarted, it never uses that key: it enrolls
+/// a CA for a fresh one, removes the orphan, and signs what chains to the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_killed_mid_renewal_loses_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let pki = Pki::generate_p256(dir);
+    let root = pki.root.cert_pem.clone();
+    let (_, top) = top_and_ra(
+        dir,
+        &pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
+max_validity_secs = 15"#,
+    )
+    .await;
+    let relay = relay(top.addr).await;
+    let metrics = free_port();
+    let mut mid = serve_mid(dir, &pki, relay.port, metrics, "mid.log");
+    log_line(&mid, "enrolled a new issuing CA from the layer above", 15).await;
+    let state = std::fs::read_dir(dir.join("mid"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
+        .unwrap()
+        .path();
+    let current = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(state.join("current.json")).unwrap()).unwrap()
+    };
+    let committed = current();
+    let committed_key = committed["key"].as_str().unwrap().to_owned();
+    assert_eq!(key_files(&state), vec![committed_key.clone()]);
+
+    // The renewal (at two thirds: 10 s) makes its key, then waits for the top: killed then.
+    relay.hold.store(true, std::sync::atomic::Ordering::Relaxed);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let orphan = loop {
+        if let Some(k) = key_files(&state).into_iter().find(|k| *k != committed_key) {
+            break k;
+        }
+        assert!(std::time::Instant::now() < until, "no renewal began");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    mid.child.kill().unwrap();
+    mid.child.wait().unwrap();
+    let log = mid.log_text();
+    assert_eq!(
+        log.matches("enrolled a new issuing CA from the layer above")
+            .count(),
+        1,
+        "the renewal finished before the kill:\n{log}"
+    );
+    // Nothing half written: the state names the committed CA and key.
+    assert_eq!(current(), committed, "the committed state is intact");
+    let orphan_key =
+        KeyPair::from_pem(&std::fs::read_to_string(state.join(&orphan)).unwrap()).unwrap();
+    let orphan_spki = rcgen::PublicKeyData::subject_public_key_info(&orphan_key);
+    let granted = || {
+        top.journal()
+            .iter()
+            .filter(|e| e.profile == "sub-ca")
+            .count()
+    };
+    assert_eq!(granted(), 1, "the held request never reached the top");
+
+    // Restarted with the top reachable: a CA for a fresh key, the orphan gone.
+    relay
+        .hold
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let mid = serve_mid(dir, &pki, relay.port, metrics, "mid-restarted.log");
+    log_line(&mid, "enrolled a new issuing CA from the layer above", 15).await;
+    let renewed = current();
+    let key = renewed["key"].as_str().unwrap().to_owned();
+    assert_ne!(key, orphan);
+    assert_ne!(key, committed_key);
+    assert_eq!(
+        key_files(&state),
+        vec![key.clone()],
+        "the orphan key is removed"
+    );
+    let chain = cacerts(mid.addr(), &root).await;
+    let (_, ca) = X509Certificate::from_der(&chain[0]).unwrap();
+    assert_ne!(
+        ca.public_key().raw,
+        orphan_spki.as_slice(),
+        "the orphan key is not used"
+    );
+    assert_eq!(granted(), 2);
+    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-after-kill").await;
+    let leaf = leaf_of(&answer);
+    assert_eq!(issuer_cn(&leaf), "L3 issuing CA gw-mid");
+    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
+    write(dir, "mid-cacerts.pem", &chain_pem);
+    write(dir, "mid-leaf.pem", &to_pem(&leaf));
+    assert!(openssl_verify(
+        dir,
+        "root.pem",
+        "mid-cacerts.pem",
+        "mid-leaf.pem"
+    ));
+    drop(mid);
     top.stop().await;
 }
 
@@ -1086,60 +1505,15 @@ max_validity_secs = 6"#,
 
 // ---- a layer's CA key generated inside a PKCS#11 token (SoftHSM2) ------------------------
 
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN_PIN: &str = "5518-user-pin";
 
 /// The token tests run one at a time: SoftHSM's login state is per process and token, and a
 /// token is initialised with an SO login.
 static TOKEN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A SoftHSM token labelled `label` in a token directory of this process (SoftHSM reads
-/// SOFTHSM2_CONF once: one directory for the whole test binary).
+/// A SoftHSM token labelled `label`, user PIN [`TOKEN_PIN`].
 fn softhsm_token(label: &str) -> cryptoki::slot::Slot {
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
-    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        assert!(
-            Path::new(SOFTHSM).exists(),
-            "{SOFTHSM} missing: install softhsm2"
-        );
-        let dir = tempfile::tempdir().unwrap().keep();
-        std::fs::create_dir(dir.join("tokens")).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join("tokens").display()
-            ),
-        )
-        .unwrap();
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        dir
-    });
-    let ctx = edge_est::keys::pkcs11::module(Path::new(SOFTHSM)).unwrap();
-    let free = ctx
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        .find(|s| !ctx.get_token_info(*s).unwrap().token_initialized())
-        .unwrap();
-    ctx.init_token(free, &AuthPin::from("so-0000"), label)
-        .unwrap();
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label() == label)
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    session
-        .login(UserType::So, Some(&AuthPin::from("so-0000")))
-        .unwrap();
-    session.init_pin(&AuthPin::from(TOKEN_PIN)).unwrap();
-    session.logout().unwrap();
-    slot
+    common::softhsm::new_token(label, TOKEN_PIN)
 }
 
 /// (CKA_SENSITIVE, CKA_EXTRACTABLE) of each private key on the token, by label.

@@ -697,3 +697,82 @@ fn a_token_key_needs_its_pin_file_on_a_volume_not_a_key_file() {
         "/run/secrets/hsm-pin is on no volume",
     );
 }
+
+fn edge_est_binds(m: &mut Value) -> &mut Vec<Value> {
+    m["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["edgeest"]["settings"]
+        ["createOptions"]["HostConfig"]["Binds"]
+        .as_array_mut()
+        .unwrap()
+}
+
+/// An enrolled issuer in edge-est's desired properties: check-manifest wants the upstream it
+/// enrolls from, its root on a volume and, for a key generated in a token, the PIN file on a
+/// volume (never the token URI taken for a file); accepted when they are.
+#[test]
+fn an_enrolled_issuer_needs_its_upstream_its_root_and_its_pin_file() {
+    let mut manifest = load(MIDDLE);
+    let desired = &mut manifest["modulesContent"]["edgeest"]["properties.desired"];
+    desired["issuers"] = json!({});
+    desired["enrolled_issuers"] = json!({ "middle": {
+        "enroll": "parent",
+        "common_name": "L3 issuing CA gw-mid",
+        "path_len": 1,
+        "root": "/etc/edge-est/root.pem",
+        "key": "pkcs11:token=plant;object=mid-ca?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/secrets/hsm-pin"
+    }});
+    edge_est_binds(&mut manifest).push(json!("/run/secrets:/run/secrets:ro"));
+    let report = checked(&manifest);
+    assert!(report.is_ok(), "{:#?}", report.errors);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .all(|w| !w.message.contains("pkcs11:")),
+        "a token URI was taken for a file: {:#?}",
+        report.warnings
+    );
+    assert!(
+        report.edge_est[0].config.as_ref().unwrap().enrolled_issuers["middle"]
+            .key
+            .is_some()
+    );
+
+    let field = |f: &str| format!("{EST_DESIRED}.enrolled_issuers.middle.{f}");
+    // The PIN file on no volume.
+    let mut without = manifest.clone();
+    edge_est_binds(&mut without).retain(|b| !b.as_str().unwrap().contains("/run/secrets"));
+    fails_at(
+        &without,
+        &field("key (pin-source)"),
+        "/run/secrets/hsm-pin is on no volume",
+    );
+    // The root on no volume.
+    let mut root = manifest.clone();
+    root["modulesContent"]["edgeest"]["properties.desired"]["enrolled_issuers"]["middle"]["root"] =
+        json!("/opt/pki/root.pem");
+    fails_at(&root, &field("root"), "/opt/pki/root.pem is on no volume");
+    // No upstream of that name.
+    let mut nowhere = manifest.clone();
+    nowhere["modulesContent"]["edgeest"]["properties.desired"]["enrolled_issuers"]["middle"]
+        ["enroll"] = json!("enterprise");
+    fails_at(
+        &nowhere,
+        &field("enroll"),
+        "no upstream named \"enterprise\"",
+    );
+    // A top layer (no parent) has no `parent` upstream: said so, with the hint.
+    let report = check(
+        &manifest,
+        &CheckOptions {
+            parent: Parent::None,
+            ..CheckOptions::default()
+        },
+    );
+    assert!(
+        report.errors.iter().any(|e| e.path == field("enroll")
+            && e.message.contains("no upstream named \"parent\"")
+            && e.message.contains("--parent-hostname")),
+        "{:#?}",
+        report.errors
+    );
+}

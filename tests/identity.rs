@@ -12,27 +12,20 @@ mod common;
 use std::path::Path;
 
 use ::time::{Duration, OffsetDateTime};
-use common::client::{basic, certs_from_answer, iot_edge_body, to_pem, Answer, EstClient};
+use common::client::{
+    basic, csr_shaped as csr, leaf_of, post_csr as post, refused, to_pem, EstClient,
+};
 use common::pki::{Credential, TestCa};
 use common::{enrolled_at, openssl_verify, Pki, TestServer, PASSWORD, USER};
 use edge_est::config::Config;
 use edge_est::edge::desired::{module_config, ModuleDefaults};
 use edge_est::runtime::Runtime;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use serde_json::Value;
 
 // ---- helpers ------------------------------------------------------------------------------
-
-fn csr(cn: &str, key: &KeyPair, shape: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    shape(&mut params);
-    params.serialize_request(key).unwrap().der().to_vec()
-}
 
 fn plain(cn: &str) -> Vec<u8> {
     csr(cn, &KeyPair::generate().unwrap(), |_| {})
@@ -47,28 +40,6 @@ fn edge_ca_csr(device: &str, key: &KeyPair) -> Vec<u8> {
             KeyUsagePurpose::KeyCertSign,
         ];
     })
-}
-
-async fn post(client: &EstClient, path: &str, auth: &[(&str, String)], body: Vec<u8>) -> Answer {
-    let mut headers = vec![("content-type", "application/pkcs10".to_owned())];
-    headers.extend(auth.iter().cloned());
-    client
-        .request("POST", path, &headers, iot_edge_body(&body))
-        .await
-}
-
-fn leaf_of(answer: &Answer) -> Vec<u8> {
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    certs_from_answer(&answer.body).remove(0)
-}
-
-fn refused(answer: &Answer, status: u16, says: &str) {
-    assert_eq!(answer.status, status, "{}", answer.text());
-    assert!(
-        answer.text().contains(says),
-        "{says:?} in {}",
-        answer.text()
-    );
 }
 
 fn client(addr: std::net::SocketAddr, root: &str, who: Option<(&str, &str)>) -> EstClient {

@@ -9,8 +9,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
 
+use common::softhsm::{module, SOFTHSM};
 use common::{
     client, enrolled, openssl_verify, sh, standard_config, stderr, stdout, Pki, TestServer,
 };
@@ -23,69 +23,14 @@ use edge_est::config::Config;
 use edge_est::keys::{TokenKey, TokenKeyKind};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, PublicKeyData, SanType};
 
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const USER_PIN: &str = "7731-user-pin";
-const SO_PIN: &str = "so-pin-0000";
 const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 const P521: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
 
-/// The SoftHSM library, with a token directory of this test process. No silent skip: a
-/// machine without SoftHSM fails here and says what to install.
-fn module() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        assert!(
-            Path::new(SOFTHSM).exists(),
-            "{SOFTHSM} missing: install Debian's softhsm2 (.ci/run does)"
-        );
-        let dir = tempfile::tempdir().unwrap().keep();
-        std::fs::create_dir(dir.join("tokens")).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.join("tokens").display()
-            ),
-        )
-        .unwrap();
-        // Before the library is initialised (below, once), while no other thread reads it.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        dir
-    });
-    PathBuf::from(SOFTHSM)
-}
-
 /// A fresh token labelled `label`, user PIN [`USER_PIN`]; returns its slot.
 fn new_token(label: &str) -> Slot {
-    static CREATING: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
-    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
-    let free = ctx
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        .find(|s| !ctx.get_token_info(*s).unwrap().token_initialized())
-        .expect("SoftHSM offers a free slot");
-    ctx.init_token(free, &AuthPin::from(SO_PIN), label).unwrap();
-    let slot = slot_of(label);
-    let session = ctx.open_rw_session(slot).unwrap();
-    session
-        .login(UserType::So, Some(&AuthPin::from(SO_PIN)))
-        .unwrap();
-    session.init_pin(&AuthPin::from(USER_PIN)).unwrap();
-    session.logout().unwrap();
-    slot
-}
-
-fn slot_of(label: &str) -> Slot {
-    let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
-    ctx.get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label() == label)
-        .unwrap()
+    common::softhsm::new_token(label, USER_PIN)
 }
 
 /// A public key read from the token, for rcgen to put in a certificate.

@@ -354,6 +354,11 @@ struct IndexInner {
     by_fingerprint: HashMap<[u8; 32], u32>,
     /// Label names, interned: index 0 is the unlabeled path.
     labels: Vec<Option<String>>,
+    /// Per signing CA (SHA-256): the latest notAfter (Unix seconds) of what it signed here.
+    last_signed_by: HashMap<[u8; 32], i64>,
+    /// The latest notAfter of a local issuance whose entry names no signing CA (journaled
+    /// before entries did): until then no replaced CA can be told to have signed nothing.
+    unattributed_until: i64,
 }
 
 impl IndexInner {
@@ -385,6 +390,46 @@ impl IssuanceIndex {
         if !expired_long_ago {
             self.record(&entry.sha256, entry.label.as_deref());
         }
+        self.record_signer(entry);
+    }
+
+    /// Records a journaled issuance: its label, and the CA that signed it.
+    pub fn record_issued(&self, entry: &crate::journal::JournalEntry) {
+        self.record(&entry.sha256, entry.label.as_deref());
+        self.record_signer(entry);
+    }
+
+    /// Notes until when the CA that signed a local issuance has a certificate in use.
+    fn record_signer(&self, entry: &crate::journal::JournalEntry) {
+        if entry.issued_by != "local" {
+            return;
+        }
+        let Ok(not_after) = ::time::OffsetDateTime::parse(
+            &entry.not_after,
+            &::time::format_description::well_known::Rfc3339,
+        )
+        .map(|t| t.unix_timestamp()) else {
+            return;
+        };
+        let Ok(mut inner) = self.inner.write() else {
+            return;
+        };
+        match entry.issuer_ca.as_deref().and_then(unhex32) {
+            Some(ca) => {
+                let last = inner.last_signed_by.entry(ca).or_insert(not_after);
+                *last = (*last).max(not_after);
+            }
+            None => inner.unattributed_until = inner.unattributed_until.max(not_after),
+        }
+    }
+
+    /// The latest notAfter (Unix seconds) of what the CA of SHA-256 `ca` signed here, `None`
+    /// when the journal records nothing it signed; and the latest notAfter of local
+    /// issuances journaled without their signing CA.
+    pub fn last_signed_by(&self, ca: &[u8; 32]) -> (Option<i64>, i64) {
+        self.inner.read().map_or((None, i64::MAX), |i| {
+            (i.last_signed_by.get(ca).copied(), i.unattributed_until)
+        })
     }
 
     /// Records that `label` issued the certificate of SHA-256 `sha256_hex` (lowercase hex).

@@ -260,6 +260,10 @@ pub struct ProfileConfig {
     pub kind: ProfileKind,
     /// Lifetime of issued certificates; always capped at the issuer's notAfter.
     pub validity_days: u32,
+    /// Seconds instead of days (tests and demos of renewal and rollover); wins over
+    /// `validity_days`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validity_secs: Option<u64>,
     /// For CA profiles: the path length constraint (IoT Edge's Edge CA needs 0).
     #[serde(default)]
     pub path_len: Option<u8>,

@@ -221,7 +221,14 @@ fn is_secret_field(key: &str) -> bool {
 }
 
 /// Top-level sections whose keys are names chosen by the user.
-const NAMED_MAPS: [&str; 5] = ["users", "trust", "issuers", "upstreams", "profiles"];
+const NAMED_MAPS: [&str; 6] = [
+    "users",
+    "trust",
+    "issuers",
+    "enrolled_issuers",
+    "upstreams",
+    "profiles",
+];
 
 /// The twin is readable by anyone with read access to the IoT hub: private keys, plaintext
 /// passwords and shared access keys never travel in it. Names the offending field.
@@ -613,6 +620,66 @@ mod tests {
         doc["issuers"]["plant"]["key"] =
             json!("pkcs11:token=plant;object=ca?pin-source=file:/run/secrets/hsm-pin");
         module_config(&doc, &defaults).unwrap();
+    }
+
+    /// An enrolled issuer in the twin is validated as in the TOML configuration: accepted with
+    /// the parent upstream, a root file and no key or a token location whose PIN is in a
+    /// file; refused, naming the field and the reason, for an upstream that does not exist, a
+    /// key file, a PIN in the URI (never repeated) and a missing root.
+    #[test]
+    fn enrolled_issuers_in_the_twin_are_validated_like_the_configuration() {
+        let defaults = ModuleDefaults::placeholder(Some("gw-top"));
+        let with = |enrolled: Value| {
+            let mut doc = desired();
+            doc["enrolled_issuers"] = json!({ "mid": enrolled });
+            doc["labels"][0]["issuer"] = json!("mid");
+            module_config(&doc, &defaults).map_err(|e| e.to_string())
+        };
+        let good = json!({ "enroll": "parent", "common_name": "L3 issuing CA gw-mid",
+            "root": "/etc/edge-est/root.pem" });
+        let config = with(good.clone()).unwrap();
+        assert_eq!(config.enrolled_issuers["mid"].enroll, "parent");
+        let mut token = good.clone();
+        token["key"] = json!("pkcs11:token=plant;object=mid-ca?module-path=/usr/lib/p11.so&pin-source=file:/run/secrets/hsm-pin");
+        with(token).unwrap();
+        // A name that is a secret field's name is a name, not a secret.
+        let mut doc = desired();
+        doc["enrolled_issuers"] = json!({ "password": good.clone() });
+        doc["labels"][0]["issuer"] = json!("password");
+        module_config(&doc, &defaults).unwrap();
+
+        let mut nowhere = good.clone();
+        nowhere["enroll"] = json!("nowhere");
+        let e = with(nowhere).unwrap_err();
+        assert!(
+            e.starts_with("enrolled_issuers.mid.enroll:")
+                && e.contains("no upstream named \"nowhere\""),
+            "{e}"
+        );
+        let mut file_key = good.clone();
+        file_key["key"] = json!("/etc/edge-est/mid-ca.key");
+        let e = with(file_key).unwrap_err();
+        assert!(
+            e.starts_with("enrolled_issuers.mid.key:")
+                && e.contains("only a pkcs11: token location"),
+            "{e}"
+        );
+        let mut pin = good.clone();
+        pin["key"] =
+            json!("pkcs11:token=plant;object=mid-ca?module-path=/p.so&pin-value=4417-secret");
+        let e = with(pin).unwrap_err();
+        assert!(
+            e.starts_with("enrolled_issuers.mid.key:") && e.contains("pin-source=file:"),
+            "{e}"
+        );
+        assert!(!e.contains("4417-secret"), "the PIN shows: {e}");
+        let mut no_root = good;
+        no_root.as_object_mut().unwrap().remove("root");
+        let e = with(no_root).unwrap_err();
+        assert!(
+            e.starts_with("enrolled_issuers.mid:") && e.contains("root"),
+            "{e}"
+        );
     }
 
     #[test]

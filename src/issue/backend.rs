@@ -103,6 +103,8 @@ pub struct Issuance {
     pub sha256: String,
     /// `local` or `upstream NAME`.
     pub issued_by: String,
+    /// For a local issuance, SHA-256 (hex) of the CA that signed.
+    pub issuer_ca: Option<String>,
 }
 
 pub struct Backend {
@@ -351,6 +353,7 @@ impl Backend {
                 aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref(),
             ),
             issued_by: format!("upstream {}", upstream.name),
+            issuer_ca: None,
             certs,
         })
     }
@@ -395,6 +398,7 @@ fn sign_locally(
         sha256: issued.sha256,
         certs: vec![issued.der],
         issued_by: "local".to_owned(),
+        issuer_ca: Some(issuer.ca_sha256().to_owned()),
     })
 }
 

@@ -38,6 +38,9 @@ const RENEW_AT: f64 = 2.0 / 3.0;
 const WARN_AT: f64 = 0.9;
 /// How often the manager looks again when nothing is due (configuration changes).
 const TICK: Duration = Duration::from_secs(5);
+/// How long a replaced CA stays at least: a request that signed with it as the new one was
+/// swapped in is journaled within that.
+const SETTLE: ::time::Duration = ::time::Duration::seconds(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DelegationError {
@@ -58,8 +61,8 @@ pub struct Kept {
     pub chain: String,
     /// Its key: a file name in the issuer's directory (a `pkcs11:` URI for a token key).
     pub key: String,
-    /// Earlier CAs (PEM), kept in `issuer` trust and `/cacerts` while what they issued may
-    /// still be valid (until they expire themselves).
+    /// Earlier CAs (PEM), kept in `issuer` trust and `/cacerts` until the last certificate
+    /// each signed here has expired (the journal says which, see [`retire_at`]).
     #[serde(default)]
     pub previous: Vec<String>,
     /// When it was obtained (Unix seconds): its life for renewal starts then, not at a
@@ -114,6 +117,8 @@ pub struct Enrolled {
     pub fingerprint: Option<[u8; 32]>,
     /// Earlier CAs still valid.
     pub previous: Vec<CertificateDer<'static>>,
+    /// When the CA in force was obtained (the earlier ones replaced).
+    pub obtained: Option<OffsetDateTime>,
     /// The PKCS#11 library for a key generated in a token (`pkcs11_module`).
     pub pkcs11_module: Option<PathBuf>,
 }
@@ -192,6 +197,46 @@ fn validity(der: &[u8]) -> Option<(OffsetDateTime, OffsetDateTime)> {
             c.validity().not_after.to_datetime(),
         )
     })
+}
+
+/// When the replaced CA `der` leaves `issuer` trust and `/cacerts`: once the last certificate
+/// it signed here has expired (the journal records the signing CA of each local issuance),
+/// not before [`SETTLE`] after it was `replaced`, and at the latest when it expires itself
+/// (nothing it signed outlives it). While local issuances journaled without their signing CA
+/// are still valid, it stays until its own notAfter.
+pub fn retire_at(
+    index: &crate::auth::IssuanceIndex,
+    der: &[u8],
+    replaced: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Option<OffsetDateTime> {
+    let own = not_after(der)?;
+    let (last, unattributed) = index.last_signed_by(&crate::auth::chain::fingerprint(der));
+    if unattributed > now.unix_timestamp() {
+        return Some(own);
+    }
+    let last = last
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let settled = replaced.map_or(now, |t| t + SETTLE);
+    Some(last.max(settled).min(own))
+}
+
+/// Removes the earlier CAs of SHA-256 in `gone` from what is kept; whether any was.
+fn drop_previous(dir: &Path, gone: &[[u8; 32]]) -> std::io::Result<bool> {
+    let Some(mut kept) = read_kept(dir) else {
+        return Ok(false);
+    };
+    let before = kept.previous.len();
+    kept.previous.retain(|pem| {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .is_ok_and(|der| !gone.contains(&crate::auth::chain::fingerprint(&der)))
+    });
+    if kept.previous.len() == before {
+        return Ok(false);
+    }
+    commit(dir, &kept)?;
+    Ok(true)
 }
 
 /// When a CA living from `not_before` to `not_after` is renewed.
@@ -565,21 +610,45 @@ pub async fn manage(app: std::sync::Weak<crate::server::App>) {
             if let Some((nb, na)) = enrolled.current {
                 if now >= warn_point(nb, na) && state.warned_for != enrolled.fingerprint {
                     state.warned_for = enrolled.fingerprint;
-                    tracing::warn!(issuer = %enrolled.name, not_after = %na, failures = state.failures,
+                    tracing::warn!(issuer = %enrolled.name, not_after = %na,
+                        seconds_left = (na - now).as_seconds_f64().max(0.0), failures = state.failures,
                         "the enrolled CA is past 90 % of its life and not renewed yet");
                 }
             }
-            // An earlier CA leaves trust and /cacerts when it expires (nothing it issued
-            // outlives it): the rebuilt runtime no longer loads it.
-            let first_gone = enrolled.previous.iter().filter_map(|c| not_after(c)).min();
-            if let Some(gone) = first_gone {
-                if gone <= now {
-                    tracing::info!(issuer = %enrolled.name, expired = %gone, "an earlier CA expired; dropped from issuer trust and /cacerts");
-                    swap_in(&app).await;
-                    sleep = Duration::ZERO;
-                    continue;
+            // An earlier CA leaves trust and /cacerts once the last certificate it signed has
+            // expired: it is dropped from what is kept, and the rebuilt runtime no longer
+            // loads it.
+            let retiring: Vec<([u8; 32], OffsetDateTime)> = enrolled
+                .previous
+                .iter()
+                .filter_map(|c| {
+                    retire_at(app.issuance(), c, enrolled.obtained, now)
+                        .map(|t| (crate::auth::chain::fingerprint(c), t))
+                })
+                .collect();
+            let gone: Vec<[u8; 32]> = retiring
+                .iter()
+                .filter(|(_, t)| *t <= now)
+                .map(|(f, _)| *f)
+                .collect();
+            if !gone.is_empty() {
+                match drop_previous(&enrolled.dir, &gone) {
+                    Ok(_) => {
+                        for f in &gone {
+                            tracing::info!(issuer = %enrolled.name, ca_sha256 = %crate::auth::client_cert::hex(f),
+                                "the last certificate an earlier CA signed has expired; it leaves issuer trust and /cacerts");
+                        }
+                        swap_in(&app).await;
+                        sleep = Duration::ZERO;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(issuer = %enrolled.name, error = %e, "cannot drop an earlier CA from what is kept");
+                    }
                 }
-                sleep = sleep.min((gone - now).try_into().unwrap_or(TICK));
+            }
+            if let Some(next) = retiring.iter().map(|(_, t)| *t).filter(|t| *t > now).min() {
+                sleep = sleep.min((next - now).try_into().unwrap_or(TICK));
             }
             // A CA that expired unrenewed no longer signs: the rebuilt runtime forwards.
             if let Some((_, not_after)) = enrolled.current {
@@ -669,6 +738,7 @@ async fn record(app: &crate::server::App, enrolled: &Enrolled, renewed: &Renewed
         certificate: base64::engine::general_purpose::STANDARD.encode(der),
         issued_by: format!("upstream {}", enrolled.upstream.name),
         grace_renewal: false,
+        issuer_ca: None,
     };
     if let Err(e) = app.journal().record(&entry, None).await {
         tracing::error!(issuer = %enrolled.name, error = %e, "the enrolled CA could not be journaled");
@@ -801,6 +871,73 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("no chain"), "{e}");
+    }
+
+    /// A replaced CA leaves once the last certificate it signed here (the journal's record)
+    /// has expired, not before it settled, at the latest at its own notAfter; while a local
+    /// issuance journaled without its signing CA lives, it stays to its notAfter.
+    #[test]
+    fn a_replaced_ca_retires_after_the_last_certificate_it_signed() {
+        use crate::auth::IssuanceIndex;
+        let key = KeyPair::generate().unwrap();
+        let params = crate::pki::ca_params("old", Some(0), ::time::Duration::days(1));
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let own = not_after(&der).unwrap();
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let hour = ::time::Duration::hours(1);
+        let fp = crate::auth::client_cert::hex(&crate::auth::chain::fingerprint(&der));
+        let other = "ab".repeat(32);
+        let entry =
+            |ca: Option<&str>, by: &str, until: OffsetDateTime| crate::journal::JournalEntry {
+                time: String::new(),
+                serial: "01".into(),
+                subject: "CN=x".into(),
+                sans: Vec::new(),
+                label: None,
+                operation: "simpleenroll".into(),
+                identity: "user u".into(),
+                profile: "identity".into(),
+                not_before: String::new(),
+                not_after: until
+                    .format(&::time::format_description::well_known::Rfc3339)
+                    .unwrap(),
+                sha256: "cd".repeat(32),
+                certificate: String::new(),
+                issued_by: by.into(),
+                grace_renewal: false,
+                issuer_ca: ca.map(str::to_owned),
+            };
+        let replaced = Some(now - hour);
+        let index = IssuanceIndex::new();
+        // It signed nothing: it leaves once settled.
+        assert_eq!(
+            retire_at(&index, &der, replaced, now),
+            Some(now - hour + SETTLE)
+        );
+        assert_eq!(retire_at(&index, &der, Some(now), now), Some(now + SETTLE));
+        // What another CA signed, or the layer above, does not keep it.
+        index.record_issued(&entry(Some(&other), "local", now + hour));
+        index.record_issued(&entry(None, "upstream top", now + hour));
+        assert_eq!(
+            retire_at(&index, &der, replaced, now),
+            Some(now - hour + SETTLE)
+        );
+        // Its last certificate lives one more hour (an earlier one less).
+        index.record_issued(&entry(Some(&fp), "local", now + hour));
+        index.record_issued(&entry(Some(&fp), "local", now - hour));
+        assert_eq!(retire_at(&index, &der, replaced, now), Some(now + hour));
+        // Never beyond its own notAfter.
+        index.record_issued(&entry(Some(&fp), "local", own + hour));
+        assert_eq!(retire_at(&index, &der, replaced, now), Some(own));
+        // A journal from before signing CAs were recorded: its own notAfter, until those
+        // certificates have expired.
+        let index = IssuanceIndex::new();
+        index.record_entry(&entry(None, "local", now + hour), now.unix_timestamp());
+        assert_eq!(retire_at(&index, &der, replaced, now), Some(own));
+        assert_eq!(
+            retire_at(&index, &der, replaced, now + hour),
+            Some(now - hour + SETTLE)
+        );
     }
 
     #[test]

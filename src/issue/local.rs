@@ -31,6 +31,8 @@ pub struct LocalIssuer {
     not_after: OffsetDateTime,
     /// The CA's own path length constraint (None: unconstrained).
     path_len: Option<u32>,
+    /// SHA-256 of the CA certificate, lowercase hex (journaled with what it signs).
+    ca_sha256: String,
 }
 
 impl LocalIssuer {
@@ -120,8 +122,14 @@ impl LocalIssuer {
             subject,
             not_after,
             path_len,
+            ca_sha256: hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, ca_der).as_ref()),
             chain: chain.clone(),
         })
+    }
+
+    /// SHA-256 of the issuing CA certificate, lowercase hex.
+    pub fn ca_sha256(&self) -> &str {
+        &self.ca_sha256
     }
 
     /// The issuing chain, issuing CA first, root last: what `/cacerts` returns.

@@ -50,6 +50,7 @@ pub fn builtin() -> BTreeMap<String, ProfileConfig> {
         ProfileConfig {
             kind: ProfileKind::EndEntity,
             validity_days: 365,
+            validity_secs: None,
             path_len: None,
             extended_key_usage: vec!["clientAuth".to_owned()],
         },
@@ -59,6 +60,7 @@ pub fn builtin() -> BTreeMap<String, ProfileConfig> {
         ProfileConfig {
             kind: ProfileKind::EndEntity,
             validity_days: 365,
+            validity_secs: None,
             path_len: None,
             extended_key_usage: vec!["serverAuth".to_owned(), "clientAuth".to_owned()],
         },
@@ -68,6 +70,7 @@ pub fn builtin() -> BTreeMap<String, ProfileConfig> {
         ProfileConfig {
             kind: ProfileKind::Ca,
             validity_days: 90,
+            validity_secs: None,
             path_len: Some(0),
             extended_key_usage: Vec::new(),
         },
@@ -82,6 +85,11 @@ impl TryFrom<(&str, &ProfileConfig)> for Profile {
         if config.validity_days == 0 {
             return Err(format!("profiles.{name}.validity_days must be at least 1"));
         }
+        let validity = match config.validity_secs {
+            Some(0) => return Err(format!("profiles.{name}.validity_secs must be at least 1")),
+            Some(secs) => time::Duration::seconds(secs.min(u64::from(u32::MAX)) as i64),
+            None => time::Duration::days(i64::from(config.validity_days)),
+        };
         let class = match config.kind {
             ProfileKind::Ca => {
                 if !config.extended_key_usage.is_empty() {
@@ -112,7 +120,7 @@ impl TryFrom<(&str, &ProfileConfig)> for Profile {
         Ok(Profile {
             name: name.to_owned(),
             class,
-            validity: time::Duration::days(i64::from(config.validity_days)),
+            validity,
         })
     }
 }

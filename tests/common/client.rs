@@ -186,3 +186,49 @@ pub fn to_pem(der: &[u8]) -> String {
     out.push_str("-----END CERTIFICATE-----\n");
     out
 }
+
+/// A PKCS#10 request for `key` with CN `cn`; `shape` adds to it (names, CA:TRUE, ...).
+pub fn csr_shaped(
+    cn: &str,
+    key: &rcgen::KeyPair,
+    shape: impl FnOnce(&mut rcgen::CertificateParams),
+) -> Vec<u8> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    shape(&mut params);
+    params.serialize_request(key).unwrap().der().to_vec()
+}
+
+/// POSTs a CSR to `path` as IoT Edge does (base64 body, `application/pkcs10`), with `auth`
+/// headers.
+pub async fn post_csr(
+    client: &EstClient,
+    path: &str,
+    auth: &[(&str, String)],
+    body: Vec<u8>,
+) -> Answer {
+    let mut headers = vec![("content-type", "application/pkcs10".to_owned())];
+    headers.extend(auth.iter().cloned());
+    client
+        .request("POST", path, &headers, iot_edge_body(&body))
+        .await
+}
+
+/// The issued certificate of a 200 answer (fails the test with the answer's text otherwise).
+pub fn leaf_of(answer: &Answer) -> Vec<u8> {
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    certs_from_answer(&answer.body).remove(0)
+}
+
+/// The answer is `status` and its text says `says`.
+pub fn refused(answer: &Answer, status: u16, says: &str) {
+    assert_eq!(answer.status, status, "{}", answer.text());
+    assert!(
+        answer.text().contains(says),
+        "{says:?} in {}",
+        answer.text()
+    );
+}

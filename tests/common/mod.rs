@@ -6,6 +6,7 @@ pub mod bin;
 pub mod client;
 pub mod mqtt;
 pub mod pki;
+pub mod softhsm;
 pub mod upstream_stub;
 pub mod workload;
 
@@ -263,6 +264,7 @@ pub fn record_issued(journal: &Path, cert_pem: &str, label: Option<&str>) {
         },
         issued_by: "local".into(),
         grace_renewal: false,
+        issuer_ca: None,
     };
     let mut line = serde_json::to_string(&entry).unwrap();
     line.push('\n');

@@ -263,6 +263,22 @@ fn files_of(config: &Config) -> Vec<(String, PathBuf)> {
         );
         key(format!("issuers.{name}.key"), &issuer.key, &mut files);
     }
+    // An enrolled issuer's CA and key are kept next to the journal (checked below); the
+    // container must see its root and, for a key generated in a token, the PIN file.
+    for (name, enrolled) in &config.enrolled_issuers {
+        pem(
+            format!("enrolled_issuers.{name}.root"),
+            &enrolled.root,
+            &mut files,
+        );
+        if let Some(location) = &enrolled.key {
+            key(
+                format!("enrolled_issuers.{name}.key"),
+                Path::new(location),
+                &mut files,
+            );
+        }
+    }
     for (name, upstream) in &config.upstreams {
         for (i, source) in upstream.trust.iter().enumerate() {
             pem(format!("upstreams.{name}.trust[{i}]"), source, &mut files);
