@@ -434,7 +434,13 @@ pub(super) mod tests {
         let now = SystemTime::now();
 
         let direct = set("devices", &issuing, chain::Depth::Direct);
-        let identity = verify(std::slice::from_ref(&device), &[direct.clone()], &[], now).unwrap();
+        let identity = verify(
+            std::slice::from_ref(&device),
+            std::slice::from_ref(&direct),
+            &[],
+            now,
+        )
+        .unwrap();
         assert_eq!(identity.subject.to_string(), "CN=dev-1");
         assert_eq!(identity.trust, "devices");
         assert_eq!(identity.serial, "0abc01");
@@ -448,7 +454,13 @@ pub(super) mod tests {
         // intermediates complete the path; without them the issuer is unknown.
         let deep = set("plant", &root, chain::Depth::Any);
         let known = [issuing.der.clone()];
-        let identity = verify(std::slice::from_ref(&device), &[deep.clone()], &known, now).unwrap();
+        let identity = verify(
+            std::slice::from_ref(&device),
+            std::slice::from_ref(&deep),
+            &known,
+            now,
+        )
+        .unwrap();
         assert_eq!(identity.trust, "plant");
         let e = verify(std::slice::from_ref(&device), &[deep], &[], now).unwrap_err();
         assert_eq!(e, "not issued by a CA this label trusts");

@@ -297,6 +297,7 @@ mod tests {
         assert_eq!(m.device, "gw-middle");
         assert_eq!(m.module, "edgeest");
         assert_eq!(m.edge_ca_name(), "aziot-edge CA gw-middle");
+        assert_eq!(m.to_string(), "module edgeest of device gw-middle");
         for bad in [
             "edgeest",
             "/edgeest",
