@@ -453,6 +453,10 @@ pub(super) mod tests {
         // Below the root through the issuing CA, which the client did not send: the known
         // intermediates complete the path; without them the issuer is unknown.
         let deep = set("plant", &root, chain::Depth::Any);
+        assert_eq!(
+            (deep.depth(), direct.depth()),
+            (chain::Depth::Any, chain::Depth::Direct)
+        );
         let known = [issuing.der.clone()];
         let identity = verify(
             std::slice::from_ref(&device),
