@@ -739,4 +739,36 @@ pub(super) mod tests {
             now + DAY as i64
         );
     }
+
+    /// Any CA this layer's issuing CA issued is a device's own (every device obtains one, its
+    /// Edge CA), whatever its name: a set of depth `any` does not take what a device minted
+    /// below it (positive control: a certificate the issuing CA issued directly).
+    #[test]
+    fn a_ca_the_issuing_ca_issued_is_a_devices_own_whatever_its_name() {
+        let root = ca("plant root", None, None, None);
+        let issuing = ca("layer issuing CA", Some(1), Some(&root), None);
+        let devices_ca = ca("line controller", Some(0), Some(&issuing), None);
+        let minted = valid_leaf("dev-victim", &devices_ca);
+        let direct = valid_leaf("dev-1", &issuing);
+        let sets = [set("plant", &root, chain::Depth::Any)];
+        let issuing_cas = [chain::CaKey::of(&issuing.der).unwrap()];
+        let trust = LabelTrust {
+            sets: &sets,
+            hierarchy: Hierarchy {
+                issuing_cas: &issuing_cas,
+                ..Hierarchy::default()
+            },
+            ..LabelTrust::default()
+        };
+        let now = SystemTime::now();
+        let path = [minted, devices_ca.der.clone(), issuing.der.clone()];
+        let e = verify_for_label(&path, &trust, now, Duration::ZERO).unwrap_err();
+        assert!(
+            e.contains("issued below \"line controller\", a device's own CA"),
+            "{e}"
+        );
+        let identity =
+            verify_for_label(&[direct, issuing.der.clone()], &trust, now, Duration::ZERO).unwrap();
+        assert_eq!(identity.subject.to_string(), "CN=dev-1");
+    }
 }
