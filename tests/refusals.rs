@@ -884,3 +884,48 @@ async fn oversized_declared_body_gets_its_413_not_a_reset() {
     );
     drop(stream);
 }
+
+/// A label that takes HTTP Basic only: a client certificate the label's trust sets accept
+/// (a bootstrap certificate, which its rules grant elsewhere) authenticates nothing there (401
+/// naming the method), and alongside a password it is not part of the identity. Positive
+/// control: the same client with the password enrolls, as the user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_label_takes_passwords_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::generate_p256(dir.path());
+    let mut config = common::standard_config(&pki);
+    let mut passwords_only = common::label(&mut config, None).clone();
+    passwords_only.name = Some("pw".into());
+    passwords_only.authentication.certificate = false;
+    config.labels.push(passwords_only);
+    let server = TestServer::start(dir.path(), &config).await;
+    let root = &pki.root.cert_pem;
+    let bootstrap = pki.bootstrap.valid_client("dev41");
+    let as_device = EstClient::new(
+        server.addr,
+        root,
+        Some((&bootstrap.cert_pem, &bootstrap.key_pem)),
+    );
+
+    let answer = post(
+        &as_device,
+        "pw/simpleenroll",
+        &[],
+        iot_edge_body(&simple_csr("dev41")),
+    )
+    .await;
+    refused(&answer, 401, &["this label accepts only HTTP Basic"]);
+    journal_holds_exactly(&server, &[]);
+
+    let answer = post(
+        &as_device,
+        "pw/simpleenroll",
+        &password(),
+        iot_edge_body(&simple_csr("dev41")),
+    )
+    .await;
+    let with_password = issued(&answer, &server.dir, "dev41-pw", "dev41");
+    journal_holds_exactly(&server, &[&with_password]);
+    assert_eq!(server.journal()[0].identity, "user estuser");
+    server.stop().await;
+}

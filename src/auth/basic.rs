@@ -460,6 +460,9 @@ mod tests {
             Ok(true)
         );
         assert!(rebuilt.known_good("estuser", "right"));
+        assert!(!rebuilt.known_good("estuser", "wrong"));
+        assert!(!rebuilt.is_empty());
+        assert!(UserDb::new(&Default::default(), 1).unwrap().is_empty());
         assert_eq!(
             rebuilt.verify("estuser", "wrong", attempts()).await,
             Err(Duration::from_secs(7))

@@ -552,6 +552,10 @@ mod tests {
             now,
         );
         index.record_entry(&entry(b"valid", &fmt(now + day)), now);
+        // The longest grace window a label may have is 366 days (`config::validate`): a
+        // certificate that expired a year ago may still renew.
+        index.record_entry(&entry(b"a year ago", &fmt(now - 365 * day)), now);
+        assert!(index.knows(b"a year ago"));
         // The last second a grace window could reach: kept.
         index.record_entry(&entry(b"edge", &fmt(now - KEPT_AFTER_EXPIRY_SECS)), now);
         assert!(index.knows(b"edge"));
@@ -652,5 +656,13 @@ mod tests {
         assert_eq!(index.len(), 4);
         assert!(!index.is_empty());
         assert!(IssuanceIndex::new().is_empty());
+    }
+
+    /// Dates in refusals: RFC 3339, UTC; a time out of range as its number.
+    #[test]
+    fn dates_are_written_in_rfc3339() {
+        assert_eq!(format_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_unix(1_800_000_000), "2027-01-15T08:00:00Z");
+        assert_eq!(format_unix(i64::MAX), i64::MAX.to_string());
     }
 }

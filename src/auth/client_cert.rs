@@ -434,7 +434,13 @@ pub(super) mod tests {
         let now = SystemTime::now();
 
         let direct = set("devices", &issuing, chain::Depth::Direct);
-        let identity = verify(std::slice::from_ref(&device), &[direct.clone()], &[], now).unwrap();
+        let identity = verify(
+            std::slice::from_ref(&device),
+            std::slice::from_ref(&direct),
+            &[],
+            now,
+        )
+        .unwrap();
         assert_eq!(identity.subject.to_string(), "CN=dev-1");
         assert_eq!(identity.trust, "devices");
         assert_eq!(identity.serial, "0abc01");
@@ -447,8 +453,18 @@ pub(super) mod tests {
         // Below the root through the issuing CA, which the client did not send: the known
         // intermediates complete the path; without them the issuer is unknown.
         let deep = set("plant", &root, chain::Depth::Any);
+        assert_eq!(
+            (deep.depth(), direct.depth()),
+            (chain::Depth::Any, chain::Depth::Direct)
+        );
         let known = [issuing.der.clone()];
-        let identity = verify(std::slice::from_ref(&device), &[deep.clone()], &known, now).unwrap();
+        let identity = verify(
+            std::slice::from_ref(&device),
+            std::slice::from_ref(&deep),
+            &known,
+            now,
+        )
+        .unwrap();
         assert_eq!(identity.trust, "plant");
         let e = verify(std::slice::from_ref(&device), &[deep], &[], now).unwrap_err();
         assert_eq!(e, "not issued by a CA this label trusts");
@@ -722,5 +738,37 @@ pub(super) mod tests {
             until(&[set("plant", &long_root, chain::Depth::Any)], &path),
             now + DAY as i64
         );
+    }
+
+    /// Any CA this layer's issuing CA issued is a device's own (every device obtains one, its
+    /// Edge CA), whatever its name: a set of depth `any` does not take what a device minted
+    /// below it (positive control: a certificate the issuing CA issued directly).
+    #[test]
+    fn a_ca_the_issuing_ca_issued_is_a_devices_own_whatever_its_name() {
+        let root = ca("plant root", None, None, None);
+        let issuing = ca("layer issuing CA", Some(1), Some(&root), None);
+        let devices_ca = ca("line controller", Some(0), Some(&issuing), None);
+        let minted = valid_leaf("dev-victim", &devices_ca);
+        let direct = valid_leaf("dev-1", &issuing);
+        let sets = [set("plant", &root, chain::Depth::Any)];
+        let issuing_cas = [chain::CaKey::of(&issuing.der).unwrap()];
+        let trust = LabelTrust {
+            sets: &sets,
+            hierarchy: Hierarchy {
+                issuing_cas: &issuing_cas,
+                ..Hierarchy::default()
+            },
+            ..LabelTrust::default()
+        };
+        let now = SystemTime::now();
+        let path = [minted, devices_ca.der.clone(), issuing.der.clone()];
+        let e = verify_for_label(&path, &trust, now, Duration::ZERO).unwrap_err();
+        assert!(
+            e.contains("issued below \"line controller\", a device's own CA"),
+            "{e}"
+        );
+        let identity =
+            verify_for_label(&[direct, issuing.der.clone()], &trust, now, Duration::ZERO).unwrap();
+        assert_eq!(identity.subject.to_string(), "CN=dev-1");
     }
 }

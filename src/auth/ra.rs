@@ -297,6 +297,7 @@ mod tests {
         assert_eq!(m.device, "gw-middle");
         assert_eq!(m.module, "edgeest");
         assert_eq!(m.edge_ca_name(), "aziot-edge CA gw-middle");
+        assert_eq!(m.to_string(), "module edgeest of device gw-middle");
         for bad in [
             "edgeest",
             "/edgeest",
@@ -317,5 +318,48 @@ mod tests {
         assert!(e.contains("device is longer than 128"), "{e}");
         let e = ModuleOf::parse(&format!("gw/{too_long}")).unwrap_err();
         assert!(e.contains("module is longer than 128"), "{e}");
+    }
+
+    fn config(depth: &str, rule: &str) -> Config {
+        toml::from_str(&format!(
+            r#"
+[trust.factory]
+certificates = ["/x/factory.pem"]
+depth = "{depth}"
+
+[[labels]]
+client_trust = ["issuer", "factory"]
+rules = [ {rule} ]
+"#
+        ))
+        .unwrap()
+    }
+
+    /// `edge_ca_issuer`: only on `module:` rules, naming a set of the label, of depth
+    /// `direct` (an Edge CA issued directly by one of its CAs). Positive control: a module
+    /// rule whose Edge CA comes from a direct set of the label.
+    #[test]
+    fn edge_ca_issuer_names_a_direct_set_of_the_label_on_module_rules_only() {
+        let module = r#"{ match = ["module:gw-1/edgeest"], edge_ca_issuer = "factory" }"#;
+        check_config(&config("direct", module)).unwrap();
+        let e = check_config(&config("any", module))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("labels[0].rules[0].edge_ca_issuer"), "{e}");
+        assert!(e.contains("has depth \"any\""), "{e}");
+        let elsewhere = r#"{ match = ["module:gw-1/edgeest"], edge_ca_issuer = "other" }"#;
+        let e = check_config(&config("direct", elsewhere))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in this label's client_trust"), "{e}");
+        let user = r#"{ match = ["user:installer"], edge_ca_issuer = "factory" }"#;
+        let e = check_config(&config("direct", user))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("labels[0].rules[0].edge_ca_issuer")
+                && e.contains("module:DEVICE/MODULE matches only"),
+            "{e}"
+        );
     }
 }
