@@ -10,6 +10,7 @@ pub mod tls;
 pub use self::listener::Listener;
 
 use std::any::Any;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -210,7 +211,7 @@ pub async fn serve<S: Service>(
         // connections to it.
         match std::thread::Builder::new()
             .name(format!("edge-est-conn-{i}"))
-            .spawn(move || connection_thread(socket, shared))
+            .spawn(move || connection_thread(i, socket, shared))
         {
             Ok(_) => threads += 1,
             Err(e) => tracing::error!(error = %e, "cannot start a connection thread"),
@@ -235,9 +236,22 @@ pub async fn serve<S: Service>(
 /// planned wake and arm silently, for one wake-up a second per thread.
 const PACER: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// Set on a connection thread: its number among the listener's threads.
+    static CONNECTION_THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The number of the connection thread this code runs on (0, 1, ... in the order the
+/// listener's sockets were bound), `None` elsewhere. A task spawned here runs on this thread's
+/// own runtime: what is kept per thread (an upstream connection pool) stays on it.
+pub fn connection_thread_index() -> Option<usize> {
+    CONNECTION_THREAD.with(Cell::get)
+}
+
 /// One connection thread: accepts on its socket and serves what it accepts, on a runtime of
 /// its own, until told to stop accepting; then waits for the end of the drain.
-fn connection_thread<S: Service>(socket: std::net::TcpListener, shared: Shared<S>) {
+fn connection_thread<S: Service>(index: usize, socket: std::net::TcpListener, shared: Shared<S>) {
+    CONNECTION_THREAD.with(|slot| slot.set(Some(index)));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
