@@ -91,6 +91,11 @@ pub trait Service: Send + Sync + 'static {
     fn on_refused(&self, _because: RefusedBecause) {}
     /// Called when a connection is admitted, and when it ends.
     fn on_connection_open(&self) {}
+    /// Called when a connection is admitted: what it returns is kept until the connection's
+    /// first request starts, or until the connection ends without one.
+    fn until_first_request(&self) -> Option<Box<dyn Send + Sync>> {
+        None
+    }
     fn on_connection_close(&self) {}
     fn call(
         &self,
@@ -320,6 +325,7 @@ async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
         let mut stop = shared.stop.clone();
         service.on_connection_open();
         let open = OpenConnection(service.clone());
+        let opening = Mutex::new(service.until_first_request());
         tokio::spawn(async move {
             // Dropped last (declared first), whatever way the task ends.
             let _open = open;
@@ -358,7 +364,10 @@ async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
                 limits.header_timeout,
                 &remote.to_string(),
                 &mut stop,
-                move |_| connection.clone(),
+                move |_| {
+                    drop(opening.lock().unwrap_or_else(|e| e.into_inner()).take());
+                    connection.clone()
+                },
             )
             .await;
         });
