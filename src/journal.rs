@@ -3,15 +3,17 @@
 //! Writes go to one writer thread that commits in groups: it takes every entry waiting, writes
 //! them, calls `fdatasync` once, and only then releases the requests. Many concurrent
 //! enrollments thus share one disk flush, and nothing blocks the async runtime. While other
-//! issuances are under way ([`Journal::expect`]), the writer waits up to [`GATHER_WINDOW`] for
-//! their entries before flushing (PostgreSQL's `commit_delay`): under load, fewer flushes carry
-//! more entries; a lone enrollment never waits. On shutdown, [`Journal::close`] lets the writer
-//! finish every entry queued, `fsync` and stop.
+//! issuances are under way ([`Journal::expect`]) or other connections are still on their way
+//! to their first request ([`Journal::opening`]: a device's fresh connection spends most of an
+//! enrollment in its TLS handshake), the writer waits up to [`GATHER_WINDOW`] for more entries
+//! before flushing (PostgreSQL's `commit_delay`): under load, fewer flushes carry more entries;
+//! a lone enrollment never waits. On shutdown, [`Journal::close`] lets the writer finish every
+//! entry queued, `fsync` and stop.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -80,6 +82,10 @@ pub struct Journal {
     queue: mpsc::Sender<Message>,
     /// Issuances under way whose entries are not queued yet.
     expected: Arc<AtomicUsize>,
+    /// Connections admitted that have not started their first request yet.
+    opening: Arc<AtomicUsize>,
+    /// Set while the writer waits for more entries (see [`Opening`]).
+    gathering: Arc<AtomicBool>,
     /// Disk flushes so far.
     flushes: Arc<AtomicU64>,
 }
@@ -90,6 +96,28 @@ pub struct Expected {
     count: Arc<AtomicUsize>,
     queue: mpsc::Sender<Message>,
     recorded: bool,
+}
+
+/// A connection on its way to its first request (see [`Journal::opening`]); dropped when the
+/// request starts, or when the connection ends without one.
+pub struct Opening {
+    count: Arc<AtomicUsize>,
+    expected: Arc<AtomicUsize>,
+    gathering: Arc<AtomicBool>,
+    queue: mpsc::Sender<Message>,
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        // A waiting flush need not wait any more once nothing is on its way: tell the writer
+        // then, and only then (a message to an idle writer would wake it for nothing).
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.expected.load(Ordering::SeqCst) == 0
+            && self.gathering.load(Ordering::SeqCst)
+        {
+            let _ = self.queue.send(Message::Withdrawn);
+        }
+    }
 }
 
 impl Drop for Expected {
@@ -139,9 +167,13 @@ impl Journal {
         terminate_torn_line(&mut file).map_err(fail)?;
         let (queue, receiver) = mpsc::channel::<Message>();
         let expected = Arc::new(AtomicUsize::new(0));
+        let opening = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(AtomicBool::new(false));
         let flushes = Arc::new(AtomicU64::new(0));
         let gathering = Gathering {
             expected: expected.clone(),
+            opening: opening.clone(),
+            waiting: waiting.clone(),
             window,
             flushes: flushes.clone(),
         };
@@ -153,6 +185,8 @@ impl Journal {
             path: path.to_owned(),
             queue,
             expected,
+            opening,
+            gathering: waiting,
             flushes,
         })
     }
@@ -164,6 +198,20 @@ impl Journal {
             count: self.expected.clone(),
             queue: self.queue.clone(),
             recorded: false,
+        }
+    }
+
+    /// Announces a connection that has not sent its first request yet: a flush starting
+    /// meanwhile may wait for the entry it will likely bring (see the module docs). Drop it
+    /// when the request starts (its own announcement, [`Journal::expect`], takes over if it
+    /// signs) or when the connection ends.
+    pub fn opening(&self) -> Opening {
+        self.opening.fetch_add(1, Ordering::SeqCst);
+        Opening {
+            count: self.opening.clone(),
+            expected: self.expected.clone(),
+            gathering: self.gathering.clone(),
+            queue: self.queue.clone(),
         }
     }
 
@@ -251,6 +299,9 @@ fn terminate_torn_line(file: &mut File) -> std::io::Result<()> {
 /// What the writer needs to gather entries into one flush.
 struct Gathering {
     expected: Arc<AtomicUsize>,
+    opening: Arc<AtomicUsize>,
+    /// Set while the writer waits for more entries.
+    waiting: Arc<AtomicBool>,
     window: Duration,
     flushes: Arc<AtomicU64>,
 }
@@ -276,12 +327,18 @@ fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gatheri
                 break;
             }
             next = receiver.try_recv().ok();
-            if next.is_none() && !group.is_empty() && gathering.expected.load(Ordering::Acquire) > 0
-            {
+            if next.is_none() && !group.is_empty() {
+                // Announced before the counts are read, so that the last `Opening` dropped
+                // meanwhile either sees it (and sends a message) or is seen here.
+                gathering.waiting.store(true, Ordering::SeqCst);
                 let left = gathering.window.saturating_sub(first_at.elapsed());
-                if !left.is_zero() {
+                if !left.is_zero()
+                    && (gathering.expected.load(Ordering::SeqCst) > 0
+                        || gathering.opening.load(Ordering::SeqCst) > 0)
+                {
                     next = receiver.recv_timeout(left).ok();
                 }
+                gathering.waiting.store(false, Ordering::SeqCst);
             }
         }
         if !group.is_empty() {
@@ -448,6 +505,35 @@ mod tests {
         );
         assert_eq!(journal.flushes(), 1);
         assert_eq!(Journal::read_all(&journal.path).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flush_waits_for_an_opening_connection_until_its_request_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open_with_gather_window(&dir.path().join("j.jsonl"), LONG).unwrap();
+        let started = Instant::now();
+        // A connection on its way to its first request: the entry waits for it.
+        let opening = journal.opening();
+        let first = {
+            let j = journal.clone();
+            tokio::spawn(async move { j.record(&entry("0a"), None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !first.is_finished(),
+            "the entry waits for the opening connection"
+        );
+        // Its request starts (and brings no entry): the flush goes at once, not at the window.
+        drop(opening);
+        first.await.unwrap().unwrap();
+        assert!(started.elapsed() < LONG / 2, "released at once");
+        assert_eq!(journal.flushes(), 1);
+        // Control: an opening connection dropped while nothing is being gathered leaves no
+        // message behind that would make a later flush wait or go early.
+        drop(journal.opening());
+        journal.record(&entry("0b"), None).await.unwrap();
+        assert_eq!(journal.flushes(), 2);
+        assert!(started.elapsed() < LONG / 2);
     }
 
     #[tokio::test]

@@ -407,6 +407,12 @@ impl Service for App {
         self.metrics.connection_opened();
     }
 
+    fn until_first_request(&self) -> Option<Box<dyn Send + Sync>> {
+        // A fresh connection spends most of an enrollment in its handshake: a journal flush
+        // meanwhile may wait for its entry (see `journal`).
+        Some(Box::new(self.journal.opening()))
+    }
+
     fn on_connection_close(&self) {
         self.metrics.connection_closed();
     }

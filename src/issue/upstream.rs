@@ -130,12 +130,15 @@ impl UpstreamError {
     }
 }
 
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 pub struct Upstream {
     pub name: String,
     /// `host:port` of the URL, for texts and logs.
     pub host: String,
     base: String,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// One client (and connection pool) per connection thread, see [`Upstream::client`].
+    clients: Box<[UpstreamClient]>,
     authorization: Option<HeaderValue>,
     request_timeout: Duration,
     pub cacerts_ttl: Duration,
@@ -300,15 +303,20 @@ impl Upstream {
             .https_only()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            // `Content-Type`, `Authorization`, `Host` on the wire: some EST servers (libest)
-            // compare header names case-sensitively.
-            .http1_title_case_headers(true)
-            .build(https);
+        let client = || {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(64)
+                // `Content-Type`, `Authorization`, `Host` on the wire: some EST servers (libest)
+                // compare header names case-sensitively.
+                .http1_title_case_headers(true)
+                .build(https.clone())
+        };
+        let clients = (0..crate::transport::listener::threads_for_this_machine().max(1))
+            .map(|_| client())
+            .collect();
         let fingerprint = format!(
             "{name} {}",
             serde_json::to_string(config).unwrap_or_default()
@@ -317,7 +325,7 @@ impl Upstream {
             name: name.to_owned(),
             host,
             base: config.url.trim_end_matches('/').to_owned(),
-            client,
+            clients,
             authorization,
             request_timeout: Duration::from_secs(config.request_timeout_secs),
             cacerts_ttl: Duration::from_secs(config.cacerts_ttl_secs),
@@ -327,6 +335,16 @@ impl Upstream {
             health: Health::new(fingerprint),
             me: Weak::new(),
         })
+    }
+
+    /// The client of the connection thread this runs on (the first one elsewhere). A pooled
+    /// connection is driven by a task on the runtime that opened it: shared between the
+    /// connection threads, a request on one thread would hand its bytes to the other thread's
+    /// runtime and get the answer back from it (two cross-thread wake-ups per forwarded
+    /// request). With a pool per thread, each request stays on its own thread.
+    fn client(&self) -> &UpstreamClient {
+        let index = crate::transport::connection_thread_index().unwrap_or(0);
+        &self.clients[index % self.clients.len()]
     }
 
     /// The upstream as the running configuration holds it: failures start a background probe.
@@ -460,7 +478,7 @@ impl Upstream {
                 let request = request.body(Full::new(body.clone())).map_err(|e| {
                     UpstreamError::Malformed(format!("cannot build the request: {e}"))
                 })?;
-                match self.client.request(request).await {
+                match self.client().request(request).await {
                     Ok(response) => return self.read_answer(response).await,
                     // Nothing was sent when the connection could not be made: retrying is safe
                     // even for an enrollment.

@@ -10,6 +10,7 @@ pub mod tls;
 pub use self::listener::Listener;
 
 use std::any::Any;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -90,6 +91,11 @@ pub trait Service: Send + Sync + 'static {
     fn on_refused(&self, _because: RefusedBecause) {}
     /// Called when a connection is admitted, and when it ends.
     fn on_connection_open(&self) {}
+    /// Called when a connection is admitted: what it returns is kept until the connection's
+    /// first request starts, or until the connection ends without one.
+    fn until_first_request(&self) -> Option<Box<dyn Send + Sync>> {
+        None
+    }
     fn on_connection_close(&self) {}
     fn call(
         &self,
@@ -210,7 +216,7 @@ pub async fn serve<S: Service>(
         // connections to it.
         match std::thread::Builder::new()
             .name(format!("edge-est-conn-{i}"))
-            .spawn(move || connection_thread(socket, shared))
+            .spawn(move || connection_thread(i, socket, shared))
         {
             Ok(_) => threads += 1,
             Err(e) => tracing::error!(error = %e, "cannot start a connection thread"),
@@ -235,9 +241,22 @@ pub async fn serve<S: Service>(
 /// planned wake and arm silently, for one wake-up a second per thread.
 const PACER: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// Set on a connection thread: its number among the listener's threads.
+    static CONNECTION_THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The number of the connection thread this code runs on (0, 1, ... in the order the
+/// listener's sockets were bound), `None` elsewhere. A task spawned here runs on this thread's
+/// own runtime: what is kept per thread (an upstream connection pool) stays on it.
+pub fn connection_thread_index() -> Option<usize> {
+    CONNECTION_THREAD.with(Cell::get)
+}
+
 /// One connection thread: accepts on its socket and serves what it accepts, on a runtime of
 /// its own, until told to stop accepting; then waits for the end of the drain.
-fn connection_thread<S: Service>(socket: std::net::TcpListener, shared: Shared<S>) {
+fn connection_thread<S: Service>(index: usize, socket: std::net::TcpListener, shared: Shared<S>) {
+    CONNECTION_THREAD.with(|slot| slot.set(Some(index)));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -306,6 +325,7 @@ async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
         let mut stop = shared.stop.clone();
         service.on_connection_open();
         let open = OpenConnection(service.clone());
+        let opening = Mutex::new(service.until_first_request());
         tokio::spawn(async move {
             // Dropped last (declared first), whatever way the task ends.
             let _open = open;
@@ -344,7 +364,10 @@ async fn accept_loop<S: Service>(listener: TcpListener, shared: &Shared<S>) {
                 limits.header_timeout,
                 &remote.to_string(),
                 &mut stop,
-                move |_| connection.clone(),
+                move |_| {
+                    drop(opening.lock().unwrap_or_else(|e| e.into_inner()).take());
+                    connection.clone()
+                },
             )
             .await;
         });
