@@ -253,9 +253,11 @@ fn parse_strace(text: &str) -> Vec<Call> {
             continue;
         };
         let rest = rest.trim_start();
+        // `) = 0`, or `)          = 0` on a resumed line (strace pads it).
         let ret = line
-            .rsplit_once(") = ")
-            .and_then(|(_, r)| r.split_whitespace().next())
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().strip_prefix('='))
+            .and_then(|r| r.split_whitespace().next())
             .and_then(|r| r.parse().ok());
         if let Some(resumed) = rest.strip_prefix("<... ") {
             let name = resumed.split_whitespace().next().unwrap_or("").to_owned();

@@ -929,3 +929,61 @@ async fn basic_label_takes_passwords_only() {
     assert_eq!(server.journal()[0].identity, "user estuser");
     server.stop().await;
 }
+
+/// A label with `anonymous_cacerts = false` answers `/cacerts` and `/csrattrs` only to an
+/// authenticated client: 401 without credentials or with a wrong password, served with the
+/// right ones. Positive control: a label with the default serves both to anyone.
+#[tokio::test]
+async fn cacerts_and_csrattrs_need_credentials_where_anonymous_cacerts_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::generate_p256(dir.path());
+    let mut config = common::standard_config(&pki);
+    common::label(&mut config, None)
+        .authentication
+        .anonymous_cacerts = false;
+    let server = TestServer::start(dir.path(), &config).await;
+    let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
+    for path in ["cacerts", "csrattrs"] {
+        let answer = client.request("GET", path, &[], Vec::new()).await;
+        refused(&answer, 401, &[]);
+        let answer = client
+            .request("GET", path, &[basic(USER, "not the password")], Vec::new())
+            .await;
+        refused(&answer, 401, &[]);
+        let answer = client.request("GET", path, &password(), Vec::new()).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        assert!(!answer.body.is_empty(), "{path}");
+    }
+    let answer = client
+        .request("GET", "strict/cacerts", &[], Vec::new())
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let answer = client
+        .request("GET", "strict/csrattrs", &[], Vec::new())
+        .await;
+    assert_eq!(answer.status, 204, "{}", answer.text());
+}
+
+/// The body limit is inclusive: a body of exactly `limits.max_body_bytes` is read and served,
+/// one byte more is a 413 naming the limit.
+#[tokio::test]
+async fn a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::generate_p256(dir.path());
+    let mut config = common::standard_config(&pki);
+    config.limits.max_body_bytes = 1024;
+    let server = TestServer::start(dir.path(), &config).await;
+    let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
+    let mut body = iot_edge_body(&simple_csr("dev-limit"));
+    assert!(body.len() < 1024, "{}", body.len());
+    body.resize(1024, b'\n');
+    let answer = post(&client, "simpleenroll", &password(), body.clone()).await;
+    issued(&answer, dir.path(), "exactly the limit", "dev-limit");
+    body.push(b'\n');
+    let answer = post(&client, "simpleenroll", &password(), body).await;
+    refused(
+        &answer,
+        413,
+        &["the request body is larger than 1024 bytes"],
+    );
+}
