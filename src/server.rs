@@ -497,6 +497,16 @@ impl Service for App {
     }
 }
 
+/// A lower layer (a registration authority, by a rule or by its trust set): it sends a whole
+/// subtree's requests under one identity, and its budget header is believed.
+fn is_lower_layer(runtime: &Runtime, label_rt: &LabelRuntime, identity: &Identity) -> bool {
+    identity
+        .certificate
+        .as_ref()
+        .is_some_and(|c| runtime.limits.unlimited_trust.contains(&c.trust))
+        || label_rt.policy.is_registration_authority(identity)
+}
+
 /// `edge-est health` probing from loopback over TLS: its successful `cacerts` is logged at
 /// debug, not info. Anything else it asks, or the same from elsewhere, is logged as usual.
 fn is_health_probe(request: &Request<Incoming>, connection: &Connection) -> bool {
@@ -835,13 +845,8 @@ impl App {
         }
         trace.identity = Some(identity.to_string());
         // Registration authorities (lower layers) send a whole subtree's requests as one
-        // identity: a rule or their trust set exempts them.
-        let unlimited = identity
-            .certificate
-            .as_ref()
-            .is_some_and(|c| runtime.limits.unlimited_trust.contains(&c.trust))
-            || label_rt.policy.is_registration_authority(&identity);
-        if unlimited {
+        // identity: exempt.
+        if is_lower_layer(runtime, label_rt, &identity) {
             return Ok(identity);
         }
         let key = match (&identity.certificate, &identity.user) {
@@ -1025,6 +1030,7 @@ impl App {
         let identity = self
             .authenticate(runtime, label_rt, &request, connection, deadline, trace)
             .await?;
+        let deadline = deadline.for_client(is_lower_layer(runtime, label_rt, &identity));
         let body = read_body(
             request.into_body(),
             limit,

@@ -15,6 +15,9 @@ use edge_est::issue::health::State;
 use edge_est::runtime::Runtime;
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
 
+/// A registration authority of the rig's labels (a lower layer; HTTP Basic, `PASSWORD`).
+const LOWER: &str = "lower";
+
 struct Rig {
     dir: tempfile::TempDir,
     stub: UpstreamStub,
@@ -45,6 +48,7 @@ key = "server.key"
 
 [users]
 estuser = "{hash}"
+lower = "{hash}"
 
 [issuers.plant]
 certificate = "issuing-ca.pem"
@@ -61,6 +65,11 @@ client_trust = ["issuer"]
 match = ["user:estuser"]
 common_names = ["*"]
 
+[[labels.rules]]
+match = ["user:lower"]
+common_names = ["*"]
+registration_authority = true
+
 [[labels]]
 name = "auto"
 mode = "auto"
@@ -74,6 +83,11 @@ common_names = ["device*"]
 [[labels.rules]]
 match = ["user:estuser"]
 common_names = ["*"]
+
+[[labels.rules]]
+match = ["user:lower"]
+common_names = ["*"]
+registration_authority = true
 "#,
         hash = pki.password_hash,
         upstream = stub.upstream_toml("parent", request_timeout_secs) + upstream_extra,
@@ -132,9 +146,10 @@ impl Rig {
         self.server.journal().len()
     }
 
-    /// An enrollment at `path` claiming `budget_ms` in the budget header (as a lower layer
-    /// sends it; any client can).
-    async fn enroll_within(&self, path: &str, budget_ms: &str, cn: &str) -> Answer {
+    /// An enrollment at `path` by `user` claiming `budget_ms` in the budget header (as a
+    /// lower layer sends it; any client can): [`LOWER`] is a registration authority here,
+    /// `USER` a device.
+    async fn enroll_within(&self, user: &str, path: &str, budget_ms: &str, cn: &str) -> Answer {
         EstClient::new(self.server.addr, &self.root, None)
             .request(
                 "POST",
@@ -142,7 +157,7 @@ impl Rig {
                 &[
                     ("content-type", "application/pkcs10".to_owned()),
                     ("edge-est-budget-ms", budget_ms.to_owned()),
-                    basic(USER, PASSWORD),
+                    basic(user, PASSWORD),
                 ],
                 iot_edge_body(&common::csr(cn)),
             )
@@ -367,8 +382,8 @@ async fn auto_never_overrides_an_upstream_refusal_with_a_local_signature() {
     assert_eq!(journal[0].issued_by, "local");
 }
 
-/// A budget too short to ask the layer above (a child's `edge-est-budget-ms`, which any
-/// client can send): 503 at once, the layer above neither asked nor taken for away. Were it
+/// A budget too short to ask the layer above (a lower layer's `edge-est-budget-ms`): 503 at
+/// once, the layer above neither asked nor taken for away. Were it
 /// asked with no time, the timeout would mark it away, and one child could make this layer
 /// answer everyone 503 (forward) or sign locally in its stead (auto) at will. Positive
 /// control: a budget that leaves time to ask is served from above.
@@ -380,19 +395,56 @@ async fn a_budget_too_short_to_ask_never_marks_the_layer_above_away() {
     let asked = rig.stub.enrollments();
     for (i, budget) in ["0", "1", "200"].into_iter().enumerate() {
         let answer = rig
-            .enroll_within("simpleenroll", budget, &format!("device{i}"))
+            .enroll_within(LOWER, "simpleenroll", budget, &format!("device{i}"))
             .await;
         assert_text(&answer, 503, "did not answer within 0 ms");
         assert_eq!(rig.stub.enrollments(), asked, "budget {budget}: asked");
         assert_eq!(rig.upstream_state(), State::Up, "budget {budget}");
     }
     assert_eq!(rig.journaled(), 1);
-    let answer = rig.enroll_within("simpleenroll", "5000", "device9").await;
+    let answer = rig
+        .enroll_within(LOWER, "simpleenroll", "5000", "device9")
+        .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(rig.stub.enrollments(), asked + 1);
     assert_eq!(
         rig.server.journal().last().unwrap().issued_by,
         "upstream parent"
+    );
+}
+
+/// A device cannot shorten its own deadline: its `edge-est-budget-ms` is ignored, only a
+/// registration authority's (a lower layer's) is believed. Otherwise a device on an `auto`
+/// label could claim a budget long enough to ask the layer above and too short for its
+/// answer, and get a local signature for what the layer above may refuse. Positive control:
+/// the same claim from a lower layer holds (the layer above is cut off at the budget and the
+/// `auto` label signs locally, within its fallback allowance).
+#[tokio::test]
+async fn a_device_cannot_claim_a_budget_that_makes_auto_sign_locally() {
+    let rig = rig(Behaviour::Slow(Duration::from_millis(700)), 10).await;
+    for (path, cn) in [
+        ("auto/simpleenroll", "device1"),
+        ("simpleenroll", "device2"),
+    ] {
+        let answer = rig.enroll_within(USER, path, "600", cn).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        let journal = rig.server.journal();
+        let last = journal.last().unwrap();
+        assert_eq!(
+            (last.subject.as_str(), last.issued_by.as_str()),
+            (&*format!("CN={cn}"), "upstream parent"),
+            "{path}"
+        );
+    }
+    let answer = rig
+        .enroll_within(LOWER, "auto/simpleenroll", "600", "device3")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let journal = rig.server.journal();
+    let last = journal.last().unwrap();
+    assert_eq!(
+        (last.subject.as_str(), last.issued_by.as_str()),
+        ("CN=device3", "local")
     );
 }
 

@@ -41,25 +41,43 @@ const MIN_UPSTREAM_BUDGET: Duration = Duration::from_millis(50);
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline {
     at: Instant,
+    /// What the request's [`BUDGET_HEADER`] claims, taken only from a lower layer.
+    claimed: Option<Instant>,
 }
 
 impl Deadline {
-    /// From the request's [`BUDGET_HEADER`] (a lower layer's), or `default` (a device's).
+    /// `default` from the request's start (a device's), remembering what its
+    /// [`BUDGET_HEADER`] claims until [`Deadline::for_client`] knows who sent it.
     pub fn from_request(headers: &HeaderMap, started: Instant, default: Duration) -> Deadline {
-        let budget = headers
+        let claimed = headers
             .get(BUDGET_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(default, Duration::from_millis)
-            .min(MAX_BUDGET);
+            .map(|millis| started + Duration::from_millis(millis).min(MAX_BUDGET));
         Deadline {
-            at: started + budget,
+            at: started + default.min(MAX_BUDGET),
+            claimed,
+        }
+    }
+
+    /// The deadline for an authenticated client: a lower layer's (a registration authority)
+    /// claimed budget holds; anyone else's is ignored. A device that could claim a short
+    /// budget would make an `auto` label time out on purpose and sign locally what the
+    /// layer above may refuse.
+    pub fn for_client(self, lower_layer: bool) -> Deadline {
+        match (lower_layer, self.claimed) {
+            (true, Some(at)) => Deadline { at, claimed: None },
+            _ => Deadline {
+                at: self.at,
+                claimed: None,
+            },
         }
     }
 
     pub fn after(budget: Duration) -> Deadline {
         Deadline {
             at: Instant::now() + budget,
+            claimed: None,
         }
     }
 
@@ -420,7 +438,10 @@ mod tests {
             BUDGET_HEADER,
             forward.as_millis().to_string().parse().unwrap(),
         );
-        let middle = Deadline::from_request(&headers, Instant::now(), Duration::from_secs(30));
+        let claimed = Deadline::from_request(&headers, Instant::now(), Duration::from_secs(30));
+        // Only a lower layer's claim holds.
+        assert!(claimed.for_client(false).remaining() > forward);
+        let middle = claimed.for_client(true);
         assert!(middle.remaining() <= forward);
         let auto = middle.upstream_budget(true);
         assert!(auto < middle.remaining() && auto > Duration::from_secs(20));
@@ -432,12 +453,16 @@ mod tests {
         // A budget is never taken beyond two minutes, and garbage is the default.
         headers.insert(BUDGET_HEADER, "999999999".parse().unwrap());
         assert!(
-            Deadline::from_request(&headers, started, Duration::from_secs(30)).remaining()
+            Deadline::from_request(&headers, started, Duration::from_secs(30))
+                .for_client(true)
+                .remaining()
                 <= MAX_BUDGET
         );
         headers.insert(BUDGET_HEADER, "soon".parse().unwrap());
         assert!(
-            Deadline::from_request(&headers, started, Duration::from_secs(3)).remaining()
+            Deadline::from_request(&headers, started, Duration::from_secs(3))
+                .for_client(true)
+                .remaining()
                 <= Duration::from_secs(3)
         );
     }
