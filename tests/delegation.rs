@@ -680,6 +680,46 @@ async fn reenroll(
     )
 }
 
+/// `cn`'s certificate `leaf` (key `key`) renews at `addr`, signed by the CA `/cacerts` lists
+/// first there now.
+async fn renews_through_the_current_ca(
+    addr: std::net::SocketAddr,
+    root: &str,
+    cn: &str,
+    leaf: &[u8],
+    key: &KeyPair,
+) {
+    let renewed = reenroll(addr, root, cn, leaf, key).await;
+    let new_ca_der = cacerts(addr, root).await.remove(0);
+    let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
+    let (_, renewed) = X509Certificate::from_der(&renewed).unwrap();
+    renewed
+        .verify_signature(Some(new_ca.public_key()))
+        .expect("renewed by the new CA");
+}
+
+/// The SHA-256 fingerprints of `chain`'s certificates.
+fn fingerprints(chain: &[Vec<u8>]) -> Vec<[u8; 32]> {
+    chain
+        .iter()
+        .map(|c| edge_est::auth::chain::fingerprint(c))
+        .collect()
+}
+
+/// Waits (at most `secs`) until `/cacerts` at `addr` no longer lists the CA `gone`.
+async fn wait_until_cacerts_drop(
+    addr: std::net::SocketAddr,
+    root: &str,
+    gone: &[u8; 32],
+    secs: u64,
+) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while fingerprints(&cacerts(addr, root).await).contains(gone) {
+        assert!(std::time::Instant::now() < until, "the replaced CA stays");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn cacerts(addr: std::net::SocketAddr, root: &str) -> Vec<Vec<u8>> {
     let answer = EstClient::new(addr, root, None)
         .request("GET", "cacerts", &[], Vec::new())
@@ -878,35 +918,15 @@ max_validity_secs = 9"#,
         assert!(std::time::Instant::now() < until, "no rollover");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    let fingerprints = |chain: &[Vec<u8>]| -> Vec<[u8; 32]> {
-        chain
-            .iter()
-            .map(|c| edge_est::auth::chain::fingerprint(c))
-            .collect()
-    };
     let after = fingerprints(&cacerts(mid.addr, &root).await);
     assert_eq!(after[0], second, "the new CA first");
     assert!(after.contains(&first), "the old CA still in /cacerts");
 
     // A certificate of the old CA renews through the new one.
-    let renewed = reenroll(mid.addr, &root, "l3-old", &old_leaf, &old_key).await;
-    let (_, renewed_cert) = X509Certificate::from_der(&renewed).unwrap();
-    let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
-    let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
-    renewed_cert
-        .verify_signature(Some(new_ca.public_key()))
-        .expect("renewed by the new CA");
+    renews_through_the_current_ca(mid.addr, &root, "l3-old", &old_leaf, &old_key).await;
 
     // The old CA leaves /cacerts once it has expired.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let now = fingerprints(&cacerts(mid.addr, &root).await);
-        if !now.contains(&first) {
-            break;
-        }
-        assert!(std::time::Instant::now() < until, "the old CA stays");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_cacerts_drop(mid.addr, &root, &first, 15).await;
     // Let the load run over one more renewal, then stop it.
     let third_until = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while mid.app.runtime().enrolled()[0].fingerprint == Some(second) {
@@ -994,12 +1014,6 @@ max_validity_secs = 45"#,
         assert!(std::time::Instant::now() < until, "no rollover");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let fingerprints = |chain: &[Vec<u8>]| -> Vec<[u8; 32]> {
-        chain
-            .iter()
-            .map(|c| edge_est::auth::chain::fingerprint(c))
-            .collect()
-    };
     // Past the settling time, and after a restart: the journal keeps the first CA.
     sleep_until(OffsetDateTime::now_utc() + Duration::seconds(6)).await;
     mid.stop().await;
@@ -1013,24 +1027,10 @@ max_validity_secs = 45"#,
     );
 
     // The certificate of the replaced CA renews through the new one.
-    let renewed = reenroll(mid.addr, &root, "l3-last", &last, &last_key).await;
-    let new_ca_der = cacerts(mid.addr, &root).await.remove(0);
-    let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
-    let (_, renewed) = X509Certificate::from_der(&renewed).unwrap();
-    renewed
-        .verify_signature(Some(new_ca.public_key()))
-        .expect("renewed by the new CA");
+    renews_through_the_current_ca(mid.addr, &root, "l3-last", &last, &last_key).await;
 
     // Once that certificate has expired, the replaced CA leaves, before its own notAfter.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let now = fingerprints(&cacerts(mid.addr, &root).await);
-        if !now.contains(&first) {
-            break;
-        }
-        assert!(std::time::Instant::now() < until, "the replaced CA stays");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_cacerts_drop(mid.addr, &root, &first, 20).await;
     let gone = OffsetDateTime::now_utc();
     assert!(
         gone >= last_until,
