@@ -487,16 +487,18 @@ mod tests {
         let short = Deadline::after(Duration::from_secs(1));
         close(short.upstream_budget(true), 500);
         close(short.upstream_budget(false), 800);
-        // From a request's header, counted from when the request started.
+        // From a lower layer's header, counted from when the request started; anyone
+        // else's header is ignored.
         let mut headers = HeaderMap::new();
         headers.insert(BUDGET_HEADER, "4000".parse().unwrap());
         let started = Instant::now();
+        let claimed = Deadline::from_request(&headers, started, Duration::from_secs(30));
+        close(claimed.for_client(true).remaining(), 4_000);
+        close(claimed.for_client(false).remaining(), 30_000);
         close(
-            Deadline::from_request(&headers, started, Duration::from_secs(30)).remaining(),
-            4_000,
-        );
-        close(
-            Deadline::from_request(&HeaderMap::new(), started, Duration::from_secs(3)).remaining(),
+            Deadline::from_request(&HeaderMap::new(), started, Duration::from_secs(3))
+                .for_client(true)
+                .remaining(),
             3_000,
         );
     }
