@@ -664,10 +664,18 @@ impl App {
         }
         match operation {
             Operation::CaCerts => {
-                if !label_rt.anonymous_cacerts {
-                    self.authenticate(runtime, label_rt, &request, connection, deadline, trace)
+                // A claimed budget is believed only from a lower layer (authenticated here where
+                // `/cacerts` is not anonymous): a device's short claim would make this layer time
+                // out asking the layer above, and take it for away.
+                let lower_layer = if label_rt.anonymous_cacerts {
+                    false
+                } else {
+                    let identity = self
+                        .authenticate(runtime, label_rt, &request, connection, deadline, trace)
                         .await?;
-                }
+                    is_lower_layer(runtime, label_rt, &identity)
+                };
+                let deadline = deadline.for_client(lower_layer);
                 Ok(est_answer(
                     media::PKCS7_MIME,
                     self.backend.cacerts_body(label_rt, deadline).await?,
