@@ -448,6 +448,33 @@ async fn a_device_cannot_claim_a_budget_that_makes_auto_sign_locally() {
     );
 }
 
+/// A device's budget claim on an anonymous `/cacerts` is ignored too: claiming 600 ms before a
+/// layer above that answers `/cacerts` in 700 ms, it would make this layer cut the refresh off
+/// at 100 ms and take the layer above for away (and an `auto` label sign locally for everyone
+/// until the next probe). Control: the layer above is up and was asked within the default.
+#[tokio::test]
+async fn a_device_cannot_claim_a_budget_that_takes_the_layer_above_for_away() {
+    let rig = rig_with(
+        Behaviour::SlowCacerts(Duration::from_millis(700)),
+        10,
+        "cacerts_ttl_secs = 0\n",
+    )
+    .await;
+    let client = EstClient::new(rig.server.addr, &rig.root, None);
+    for path in ["auto/cacerts", "cacerts"] {
+        let answer = client
+            .request(
+                "GET",
+                path,
+                &[("edge-est-budget-ms", "600".to_owned())],
+                Vec::new(),
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        assert_eq!(rig.upstream_state(), State::Up, "{path}");
+    }
+}
+
 /// The health of `server`'s upstream (its only one).
 fn state_of(server: &TestServer) -> State {
     server

@@ -35,6 +35,8 @@ pub enum Behaviour {
     AnotherKey,
     /// Waits this long, then signs.
     Slow(Duration),
+    /// Signs at once, answers `/cacerts` after the pause.
+    SlowCacerts(Duration),
     /// Reads the request and never answers.
     Never,
 }
@@ -173,6 +175,13 @@ async fn answer(
     let path = request.uri().path().to_owned();
     let body = request.into_body().collect().await.unwrap().to_bytes();
     if path.ends_with("/cacerts") {
+        let pause = match *shared.behaviour.lock().unwrap() {
+            Behaviour::SlowCacerts(pause) => Some(pause),
+            _ => None,
+        };
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
         let mut r = response(200, "application/pkcs7-mime", shared.cacerts.clone());
         r.headers_mut()
             .insert("content-transfer-encoding", "base64".parse().unwrap());
@@ -222,6 +231,7 @@ async fn answer(
             tokio::time::sleep(pause).await;
             sign(None)
         }
+        Behaviour::SlowCacerts(_) => sign(None),
         Behaviour::Never => std::future::pending().await,
     }
 }
