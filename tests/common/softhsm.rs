@@ -47,7 +47,8 @@ pub fn new_token(label: &str, user_pin: &str) -> Slot {
         .get_all_slots()
         .unwrap()
         .into_iter()
-        .find(|s| !ctx.get_token_info(*s).unwrap().token_initialized())
+        // A slot another test is initialising can fail GetTokenInfo for a moment: not free.
+        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| !i.token_initialized()))
         .expect("SoftHSM offers a free slot");
     ctx.init_token(free, &AuthPin::from(SO_PIN), label).unwrap();
     let slot = slot_of(label);
@@ -61,11 +62,23 @@ pub fn new_token(label: &str, user_pin: &str) -> Slot {
 }
 
 /// The slot of the token labelled `label`.
+/// SoftHSM answers GetTokenInfo with GeneralError for a slot another test is initialising at
+/// that moment: such a slot is asked again, for at most 5 s.
 pub fn slot_of(label: &str) -> Slot {
     let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
-    ctx.get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label() == label)
-        .unwrap()
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let found = ctx
+            .get_slots_with_initialized_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label() == label));
+        match found {
+            Some(slot) => return slot,
+            None if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            None => panic!("no SoftHSM token labelled {label}"),
+        }
+    }
 }
