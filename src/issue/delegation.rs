@@ -945,5 +945,395 @@ mod tests {
         let nb = OffsetDateTime::from_unix_timestamp(0).unwrap();
         let na = nb + ::time::Duration::seconds(90);
         assert_eq!(renew_point(nb, na), nb + ::time::Duration::seconds(60));
+        // Not counted from the epoch: a CA of today is renewed two thirds into its own life.
+        let nb = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let na = nb + ::time::Duration::seconds(300);
+        assert_eq!(renew_point(nb, na), nb + ::time::Duration::seconds(200));
+    }
+
+    #[test]
+    fn the_warning_comes_at_nine_tenths() {
+        let nb = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let na = nb + ::time::Duration::seconds(100);
+        assert_eq!(warn_point(nb, na), nb + ::time::Duration::seconds(90));
+    }
+
+    /// A CA without a pathlen signed by `parent` (self-signed without), valid from `from` to
+    /// `until` after now.
+    fn dated_ca(
+        cn: &str,
+        key: &KeyPair,
+        parent: Option<&Issuer<'_, KeyPair>>,
+        from: ::time::Duration,
+        until: ::time::Duration,
+    ) -> (Vec<u8>, rcgen::CertificateParams) {
+        let mut params = crate::pki::ca_params(cn, None, ::time::Duration::days(1));
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now + from;
+        params.not_after = now + until;
+        let der = match parent {
+            Some(parent) => params.signed_by(key, parent).unwrap().der().to_vec(),
+            None => params.self_signed(key).unwrap().der().to_vec(),
+        };
+        (der, params)
+    }
+
+    /// The loop that looks for the next certificate of the chain stops at nine (the CA, seven
+    /// CAs between, the root): a chain that long is built, a longer one is refused, and a
+    /// pool whose CAs sign each other in a circle ends in a refusal, not a hang.
+    #[test]
+    fn the_chain_to_the_root_is_looked_for_nine_certificates_deep() {
+        let day = ::time::Duration::days(1);
+        let ours = KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&ours);
+        // Fresh chains of a chosen length: root, `n` CAs, ours.
+        let chain_of = |n: usize| {
+            let root_key = KeyPair::generate().unwrap();
+            let (root, root_params) = dated_ca("root", &root_key, None, -day, day);
+            let mut parent = Issuer::new(root_params, root_key);
+            let mut pool = Vec::new();
+            for i in 0..n {
+                let key = KeyPair::generate().unwrap();
+                let (der, params) = dated_ca(&format!("ca {i}"), &key, Some(&parent), -day, day);
+                pool.push(CertificateDer::from(der));
+                parent = Issuer::new(params, key);
+            }
+            let mut params = crate::pki::ca_params("L3", Some(0), day);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let ours_der = params.signed_by(&ours, &parent).unwrap().der().to_vec();
+            (ours_der, pool, CertificateDer::from(root))
+        };
+        let (der, pool, root7) = chain_of(7);
+        let chain = check_answer(&[der], &pool, &root7, &spki, 0).unwrap();
+        assert_eq!(chain.len(), 9);
+        assert_eq!(chain.last(), Some(&root7));
+        let (der, pool, root8) = chain_of(8);
+        let e = check_answer(&[der], &pool, &root8, &spki, 0).unwrap_err();
+        assert!(
+            e.to_string().contains("no chain to the configured root"),
+            "{e}"
+        );
+        // The CAs between may come in the answer too, in any order.
+        let (der, mut pool, root7) = chain_of(7);
+        pool.reverse();
+        let answer: Vec<Vec<u8>> = std::iter::once(der)
+            .chain(pool.iter().map(|c| c.to_vec()))
+            .collect();
+        assert_eq!(
+            check_answer(&answer, &[], &root7, &spki, 0).unwrap().len(),
+            9
+        );
+        // Two CAs that sign each other: never the root.
+        let copy = |k: &KeyPair| KeyPair::from_pem(&k.serialize_pem()).unwrap();
+        let (a_key, b_key) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let a_params = crate::pki::ca_params("A", None, day);
+        let b_params = crate::pki::ca_params("B", None, day);
+        let a_by_b = a_params
+            .signed_by(&a_key, &Issuer::new(b_params.clone(), copy(&b_key)))
+            .unwrap();
+        let b_by_a = b_params
+            .signed_by(&b_key, &Issuer::new(a_params.clone(), copy(&a_key)))
+            .unwrap();
+        let mut params = crate::pki::ca_params("L3", Some(0), day);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ours_der = params
+            .signed_by(&ours, &Issuer::new(a_params, a_key))
+            .unwrap()
+            .der()
+            .to_vec();
+        let circle = [
+            CertificateDer::from(a_by_b.der().to_vec()),
+            CertificateDer::from(b_by_a.der().to_vec()),
+        ];
+        let e = check_answer(&[ours_der], &circle, &root7, &spki, 0).unwrap_err();
+        assert!(
+            e.to_string().contains("no chain to the configured root"),
+            "{e}"
+        );
+    }
+    /// The log lines written while `f` runs (WARN and above, no ANSI, no time).
+    fn warnings(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = sink.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    fn kept_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// `current.json` is written whole (0600, no temporary left) and read back as written;
+    /// nothing kept is no state, silently (a first start); an unreadable or malformed one is
+    /// no state either, with a warning. Earlier CAs are dropped by SHA-256, and only a change
+    /// is written.
+    #[test]
+    fn what_is_kept_is_replaced_whole_and_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let day = ::time::Duration::days(1);
+        let (a, _) = dated_ca("old a", &KeyPair::generate().unwrap(), None, -day, day);
+        let (b, _) = dated_ca("old b", &KeyPair::generate().unwrap(), None, -day, day);
+        let (a, b) = (CertificateDer::from(a), CertificateDer::from(b));
+
+        let quiet = warnings(|| assert!(read_kept(dir).is_none()));
+        assert_eq!(quiet, "", "a first start is no news");
+        assert!(!drop_previous(dir, &[crate::auth::chain::fingerprint(&a)]).unwrap());
+        assert!(kept_files(dir).is_empty(), "nothing kept: nothing written");
+
+        let kept = Kept {
+            chain: "chain".into(),
+            key: "key-2.pem".into(),
+            previous: vec![
+                pem_of(std::slice::from_ref(&a)),
+                pem_of(std::slice::from_ref(&b)),
+            ],
+            obtained: Some(1_700_000_000),
+        };
+        commit(dir, &kept).unwrap();
+        assert_eq!(kept_files(dir), [STATE_FILE]);
+        let mode = std::fs::metadata(dir.join(STATE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let read = read_kept(dir).unwrap();
+        assert_eq!(
+            (read.chain.as_str(), read.key.as_str(), read.obtained),
+            ("chain", "key-2.pem", Some(1_700_000_000))
+        );
+        assert_eq!(read.previous, kept.previous);
+        assert!(pem_of(std::slice::from_ref(&a)).starts_with("-----BEGIN CERTIFICATE-----\n"));
+        assert_eq!(
+            CertificateDer::from_pem_slice(pem_of(std::slice::from_ref(&a)).as_bytes()).unwrap(),
+            a
+        );
+
+        // A CA not kept: no change, nothing written.
+        let (c, _) = dated_ca("other", &KeyPair::generate().unwrap(), None, -day, day);
+        let before = std::fs::metadata(dir.join(STATE_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!drop_previous(dir, &[crate::auth::chain::fingerprint(&c)]).unwrap());
+        let after = std::fs::metadata(dir.join(STATE_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after);
+        // The first one dropped: the other stays, the rest as it was.
+        assert!(drop_previous(dir, &[crate::auth::chain::fingerprint(&a)]).unwrap());
+        let read = read_kept(dir).unwrap();
+        assert_eq!(read.previous, [pem_of(std::slice::from_ref(&b))]);
+        assert_eq!(
+            (read.chain.as_str(), read.key.as_str()),
+            ("chain", "key-2.pem")
+        );
+        assert_eq!(kept_files(dir), [STATE_FILE]);
+
+        // Malformed, unreadable: no state, said so.
+        std::fs::write(dir.join(STATE_FILE), "{ not json").unwrap();
+        let said = warnings(|| assert!(read_kept(dir).is_none()));
+        assert!(said.contains("malformed"), "{said}");
+        std::fs::remove_file(dir.join(STATE_FILE)).unwrap();
+        std::fs::create_dir(dir.join(STATE_FILE)).unwrap();
+        let said = warnings(|| assert!(read_kept(dir).is_none()));
+        assert!(said.contains("unreadable"), "{said}");
+    }
+
+    /// Key files `current.json` does not name go (orphans of an interrupted renewal, keys of
+    /// CAs replaced); its key, `current.json` and anything not named like a key stay.
+    #[test]
+    fn only_the_key_in_force_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        for name in [
+            "key-1.pem",
+            "key-2.pem",
+            "key-3.pem",
+            "notes.txt",
+            STATE_FILE,
+        ] {
+            std::fs::write(dir.join(name), name).unwrap();
+        }
+        let kept = Kept {
+            chain: String::new(),
+            key: "key-2.pem".into(),
+            previous: Vec::new(),
+            obtained: None,
+        };
+        remove_orphan_keys(dir, &kept);
+        assert_eq!(kept_files(dir), [STATE_FILE, "key-2.pem", "notes.txt"]);
+    }
+
+    /// What `load` makes of what was kept: the CA serves only if its chain ends with the
+    /// configured root (a root replaced in the configuration is a new enrollment), with the
+    /// key it names; earlier CAs only while they are valid.
+    #[test]
+    fn a_kept_ca_serves_only_below_the_configured_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let day = ::time::Duration::days(1);
+        let root_key = KeyPair::generate().unwrap();
+        let (root, root_params) = dated_ca("root", &root_key, None, -day, 2 * day);
+        let root_issuer = Issuer::new(root_params, root_key);
+        let ca_key = KeyPair::generate().unwrap();
+        let (ca, _) = dated_ca("L3", &ca_key, Some(&root_issuer), -day, day);
+        let (expired, _) = dated_ca("old", &KeyPair::generate().unwrap(), None, -2 * day, -day);
+        let (valid, _) = dated_ca("older", &KeyPair::generate().unwrap(), None, -day, day);
+        let (root, ca) = (CertificateDer::from(root), CertificateDer::from(ca));
+        let (expired, valid) = (CertificateDer::from(expired), CertificateDer::from(valid));
+        std::fs::write(dir.join("key-1.pem"), ca_key.serialize_pem()).unwrap();
+        let kept = Kept {
+            chain: pem_of(&[ca.clone(), root.clone()]),
+            key: "key-1.pem".into(),
+            previous: vec![pem_of(&[expired]), pem_of(std::slice::from_ref(&valid))],
+            obtained: Some(1_700_000_000),
+        };
+        commit(dir, &kept).unwrap();
+        let no_token = |_: &str, _: &str| -> Result<IssuerKey, String> { panic!("no token here") };
+
+        let loaded = load(dir, &pem_of(std::slice::from_ref(&root)), no_token);
+        let issuer = loaded.issuer.expect("the kept CA serves");
+        assert_eq!(issuer.chain(), [ca.clone(), root.clone()]);
+        assert_eq!(
+            loaded.previous,
+            std::slice::from_ref(&valid),
+            "the expired one is gone"
+        );
+        assert_eq!(
+            loaded.obtained,
+            Some(OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap())
+        );
+
+        // Another root configured: it does not serve (the earlier CAs still load).
+        let (other, _) = dated_ca("root", &KeyPair::generate().unwrap(), None, -day, day);
+        let loaded = load(dir, &pem_of(&[CertificateDer::from(other)]), no_token);
+        assert!(loaded.issuer.is_none());
+        assert_eq!(loaded.previous, [valid]);
+        // A key that is not the CA's: it does not serve.
+        std::fs::write(
+            dir.join("key-1.pem"),
+            KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        assert!(load(dir, &pem_of(std::slice::from_ref(&root)), no_token)
+            .issuer
+            .is_none());
+        // Nothing kept: nothing loaded.
+        let empty = tempfile::tempdir().unwrap();
+        let loaded = load(empty.path(), &pem_of(&[root]), no_token);
+        assert!(loaded.issuer.is_none() && loaded.previous.is_empty() && loaded.obtained.is_none());
+    }
+    /// `current.json` is the commit point, so the order on disk is the contract: the new
+    /// state is written to a temporary file and `fsync`ed, renamed over `current.json`, and the
+    /// directory is `fsync`ed after the rename (else a power cut can bring back the old
+    /// name). Observed with strace attached to this test's own thread.
+    #[test]
+    fn strace_shows_the_state_synced_before_and_the_directory_after_the_rename() {
+        use std::process::{Command, Stdio};
+        if Command::new("strace").arg("-V").output().is_err() {
+            assert!(
+                std::env::var("EDGE_EST_SKIP_MISSING_TOOLS").is_ok_and(|v| v == "1"),
+                "strace is not installed (apt-get install strace); set \
+                 EDGE_EST_SKIP_MISSING_TOOLS=1 to skip"
+            );
+            eprintln!("SKIPPED (EDGE_EST_SKIP_MISSING_TOOLS=1): strace of the commit");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        let trace = tmp.path().join("trace.txt");
+        let tid = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid = tid.file_name().unwrap().to_string_lossy().into_owned();
+        let mut strace = Command::new("strace")
+            .args([
+                "-qq",
+                "-y",
+                "-e",
+                "trace=fsync,fdatasync,rename,renameat,renameat2",
+            ])
+            .arg("-o")
+            .arg(&trace)
+            .args(["-p", &tid])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = format!("/proc/self/task/{tid}/status");
+        let traced = || {
+            std::fs::read_to_string(&status)
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+        };
+        let start = std::time::Instant::now();
+        while !traced() {
+            if let Ok(Some(exit)) = strace.try_wait() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(strace.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("strace could not attach ({exit}): {err}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "strace never attached"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let kept = Kept {
+            chain: "chain".into(),
+            key: "key-1.pem".into(),
+            previous: Vec::new(),
+            obtained: None,
+        };
+        commit(&dir, &kept).unwrap();
+        Command::new("kill")
+            .arg(strace.id().to_string())
+            .status()
+            .unwrap();
+        strace.wait().unwrap();
+        let text = std::fs::read_to_string(&trace).unwrap();
+        let state = dir.join(STATE_FILE).display().to_string();
+        let dir_text = dir.display().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
+        let synced_temporary = at(&|l: &str| {
+            l.starts_with("fsync(") && l.contains(&format!("<{state}.tmp")) && l.ends_with("= 0")
+        });
+        let renamed = at(&|l: &str| {
+            l.starts_with("rename") && l.contains(&format!("\"{state}\"")) && l.ends_with("= 0")
+        });
+        let synced_dir = at(&|l: &str| {
+            l.starts_with("fsync(") && l.contains(&format!("<{dir_text}>)")) && l.ends_with("= 0")
+        });
+        match (synced_temporary, renamed, synced_dir) {
+            (Some(a), Some(b), Some(c)) if a < b && b < c => {}
+            _ => panic!("expected fsync of the temporary, the rename, fsync of the directory, in that order:\n{text}"),
+        }
     }
 }

@@ -929,4 +929,135 @@ mod tests {
             );
         }
     }
+    /// Every kind of upstream failure, with texts that must not reach a child.
+    fn failures() -> Vec<(&'static str, UpstreamError)> {
+        let secret = "CN=ra-mid-layer user=mid-ra trust=plant-devices";
+        vec![
+            (
+                "unreachable",
+                UpstreamError::Unreachable {
+                    host: "gw:8085".into(),
+                    cause: "connection refused".into(),
+                    retry_after: 5,
+                },
+            ),
+            (
+                "timeout",
+                UpstreamError::Timeout {
+                    host: "gw:8085".into(),
+                    millis: 1500,
+                    retry_after: 5,
+                },
+            ),
+            (
+                "misconfigured",
+                UpstreamError::Misconfigured {
+                    host: "gw:8085".into(),
+                    problem: "it does not accept this layer's RA credentials",
+                    detail: secret.into(),
+                },
+            ),
+            (
+                "refused",
+                UpstreamError::Refused {
+                    status: StatusCode::FORBIDDEN,
+                    text: secret.into(),
+                },
+            ),
+            ("pending", UpstreamError::Pending { retry_after: None }),
+            (
+                "busy",
+                UpstreamError::Unavailable {
+                    host: "gw:8085".into(),
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    text: "try again in 3 s".into(),
+                    retry_after: None,
+                },
+            ),
+            (
+                "away above",
+                UpstreamError::Unavailable {
+                    host: "gw:8085".into(),
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    text: "the layer above (top:8085) is away".into(),
+                    retry_after: None,
+                },
+            ),
+            (
+                "broken above",
+                UpstreamError::Unavailable {
+                    host: "gw:8085".into(),
+                    status: StatusCode::BAD_GATEWAY,
+                    text: secret.into(),
+                    retry_after: None,
+                },
+            ),
+            ("malformed", UpstreamError::Malformed("not PKCS#7".into())),
+        ]
+    }
+
+    /// Only an upstream that could not be asked, did not answer in time, or said a layer
+    /// above it is away (503) lets an `auto` label sign in its stead: never a refusal (a
+    /// child refused above must not get a local certificate), a misconfiguration, a busy
+    /// upstream, a 202 or a malformed answer.
+    #[test]
+    fn only_an_outage_lets_a_label_sign_in_the_upstreams_stead() {
+        for (name, error) in failures() {
+            let outage = matches!(name, "unreachable" | "timeout");
+            assert_eq!(error.is_unreachable(), outage, "{name}");
+            let fallback = matches!(name, "unreachable" | "timeout" | "away above");
+            assert_eq!(error.allows_fallback(), fallback, "{name}");
+        }
+    }
+
+    /// What the child reads (the error's text) names the upstream by host and never repeats
+    /// what the layer above said about this layer (its RA's name, user, trust sets), but for
+    /// a 429 or 503, whose text an edge-est layer writes for the child; this layer's log gets
+    /// the upstream's text; the health of the upstream follows what it showed.
+    #[test]
+    fn relayed_errors_keep_the_upper_layers_reasons_to_this_layers_log() {
+        let secret = "CN=ra-mid-layer user=mid-ra trust=plant-devices";
+        for (name, error) in failures() {
+            let text = error.to_string();
+            assert!(!text.contains(secret), "{name}: {text}");
+            let logged = error.upstream_text();
+            match name {
+                "misconfigured" | "refused" | "broken above" => {
+                    assert_eq!(logged, Some(secret), "{name}")
+                }
+                "busy" => assert_eq!(logged, Some("try again in 3 s")),
+                "away above" => assert_eq!(logged, Some("the layer above (top:8085) is away")),
+                _ => assert_eq!(logged, None, "{name}"),
+            }
+            let outcome = format!("{:?}", error.outcome());
+            let expected = match name {
+                "unreachable" => "Away(\"connection refused\")".to_owned(),
+                "timeout" => "Away(\"no answer within 1500 ms\")".to_owned(),
+                "misconfigured" => format!(
+                    "Misconfigured(\"it does not accept this layer's RA credentials: {secret}\")"
+                ),
+                _ => "Answered".to_owned(),
+            };
+            assert_eq!(outcome, expected, "{name}");
+        }
+        let texts: Vec<(&str, String)> = failures()
+            .into_iter()
+            .map(|(name, e)| (name, e.to_string()))
+            .collect();
+        let text = |name: &str| texts.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        assert_eq!(text("busy"), "try again in 3 s");
+        assert_eq!(text("away above"), "the layer above (top:8085) is away");
+        assert_eq!(
+            text("broken above"),
+            "the layer above (gw:8085) is unavailable (502 Bad Gateway)"
+        );
+        assert_eq!(
+            text("refused"),
+            "refused by the layer above (403 Forbidden); this layer's log has its reason"
+        );
+        assert_eq!(
+            unavailable_text("gw:8085", StatusCode::INTERNAL_SERVER_ERROR, secret),
+            "the layer above (gw:8085) is unavailable (500 Internal Server Error)"
+        );
+    }
 }
