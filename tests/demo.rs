@@ -48,6 +48,26 @@ fn printed_chain(text: &str, heading: &str) -> Vec<String> {
         .collect()
 }
 
+/// `line` with each number (ports, times, counts) replaced by `#`.
+fn without_numbers(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            while chars
+                .peek()
+                .is_some_and(|d| d.is_ascii_digit() || *d == '.')
+            {
+                chars.next();
+            }
+            out.push('#');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[test]
 fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,6 +83,26 @@ fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
         assert!(text.contains(step), "{step} missing from:\n{text}");
     }
     assert_eq!(text.matches("verif").count(), 3, "{text}");
+
+    // What the README shows of it, ports and times aside.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let shown: Vec<&str> = readme
+        .split("## First thing to try")
+        .nth(1)
+        .and_then(|s| s.split("```text\n").nth(1))
+        .and_then(|s| s.split("\n```").next())
+        .unwrap()
+        .lines()
+        .collect();
+    assert!(shown.len() > 10, "{shown:?}");
+    let printed: Vec<String> = text.lines().map(without_numbers).collect();
+    for line in shown {
+        assert!(
+            printed.contains(&without_numbers(line)),
+            "the README shows a line the demo does not print:\n{line}\n{text}"
+        );
+    }
 
     // Provisioned: the root and the top's CA (with the TLS certificate it issued and the
     // children's password). The configurations give the middle and the bottom no CA files:
@@ -86,7 +126,10 @@ fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
         let config = config(&format!("{layer}.toml"));
         assert!(config.issuers.is_empty(), "{layer}: no CA files");
         let enrolled = &config.enrolled_issuers[layer];
-        assert_eq!((enrolled.enroll.as_str(), enrolled.path_len), (above, path_len));
+        assert_eq!(
+            (enrolled.enroll.as_str(), enrolled.path_len),
+            (above, path_len)
+        );
     }
     let mut files: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -147,18 +190,20 @@ fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
         "CN=top layer issuing CA",
         "CN=hierarchy root",
     ];
-    for (layer, heading, chain, path_len) in [
+    for (layer, heading, chain, path_len, dns) in [
         (
             "middle",
             "enrolled its CA from top (as module edgeest of gw-middle)",
             &middle_chain[..],
             2,
+            "DNSName(.plant.local)",
         ),
         (
             "bottom",
             "enrolled its CA from middle (as module edgeest of gw-bottom)",
             &bottom_chain[..],
             1,
+            "DNSName(.line3.plant.local)",
         ),
     ] {
         assert_eq!(printed_chain(&text, heading), chain, "{text}");
@@ -167,6 +212,21 @@ fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
         let subjects: Vec<&str> = certs.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(subjects, chain);
         assert_eq!(certs[0].1, Some(path_len), "{layer}");
+        let pem = std::fs::read(path(&file)).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let ca = pem.parse_x509().unwrap();
+        let permitted: Vec<String> = ca
+            .name_constraints()
+            .unwrap()
+            .unwrap()
+            .value
+            .permitted_subtrees
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|s| s.base.to_string())
+            .collect();
+        assert_eq!(permitted, [dns], "{layer}");
         let verify = sh(
             &format!("openssl verify -CAfile root.pem -untrusted {file} {file}"),
             dir.path(),
@@ -185,7 +245,11 @@ fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
     ] {
         let certs = pem_certs(&path(ra));
         assert_eq!(certs[0].0, "CN=edgeest");
-        let device = if ra.starts_with("middle") { "gw-middle" } else { "gw-bottom" };
+        let device = if ra.starts_with("middle") {
+            "gw-middle"
+        } else {
+            "gw-bottom"
+        };
         assert_eq!(certs[1], (format!("CN=aziot-edge CA {device}"), Some(0)));
         let verify = sh(
             &format!("cat {ra} {chain} > {ra}.chain && openssl verify -CAfile root.pem -untrusted {ra}.chain {ra}"),
@@ -237,7 +301,10 @@ fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
             granted("bottom layer issuing CA", "gw-bottom")
         ]
     );
-    assert_eq!(sub_cas("bottom"), [own("bottom layer issuing CA", "bottom")]);
+    assert_eq!(
+        sub_cas("bottom"),
+        [own("bottom layer issuing CA", "bottom")]
+    );
 }
 
 struct Serving(Vec<Child>);
@@ -421,5 +488,9 @@ fn a_relative_dir_keeps_private_keys_and_configurations_that_serve() {
         5,
         "the demo's four (no CA enrolled again), then the sub-CA of the positive control"
     );
-    assert_eq!(lines("bottom"), 5, "the demo's four, then device1 signed at the bottom");
+    assert_eq!(
+        lines("bottom"),
+        5,
+        "the demo's four, then device1 signed at the bottom"
+    );
 }

@@ -147,13 +147,14 @@ pub fn write_enrolling_configs(dir: &Path, port: u16) -> Result<[PathBuf; 3], St
     )
 }
 
-/// `lower`'s gateway device enrolls at the layer on `above` as IoT Edge does: its identity
+/// `lower`'s gateway device enrolls at the layer `above` as IoT Edge does: its identity
 /// (`DEVICE.pem`/`.key`) with Basic, then its Edge CA with that identity. Below the Edge CA it
 /// mints its `edgeest` module's certificate, the layer's RA credential: `NAME-ra.pem` (with
 /// the Edge CA) and `NAME-ra.key`.
-async fn enroll_gateway(dir: &Path, lower: &Lower, above: u16) -> Result<(), String> {
+async fn enroll_gateway(dir: &Path, lower: &Lower, above: &Layer) -> Result<(), String> {
+    let (layer, port) = (above.name.as_str(), above.addr.port());
     let device_key = KeyPair::generate().map_err(err)?;
-    let identity = child_client(dir, lower.device, above, None, true)?
+    let identity = child_client(dir, layer, port, None, true)?
         .enroll(None, &csr(lower.device, &device_key, false)?)
         .await
         .map_err(|e| format!("{}'s identity: {e}", lower.device))?;
@@ -166,13 +167,13 @@ async fn enroll_gateway(dir: &Path, lower: &Lower, above: u16) -> Result<(), Str
 
     let ca_key = KeyPair::generate().map_err(err)?;
     let edge_ca_name = format!("aziot-edge CA {}", lower.device);
-    let edge_ca = child_client(dir, lower.device, above, Some((&cert_file, &key_file)), false)?
+    let edge_ca = child_client(dir, layer, port, Some((&cert_file, &key_file)), false)?
         .enroll(None, &csr(&edge_ca_name, &ca_key, true)?)
         .await
         .map_err(|e| format!("{}'s Edge CA: {e}", lower.device))?;
     let edge_ca = edge_ca[0].clone();
-    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(edge_ca.clone()), ca_key)
-        .map_err(err)?;
+    let issuer =
+        Issuer::from_ca_cert_der(&CertificateDer::from(edge_ca.clone()), ca_key).map_err(err)?;
     let module_key = KeyPair::generate().map_err(err)?;
     let mut module = leaf_params(
         "edgeest",
@@ -205,7 +206,7 @@ async fn start_lower(
     below: Option<&Lower>,
     root_pem: &str,
 ) -> Result<Layer, String> {
-    enroll_gateway(dir, lower, above.addr.port()).await?;
+    enroll_gateway(dir, lower, above).await?;
     let started = Instant::now();
     let config = config_from(&layer_text(Some((lower, above.addr.port())), below));
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -229,10 +230,9 @@ async fn start_lower(
     let took = started.elapsed();
     let kept = delegation::read_kept(&state)
         .ok_or_else(|| format!("{}: the enrolled CA is not kept", lower.name))?;
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(kept.chain.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(kept.chain.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
     let root = CertificateDer::from_pem_slice(root_pem.as_bytes()).map_err(err)?;
     let (ca, above_ca) = chain
         .split_first()
@@ -294,8 +294,7 @@ pub async fn run(dir: &Path, config_port: u16) -> Result<(), String> {
     let expected = [(&top, 3, 1), (&middle, 4, 2), (&bottom, 4, 1)];
     let mut wrong = Vec::new();
     for (layer, entries, cas) in expected {
-        let journal =
-            crate::journal::Journal::read_all(layer.app.journal().path()).map_err(err)?;
+        let journal = crate::journal::Journal::read_all(layer.app.journal().path()).map_err(err)?;
         let who: Vec<String> = journal
             .iter()
             .map(|e| match e.profile.as_str() {
