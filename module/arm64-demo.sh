@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The arm64v8 binary of the module image, cross-built on this x86_64 machine with Debian's
-# toolchain, runs `edge-est demo` (a three-layer hierarchy on loopback: enrollment forwarded
-# twice, an Edge CA, a renewal) under qemu-user. No Docker needed.
+# toolchain, runs `edge-est demo` (a three-layer hierarchy on loopback whose middle and bottom
+# layers enroll their CAs from the layer above; a child's identity, Edge CA and renewal signed
+# at the bottom) under qemu-user. No Docker needed.
 #
 #   module/arm64-demo.sh            # builds (module/build-image.sh --platform arm64v8
 #                                   # --context-only), then runs the demo under qemu-aarch64

@@ -1,15 +1,21 @@
-//! `edge-est demo`: a three-layer hierarchy on loopback, in one process. The top layer signs
-//! with its delegated intermediate, the two below forward as registration authorities; then a
-//! child IoT Edge device at the bottom enrolls its identity and Edge CA certificates, renews,
-//! and every chain is verified against the root.
+//! `edge-est demo`: a three-layer hierarchy on loopback, in one process ([`enrolling`]). Only
+//! the root and the top layer's CA are provisioned; the middle and bottom layers enroll their
+//! issuing CAs from the layer above at start; then a child IoT Edge device at the bottom
+//! enrolls its identity and Edge CA certificates, renews, and every chain is verified against
+//! the root.
 //!
-//! The PKI and configurations are built here so that the integration tests of layered
-//! deployments start from the same hierarchy.
+//! The file-provisioned hierarchy the integration tests of layered deployments start from is
+//! built here too ([`write_pki`], [`top_config`], [`forward_config`], [`start_hierarchy`]):
+//! the top signs with its delegated intermediate, the two below forward as registration
+//! authorities with credentials of a dedicated RA CA.
+
+mod enrolling;
+
+pub use enrolling::{run, write_enrolling_configs};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -46,31 +52,65 @@ fn err(e: impl std::fmt::Display) -> String {
 ///   `layer3-ra.pem`/`.key` (clientAuth + id-kp-cmcRA);
 /// - `child-password`: the bottom layer's Basic password for children.
 pub fn write_pki(dir: &Path) -> Result<(), String> {
-    let write = |name: &str, text: &str| {
-        if name.ends_with(".key") || name == "child-password" {
-            write_private(&dir.join(name), text)
-        } else {
-            std::fs::write(dir.join(name), text).map_err(err)
-        }
-    };
+    let root_issuer = write_root_and_top(dir, 1)?;
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = ca_params("lower layer issuing CA", Some(1), TEN_YEARS)
+        .signed_by(&key, &root_issuer)
+        .map_err(err)?;
+    let root = std::fs::read_to_string(dir.join("root.pem")).map_err(err)?;
+    write_file(dir, "auto-ca.pem", &format!("{}{root}", cert.pem()))?;
+    write_file(dir, "auto-ca.key", &key.serialize_pem())?;
+
+    let ra_key = KeyPair::generate().map_err(err)?;
+    let ra_params = ca_params("RA credentials CA", Some(0), TEN_YEARS);
+    let ra_cert = ra_params.self_signed(&ra_key).map_err(err)?;
+    let ra_issuer = Issuer::new(ra_params, ra_key);
+    write_file(dir, "ra-ca.pem", &ra_cert.pem())?;
+    for layer in ["layer2-ra", "layer3-ra"] {
+        let key = KeyPair::generate().map_err(err)?;
+        let cmc_ra = ExtendedKeyUsagePurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 28]);
+        let cert = leaf_params(
+            layer,
+            vec![ExtendedKeyUsagePurpose::ClientAuth, cmc_ra],
+            ONE_YEAR,
+        )
+        .signed_by(&key, &ra_issuer)
+        .map_err(err)?;
+        write_file(dir, &format!("{layer}.pem"), &cert.pem())?;
+        write_file(dir, &format!("{layer}.key"), &key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+/// Writes `name` in `dir`: private (0600) for keys and the password, readable otherwise.
+fn write_file(dir: &Path, name: &str, text: &str) -> Result<(), String> {
+    if name.ends_with(".key") || name == "child-password" {
+        write_private(&dir.join(name), text)
+    } else {
+        std::fs::write(dir.join(name), text).map_err(err)
+    }
+}
+
+/// Writes what every variant of the hierarchy starts from: `root.pem` (its key not kept, the
+/// returned issuer aside), `top-ca.pem`/`.key` (the top layer's issuing CA, `top_path_len`,
+/// chain with the root), `server.pem`/`.key` (TLS of every layer, `localhost` and
+/// `127.0.0.1`, issued by the top's CA) and `child-password`.
+fn write_root_and_top(dir: &Path, top_path_len: u8) -> Result<Issuer<'static, KeyPair>, String> {
     let root_key = KeyPair::generate().map_err(err)?;
     let root_params = ca_params("hierarchy root", None, TEN_YEARS);
     let root = root_params.self_signed(&root_key).map_err(err)?;
     let root_issuer = Issuer::new(root_params, root_key);
 
-    let intermediate = |cn: &str, file: &str| -> Result<Issuer<'static, KeyPair>, String> {
-        let key = KeyPair::generate().map_err(err)?;
-        let params = ca_params(cn, Some(1), TEN_YEARS);
-        let cert = params.signed_by(&key, &root_issuer).map_err(err)?;
-        write(
-            &format!("{file}.pem"),
-            &format!("{}{}", cert.pem(), root.pem()),
-        )?;
-        write(&format!("{file}.key"), &key.serialize_pem())?;
-        Ok(Issuer::new(params, key))
-    };
-    let top = intermediate("top layer issuing CA", "top-ca")?;
-    intermediate("lower layer issuing CA", "auto-ca")?;
+    let top_key = KeyPair::generate().map_err(err)?;
+    let top_params = ca_params("top layer issuing CA", Some(top_path_len), TEN_YEARS);
+    let top_cert = top_params.signed_by(&top_key, &root_issuer).map_err(err)?;
+    write_file(
+        dir,
+        "top-ca.pem",
+        &format!("{}{}", top_cert.pem(), root.pem()),
+    )?;
+    write_file(dir, "top-ca.key", &top_key.serialize_pem())?;
+    let top = Issuer::new(top_params, top_key);
 
     let server_key = KeyPair::generate().map_err(err)?;
     let mut server = leaf_params(
@@ -83,35 +123,15 @@ pub fn write_pki(dir: &Path) -> Result<(), String> {
         SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
     ];
     let server_cert = server.signed_by(&server_key, &top).map_err(err)?;
-    let top_pem = std::fs::read_to_string(dir.join("top-ca.pem")).map_err(err)?;
-    let top_only = top_pem
-        .split_inclusive("-----END CERTIFICATE-----\n")
-        .next()
-        .unwrap_or_default();
-    write("server.pem", &format!("{}{top_only}", server_cert.pem()))?;
-    write("server.key", &server_key.serialize_pem())?;
-    write("root.pem", &root.pem())?;
-
-    let ra_key = KeyPair::generate().map_err(err)?;
-    let ra_params = ca_params("RA credentials CA", Some(0), TEN_YEARS);
-    let ra_cert = ra_params.self_signed(&ra_key).map_err(err)?;
-    let ra_issuer = Issuer::new(ra_params, ra_key);
-    write("ra-ca.pem", &ra_cert.pem())?;
-    for layer in ["layer2-ra", "layer3-ra"] {
-        let key = KeyPair::generate().map_err(err)?;
-        let cmc_ra = ExtendedKeyUsagePurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 28]);
-        let cert = leaf_params(
-            layer,
-            vec![ExtendedKeyUsagePurpose::ClientAuth, cmc_ra],
-            ONE_YEAR,
-        )
-        .signed_by(&key, &ra_issuer)
-        .map_err(err)?;
-        write(&format!("{layer}.pem"), &cert.pem())?;
-        write(&format!("{layer}.key"), &key.serialize_pem())?;
-    }
-    write("child-password", CHILD_PASSWORD)?;
-    Ok(())
+    write_file(
+        dir,
+        "server.pem",
+        &format!("{}{}", server_cert.pem(), top_cert.pem()),
+    )?;
+    write_file(dir, "server.key", &server_key.serialize_pem())?;
+    write_file(dir, "root.pem", &root.pem())?;
+    write_file(dir, "child-password", CHILD_PASSWORD)?;
+    Ok(root_issuer)
 }
 
 /// Writes a file only its owner may read (mode 0600 on unix), replacing any earlier one.
@@ -236,19 +256,26 @@ ca_common_names = ["aziot-edge CA {{cn}}"]
 /// it), for `edge-est serve --config`.
 pub fn write_configs(dir: &Path, port: u16) -> Result<[PathBuf; 3], String> {
     let [top, middle, bottom] = [port, port + 1, port + 2];
-    let files = [
-        ("top.toml", top, TOP_CONFIG.to_owned()),
-        (
-            "middle.toml",
-            middle,
-            forward_config_text("middle", top, "layer2-ra", Some("layer3-ra")),
-        ),
-        (
-            "bottom.toml",
-            bottom,
-            forward_config_text("bottom", middle, "layer3-ra", None),
-        ),
-    ];
+    write_config_files(
+        dir,
+        [
+            ("top.toml", top, TOP_CONFIG.to_owned()),
+            (
+                "middle.toml",
+                middle,
+                forward_config_text("middle", top, "layer2-ra", Some("layer3-ra")),
+            ),
+            (
+                "bottom.toml",
+                bottom,
+                forward_config_text("bottom", middle, "layer3-ra", None),
+            ),
+        ],
+    )
+}
+
+/// Writes each (file name, port, configuration text) in `dir`, listening on that port.
+fn write_config_files(dir: &Path, files: [(&str, u16, String); 3]) -> Result<[PathBuf; 3], String> {
     let mut written = Vec::new();
     for (name, port, text) in files {
         let text = format!(
@@ -339,10 +366,11 @@ pub async fn start_hierarchy(dir: &Path) -> Result<[Layer; 3], String> {
     Ok([top, middle, bottom])
 }
 
-/// An EST client for the demo's child device: edge-est's own upstream client, pointed at the
-/// bottom layer with the child's credentials.
+/// An EST client for a device of the demo: edge-est's own upstream client, pointed at the
+/// layer `layer` on `port` with the device's credentials.
 fn child_client(
     dir: &Path,
+    layer: &str,
     port: u16,
     identity: Option<(&str, &str)>,
     basic: bool,
@@ -368,7 +396,7 @@ fn child_client(
         retry_after_secs: 1,
         probe_max_secs: 5,
     };
-    Upstream::new("bottom layer", &config, dir).map_err(err)
+    Upstream::new(layer, &config, dir).map_err(err)
 }
 
 fn csr(cn: &str, key: &KeyPair, ca: bool) -> Result<Vec<u8>, String> {
@@ -437,158 +465,6 @@ fn write_pem(dir: &Path, name: &str, ders: &[&[u8]]) -> Result<PathBuf, String> 
 
 /// The first port of the configurations the demo writes (then +1, +2).
 pub const CONFIG_PORT: u16 = 18085;
-
-/// Runs the demo in `dir`; prints each step, its time and its chain. The configurations it
-/// leaves listen on `config_port` and the two ports after it.
-pub async fn run(dir: &Path, config_port: u16) -> Result<(), String> {
-    let started = Instant::now();
-    write_pki(dir)?;
-    let configs = write_configs(dir, config_port)?;
-    let layers = start_hierarchy(dir).await?;
-    let [top, middle, bottom] = &layers;
-    println!("hierarchy on loopback (PKI in {}):", dir.display());
-    println!(
-        "  top     https://localhost:{}  signs with \"top layer issuing CA\"",
-        top.addr.port()
-    );
-    println!(
-        "  middle  https://localhost:{}  forwards to top as RA layer2-ra",
-        middle.addr.port()
-    );
-    println!(
-        "  bottom  https://localhost:{}  forwards to middle as RA layer3-ra",
-        bottom.addr.port()
-    );
-    println!(
-        "  ready in {:.0} ms\n",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    let root = std::fs::read_to_string(dir.join("root.pem")).map_err(err)?;
-    let port = bottom.addr.port();
-
-    // Each issuance as IoT Edge does it: simpleenroll and cacerts at once.
-    let issue = |client: Upstream, csr_der: Vec<u8>| async move {
-        let t = Instant::now();
-        let (enrolled, cacerts) = tokio::join!(client.enroll(None, &csr_der), client.cacerts(None));
-        let enrolled = enrolled.map_err(err)?;
-        let cacerts = cacerts.map_err(err)?;
-        Ok::<_, String>((enrolled, cacerts, t.elapsed()))
-    };
-    let step = |title: &str,
-                leaf: &[u8],
-                cacerts: &[CertificateDer<'static>],
-                took: Duration|
-     -> Result<(), String> {
-        verify(leaf, cacerts, &root)?;
-        println!(
-            "{title}: {:.1} ms, chain verified against the root",
-            took.as_secs_f64() * 1000.0
-        );
-        println!("    {}", subject_of(leaf));
-        for c in cacerts {
-            println!("    {}", subject_of(c));
-        }
-        Ok(())
-    };
-
-    let device_key = KeyPair::generate().map_err(err)?;
-    let (certs, cacerts, took) = issue(
-        child_client(dir, port, None, true)?,
-        csr("child-device", &device_key, false)?,
-    )
-    .await?;
-    step(
-        "1. device identity (Basic at the bottom, forwarded twice)",
-        &certs[0],
-        &cacerts,
-        took,
-    )?;
-    write_pem(dir, "child-device.pem", &[&certs[0]])?;
-    write_private(&dir.join("child-device.key"), &device_key.serialize_pem())?;
-
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(err)?;
-    let as_device = child_client(
-        dir,
-        port,
-        Some(("child-device.pem", "child-device.key")),
-        false,
-    )?;
-    let (certs, cacerts, took) =
-        issue(as_device, csr("aziot-edge CA child-device", &ca_key, true)?).await?;
-    // A CA is not an end entity: prove the Edge CA works as IoT Edge uses it, by issuing a
-    // module certificate with it and verifying that through the Edge CA to the root.
-    let edge_ca =
-        Issuer::from_ca_cert_der(&CertificateDer::from(certs[0].clone()), ca_key).map_err(err)?;
-    let module_key = KeyPair::generate().map_err(err)?;
-    let module = leaf_params(
-        "edgeHub",
-        vec![ExtendedKeyUsagePurpose::ClientAuth],
-        ONE_YEAR,
-    )
-    .signed_by(&module_key, &edge_ca)
-    .map_err(err)?;
-    let mut through_edge_ca = vec![CertificateDer::from(certs[0].clone())];
-    through_edge_ca.extend(cacerts.iter().cloned());
-    verify(module.der(), &through_edge_ca, &root).map_err(|e| format!("Edge CA: {e}"))?;
-    println!(
-        "2. Edge CA (authenticated by the device certificate): {:.1} ms, a module certificate it issues verifies against the root",
-        took.as_secs_f64() * 1000.0
-    );
-    println!("    {}", subject_of(&certs[0]));
-    for c in &cacerts {
-        println!("    {}", subject_of(c));
-    }
-
-    let renewal_key = KeyPair::generate().map_err(err)?;
-    let as_device = child_client(
-        dir,
-        port,
-        Some(("child-device.pem", "child-device.key")),
-        false,
-    )?;
-    let (certs, cacerts, took) =
-        issue(as_device, csr("child-device", &renewal_key, false)?).await?;
-    step(
-        "3. renewal with a new key (simpleenroll with the current certificate)",
-        &certs[0],
-        &cacerts,
-        took,
-    )?;
-
-    let top_journal = crate::journal::Journal::read_all(top.app.journal().path()).map_err(err)?;
-    let bottom_journal =
-        crate::journal::Journal::read_all(bottom.app.journal().path()).map_err(err)?;
-    println!("\njournals (who asked each layer, as that layer authenticated it):");
-    for (name, journal) in [("top", &top_journal), ("bottom", &bottom_journal)] {
-        println!(
-            "  {name:<7} {} entries: {}",
-            journal.len(),
-            who_asked(journal.iter().map(|e| e.identity.as_str()))
-        );
-    }
-    if top_journal.len() != 3 || bottom_journal.len() != 3 {
-        return Err("the journals do not hold the three certificates".into());
-    }
-    for layer in layers {
-        layer.stop().await;
-    }
-    let name = |p: &PathBuf| p.display().to_string();
-    println!(
-        "\nconfigurations: {} (127.0.0.1:{config_port}), {} (:{}), {} (:{}); run each with\n  \
-         edge-est serve --config {}",
-        name(&configs[0]),
-        name(&configs[1]),
-        config_port + 1,
-        name(&configs[2]),
-        config_port + 2,
-        name(&configs[0]),
-    );
-    println!(
-        "demo passed in {:.0} ms",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    Ok(())
-}
 
 /// `a, b ×2` for the identities `a, b, b` (runs of the same identity counted).
 fn who_asked<'a>(identities: impl Iterator<Item = &'a str>) -> String {

@@ -54,8 +54,10 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
     },
-    /// Starts a three-layer hierarchy on loopback and enrolls a child IoT Edge device
-    /// through it: identity certificate, Edge CA, renewal. Exits non-zero on any failure.
+    /// Starts a three-layer hierarchy on loopback from a root and the top layer's CA (the
+    /// middle and bottom layers enroll their own CAs from the layer above) and enrolls a
+    /// child IoT Edge device at the bottom: identity certificate, Edge CA, renewal. Exits
+    /// non-zero on any failure.
     Demo {
         /// Where to keep the generated PKI, configurations and journals (default: a new
         /// directory in the system's temporary directory).

@@ -15,7 +15,7 @@ use common::client::{
 };
 use common::pki::Credential;
 use common::softhsm::SOFTHSM;
-use common::{openssl_verify, Pki, TestServer, PASSWORD, USER};
+use common::{openssl_verify, plant_config, Pki, TestServer, PASSWORD, USER};
 use edge_est::config::Config;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -39,6 +39,59 @@ fn ca_csr(cn: &str, key: &KeyPair, path_len: Option<u8>) -> Vec<u8> {
 
 fn as_holder(addr: std::net::SocketAddr, root: &str, who: &Credential) -> EstClient {
     EstClient::new(addr, root, Some((&who.cert_pem, &who.key_pem)))
+}
+
+/// `simpleenroll` of `csr` at `addr` with `who`'s certificate.
+async fn ask_as(addr: std::net::SocketAddr, root: &str, who: &Credential, csr: Vec<u8>) -> Answer {
+    post(&as_holder(addr, root, who), "simpleenroll", &[], csr).await
+}
+
+/// The CA `cn` (`path_len` asked for, key `key`) granted to `who` at `addr`.
+async fn ca_of(
+    addr: std::net::SocketAddr,
+    root: &str,
+    who: &Credential,
+    cn: &str,
+    key: &KeyPair,
+    path_len: Option<u8>,
+) -> Vec<u8> {
+    leaf_of(&ask_as(addr, root, who, ca_csr(cn, key, path_len)).await)
+}
+
+/// Device `cn` enrolled with Basic: its certificate and key.
+async fn device(addr: std::net::SocketAddr, root: &str, cn: &str) -> Credential {
+    let key = KeyPair::generate().unwrap();
+    let answer = post(
+        &EstClient::new(addr, root, None),
+        "simpleenroll",
+        &[basic(USER, PASSWORD)],
+        csr(cn, &key, |_| {}),
+    )
+    .await;
+    Credential {
+        cert_pem: to_pem(&leaf_of(&answer)),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// A test's directory with a P-256 PKI in it; `root` is the root's PEM.
+struct Plant {
+    temp: tempfile::TempDir,
+    pki: Pki,
+    root: String,
+}
+
+impl Plant {
+    fn new() -> Plant {
+        let temp = tempfile::tempdir().unwrap();
+        let pki = Pki::generate_p256(temp.path());
+        let root = pki.root.cert_pem.clone();
+        Plant { temp, pki, root }
+    }
+
+    fn dir(&self) -> &Path {
+        self.temp.path()
+    }
 }
 
 /// A CA obtained over EST, with its key: mints what is signed below it.
@@ -74,25 +127,6 @@ impl HeldCa {
     }
 }
 
-fn config_text(pki: &Pki, body: &str) -> Config {
-    let text = format!(
-        r#"
-journal = "journal.jsonl"
-[tls]
-certificate = "server.pem"
-key = "server.key"
-[users]
-estuser = "{hash}"
-[issuers.plant]
-certificate = "issuing-ca.pem"
-key = "issuing-ca.key"
-{body}
-"#,
-        hash = pki.password_hash
-    );
-    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
 /// The top layer's label: devices enroll with Basic, get their Edge CA in their own name, and
 /// module `edgeest` of gw-mid is the middle layer's RA with a sub-CA allowance (`sub_ca`).
 fn top_rules(sub_ca: &str) -> String {
@@ -122,33 +156,21 @@ dns_names = ["*.l3.plant.local", "gw-mid.plant.local"]
 
 /// Enrolls device `device` with Basic, obtains its Edge CA with that certificate, and mints
 /// its `edgeest` module's certificate below it: the RA credential of a lower layer.
-async fn module_of(addr: std::net::SocketAddr, root: &str, device: &str) -> Credential {
-    let anonymous = EstClient::new(addr, root, None);
+async fn module_of(addr: std::net::SocketAddr, root: &str, name: &str) -> Credential {
+    let identity = device(addr, root, name).await;
     let key = KeyPair::generate().unwrap();
-    let cert = leaf_of(
-        &post(
-            &anonymous,
-            "simpleenroll",
-            &[basic(USER, PASSWORD)],
-            csr(device, &key, |_| {}),
-        )
-        .await,
-    );
-    let device_cred = Credential {
-        cert_pem: to_pem(&cert),
-        key_pem: key.serialize_pem(),
-    };
-    let key = KeyPair::generate().unwrap();
-    let edge_ca = leaf_of(
-        &post(
-            &as_holder(addr, root, &device_cred),
-            "simpleenroll",
-            &[],
-            ca_csr(&format!("aziot-edge CA {device}"), &key, Some(0)),
-        )
-        .await,
-    );
+    let edge_ca_name = format!("aziot-edge CA {name}");
+    let edge_ca = ca_of(addr, root, &identity, &edge_ca_name, &key, Some(0)).await;
     HeldCa::new(edge_ca, key).mint("edgeest", |_| {})
+}
+
+/// A top layer whose RA rule for gw-mid grants the sub-CA `sub_ca` (TOML of `sub_ca`): its
+/// configuration, the server, and gw-mid's RA credential (its `edgeest` module).
+async fn granting_top(dir: &Path, pki: &Pki, sub_ca: &str) -> (Config, TestServer, Credential) {
+    let config = plant_config(pki, &top_rules(sub_ca));
+    let top = TestServer::start(dir, &config).await;
+    let ra = module_of(top.addr, &pki.root.cert_pem, "gw-mid").await;
+    (config, top, ra)
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -179,31 +201,19 @@ fn verifies(dir: &Path, name: &str, chain_pem: &str, issuing_pem: &str) -> bool 
 /// name outside, or an IP address, does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ra_gets_a_name_constrained_sub_ca_and_what_it_mints_outside_fails() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let config = config_text(
-        &pki,
-        &top_rules(
-            r#"common_names = ["L3 issuing CA gw-mid"]
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (_, server, ra) = granting_top(
+        dir,
+        pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
 max_path_len = 0
 max_validity_days = 7"#,
-        ),
-    );
-    let server = TestServer::start(dir, &config).await;
-    let ra = module_of(server.addr, &root, "gw-mid").await;
+    )
+    .await;
 
     let key = KeyPair::generate().unwrap();
-    let der = leaf_of(
-        &post(
-            &as_holder(server.addr, &root, &ra),
-            "simpleenroll",
-            &[],
-            ca_csr("L3 issuing CA gw-mid", &key, None),
-        )
-        .await,
-    );
+    let der = ca_of(server.addr, root, &ra, "L3 issuing CA gw-mid", &key, None).await;
     {
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         let bc = cert.basic_constraints().unwrap().unwrap().value;
@@ -272,29 +282,25 @@ max_validity_days = 7"#,
 /// without them fails openssl verify, one with them passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_name_subtree_binds_the_subjects_below() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let config = config_text(
-        &pki,
-        &top_rules(
-            r#"common_names = ["L3 issuing CA gw-mid"]
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (_, server, ra) = granting_top(
+        dir,
+        pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
 directory_name = "O=Contoso,OU=Line 3""#,
-        ),
-    );
-    let server = TestServer::start(dir, &config).await;
-    let ra = module_of(server.addr, &root, "gw-mid").await;
+    )
+    .await;
     let key = KeyPair::generate().unwrap();
-    let der = leaf_of(
-        &post(
-            &as_holder(server.addr, &root, &ra),
-            "simpleenroll",
-            &[],
-            ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
-        )
-        .await,
-    );
+    let der = ca_of(
+        server.addr,
+        root,
+        &ra,
+        "L3 issuing CA gw-mid",
+        &key,
+        Some(0),
+    )
+    .await;
     let sub = HeldCa::new(der, key);
     let issuing = pki.issuing.cert_pem.clone();
     let subject = |o: &'static str, ou: &'static str| {
@@ -321,54 +327,49 @@ directory_name = "O=Contoso,OU=Line 3""#,
 /// bounds) is granted on the same server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_beyond_the_allowance_is_refused() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
     // The issuing CA has pathlen 1: a rule allowing 1 below it still cannot get 1.
-    let config = config_text(
-        &pki,
-        &top_rules(
-            r#"common_names = ["L3 issuing CA gw-mid"]
+    let (_, server, ra) = granting_top(
+        dir,
+        pki,
+        r#"common_names = ["L3 issuing CA gw-mid"]
 max_path_len = 1
 max_validity_days = 36500"#,
-        ),
-    );
-    let server = TestServer::start(dir, &config).await;
-    let ra = module_of(server.addr, &root, "gw-mid").await;
-    let as_ra = as_holder(server.addr, &root, &ra);
+    )
+    .await;
     let key = KeyPair::generate().unwrap();
 
-    let answer = post(
-        &as_ra,
-        "simpleenroll",
-        &[],
+    let answer = ask_as(
+        server.addr,
+        root,
+        &ra,
         ca_csr("L3 issuing CA gw-mid", &key, Some(2)),
     )
     .await;
     refused(&answer, 403, "asks for a CA with pathlen 2");
     refused(&answer, 403, "module of device gw-mid");
     refused(&answer, 403, "pathlen 1 at most");
-    let answer = post(
-        &as_ra,
-        "simpleenroll",
-        &[],
+    let answer = ask_as(
+        server.addr,
+        root,
+        &ra,
         ca_csr("L3 issuing CA gw-mid", &key, Some(1)),
     )
     .await;
     refused(&answer, 403, "issuing CA (pathlen 1) cannot sign");
-    let answer = post(
-        &as_ra,
-        "simpleenroll",
-        &[],
+    let answer = ask_as(
+        server.addr,
+        root,
+        &ra,
         ca_csr("L4 issuing CA gw-mid", &key, Some(0)),
     )
     .await;
     refused(&answer, 403, "CN=\"L4 issuing CA gw-mid\" is not allowed");
-    let answer = post(
-        &as_ra,
-        "simpleenroll",
-        &[],
+    let answer = ask_as(
+        server.addr,
+        root,
+        &ra,
         csr("L3 issuing CA gw-mid", &key, |p| {
             p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
             p.subject_alt_names = vec![SanType::DnsName("gw-top.plant.local".try_into().unwrap())];
@@ -378,36 +379,12 @@ max_validity_days = 36500"#,
     refused(&answer, 403, "gw-top.plant.local is not allowed");
 
     // The device gw-mid itself, and another device's edgeest module: not the RA.
-    let anonymous = EstClient::new(server.addr, &root, None);
-    let device_key = KeyPair::generate().unwrap();
-    let device = Credential {
-        cert_pem: to_pem(&leaf_of(
-            &post(
-                &anonymous,
-                "simpleenroll",
-                &[basic(USER, PASSWORD)],
-                csr("gw-mid", &device_key, |_| {}),
-            )
-            .await,
-        )),
-        key_pem: device_key.serialize_pem(),
-    };
-    let answer = post(
-        &as_holder(server.addr, &root, &device),
-        "simpleenroll",
-        &[],
-        ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
-    )
-    .await;
+    let within_bounds = || ca_csr("L3 issuing CA gw-mid", &key, Some(0));
+    let gw_mid = device(server.addr, root, "gw-mid").await;
+    let answer = ask_as(server.addr, root, &gw_mid, within_bounds()).await;
     refused(&answer, 403, "CN=\"L3 issuing CA gw-mid\" is not allowed");
-    let other = module_of(server.addr, &root, "gw-other").await;
-    let answer = post(
-        &as_holder(server.addr, &root, &other),
-        "simpleenroll",
-        &[],
-        ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
-    )
-    .await;
+    let other = module_of(server.addr, root, "gw-other").await;
+    let answer = ask_as(server.addr, root, &other, within_bounds()).await;
     assert!(
         matches!(answer.status, 401 | 403),
         "{}: {}",
@@ -416,24 +393,16 @@ max_validity_days = 36500"#,
     );
     // Basic users never get one either.
     let answer = post(
-        &anonymous,
+        &EstClient::new(server.addr, root, None),
         "simpleenroll",
         &[basic(USER, PASSWORD)],
-        ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
+        within_bounds(),
     )
     .await;
     refused(&answer, 403, "may not obtain a CA certificate");
 
     // Positive control: the RA within bounds. The validity is capped by the issuer's.
-    let der = leaf_of(
-        &post(
-            &as_ra,
-            "simpleenroll",
-            &[],
-            ca_csr("L3 issuing CA gw-mid", &key, Some(0)),
-        )
-        .await,
-    );
+    let der = leaf_of(&ask_as(server.addr, root, &ra, within_bounds()).await);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     let issuing_der =
         rustls::pki_types::CertificateDer::from_pem_slice(pki.issuing.cert_pem.as_bytes()).unwrap();
@@ -452,7 +421,7 @@ fn sub_ca_rules_that_cannot_be_enforced_are_refused() {
     let temp = tempfile::tempdir().unwrap();
     let pki = Pki::generate_p256(temp.path());
     let check = |rule: &str| -> Result<(), String> {
-        let config = config_text(
+        let config = plant_config(
             &pki,
             &format!(
                 r#"
@@ -606,18 +575,60 @@ dns_names = ["*.l3.plant.local"]
 /// A top layer whose RA rule for gw-mid grants a sub-CA of `validity` (TOML of `sub_ca`), and
 /// gw-mid's RA credential written for the middle (mid-ra.pem, mid-ra.key).
 async fn top_and_ra(dir: &Path, pki: &Pki, sub_ca: &str) -> (Config, TestServer) {
-    let config = config_text(pki, &top_rules(sub_ca));
-    let top = TestServer::start(dir, &config).await;
-    let ra = module_of(top.addr, &pki.root.cert_pem, "gw-mid").await;
+    let (config, top, ra) = granting_top(dir, pki, sub_ca).await;
     write(dir, "mid-ra.pem", &ra.cert_pem);
     write(dir, "mid-ra.key", &ra.key_pem);
     (config, top)
 }
 
-fn cn_of(der: &[u8]) -> String {
+/// A `sub_ca` granting gw-mid's CA for `secs` seconds.
+fn granted_for_secs(secs: u64) -> String {
+    format!("common_names = [\"L3 issuing CA gw-mid\"]\nmax_validity_secs = {secs}")
+}
+
+/// `granting` without gw-mid's sub-CA allowance: the top refuses it a CA.
+fn refusing(granting: &Config) -> Config {
+    let mut refusing = granting.clone();
+    refusing.labels[0].rules[2].sub_ca = None;
+    refusing
+}
+
+/// The CAs the top's journal records as granted.
+fn sub_cas_granted(top: &TestServer) -> usize {
+    top.journal()
+        .iter()
+        .filter(|e| e.profile == "sub-ca")
+        .count()
+}
+
+/// The middle's enrolled issuer's state directory (under `mid/`).
+fn mid_state(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir.join("mid"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
+        .unwrap()
+        .path()
+}
+
+/// `openssl verify` of `leaf` against root.pem with `chain` (a `/cacerts`) as untrusted,
+/// written as `NAME-leaf.pem` and `NAME-cacerts.pem`.
+fn chain_verifies(dir: &Path, name: &str, leaf: &[u8], chain: &[Vec<u8>]) -> bool {
+    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
+    let untrusted = write(dir, &format!("{name}-cacerts.pem"), &chain_pem);
+    let leaf = write(dir, &format!("{name}-leaf.pem"), &to_pem(leaf));
+    openssl_verify(dir, "root.pem", &untrusted, &leaf)
+}
+
+/// The CN of a certificate's subject (`issuer` false) or issuer (`issuer` true).
+fn cn_in(der: &[u8], issuer: bool) -> String {
     let (_, cert) = X509Certificate::from_der(der).unwrap();
-    let cn = cert
-        .subject()
+    let name = if issuer {
+        cert.issuer()
+    } else {
+        cert.subject()
+    };
+    let cn = name
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
@@ -626,28 +637,36 @@ fn cn_of(der: &[u8]) -> String {
     cn
 }
 
+fn cn_of(der: &[u8]) -> String {
+    cn_in(der, false)
+}
+
 fn issuer_cn(der: &[u8]) -> String {
+    cn_in(der, true)
+}
+
+/// Whether certificate `der` is signed by the key of the CA `ca`.
+fn signed_by(der: &[u8], ca: &[u8]) -> bool {
+    let (_, ca) = X509Certificate::from_der(ca).unwrap();
     let (_, cert) = X509Certificate::from_der(der).unwrap();
-    let cn = cert
-        .issuer()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    cn
+    cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
+/// A device CSR: CN `cn` and the DNS name `cn.l3.plant.local`.
+fn l3_csr(cn: &str, key: &KeyPair) -> Vec<u8> {
+    let dns = format!("{cn}.l3.plant.local");
+    csr(cn, key, |p| {
+        p.subject_alt_names = vec![SanType::DnsName(dns.as_str().try_into().unwrap())];
+    })
 }
 
 async fn enroll_basic(addr: std::net::SocketAddr, root: &str, cn: &str) -> (Answer, KeyPair) {
     let key = KeyPair::generate().unwrap();
-    let dns = format!("{cn}.l3.plant.local");
     let answer = post(
         &EstClient::new(addr, root, None),
         "simpleenroll",
         &[basic(USER, PASSWORD)],
-        csr(cn, &key, |p| {
-            p.subject_alt_names = vec![SanType::DnsName(dns.as_str().try_into().unwrap())];
-        }),
+        l3_csr(cn, &key),
     )
     .await;
     (answer, key)
@@ -666,15 +685,12 @@ async fn reenroll(
         cert_pem: to_pem(cert),
         key_pem: key.serialize_pem(),
     };
-    let dns = format!("{cn}.l3.plant.local");
     leaf_of(
         &post(
             &as_holder(addr, root, &holder),
             "simplereenroll",
             &[],
-            csr(cn, key, |p| {
-                p.subject_alt_names = vec![SanType::DnsName(dns.as_str().try_into().unwrap())];
-            }),
+            l3_csr(cn, key),
         )
         .await,
     )
@@ -690,12 +706,8 @@ async fn renews_through_the_current_ca(
     key: &KeyPair,
 ) {
     let renewed = reenroll(addr, root, cn, leaf, key).await;
-    let new_ca_der = cacerts(addr, root).await.remove(0);
-    let (_, new_ca) = X509Certificate::from_der(&new_ca_der).unwrap();
-    let (_, renewed) = X509Certificate::from_der(&renewed).unwrap();
-    renewed
-        .verify_signature(Some(new_ca.public_key()))
-        .expect("renewed by the new CA");
+    let new_ca = cacerts(addr, root).await.remove(0);
+    assert!(signed_by(&renewed, &new_ca), "renewed by the new CA");
 }
 
 /// The SHA-256 fingerprints of `chain`'s certificates.
@@ -744,6 +756,22 @@ async fn enrolled_ca(server: &TestServer, within: std::time::Duration) -> [u8; 3
     }
 }
 
+/// The CA the enrolled issuer at `server` rolls over to from `from` (within `secs`).
+async fn next_ca(server: &TestServer, from: [u8; 32], secs: u64) -> [u8; 32] {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let now = server.app.runtime().enrolled()[0].fingerprint;
+        if let Some(f) = now.filter(|f| *f != from) {
+            return f;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no rollover from {from:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The reported properties the module would send for `server`'s runtime.
 fn reported(server: &TestServer) -> serde_json::Value {
     let runtime = server.app.runtime();
@@ -772,18 +800,15 @@ fn metric_line<'a>(metrics: &'a str, name: &str) -> Vec<&'a str> {
 /// to the root through the middle's /cacerts. Both journals record the CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let (granting, top) = top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (granting, top) = top_and_ra(dir, pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
     // At first the top grants gw-mid no CA.
-    let mut refusing = granting.clone();
-    refusing.labels[0].rules[2].sub_ca = None;
+    let refusing = refusing(&granting);
     top.app
         .swap(edge_est::runtime::Runtime::build(&refusing, dir).unwrap());
 
-    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    let mid = TestServer::start(dir, &mid_config(pki, top.addr)).await;
     let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let metrics = mid.app.render_metrics();
@@ -804,26 +829,18 @@ async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
     );
     assert_eq!(doc["labels"]["(unlabeled)"]["mode"], "forward", "{doc}");
     // Meanwhile the middle forwards: the top's issuing CA signs.
-    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-01").await;
+    let (answer, _) = enroll_basic(mid.addr, root, "l3-dev-01").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
 
     top.app
         .swap(edge_est::runtime::Runtime::build(&granting, dir).unwrap());
     enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
-    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-02").await;
+    let (answer, _) = enroll_basic(mid.addr, root, "l3-dev-02").await;
     let leaf = leaf_of(&answer);
     assert_eq!(issuer_cn(&leaf), "L3 issuing CA gw-mid");
-    let chain = cacerts(mid.addr, &root).await;
+    let chain = cacerts(mid.addr, root).await;
     assert_eq!(cn_of(&chain[0]), "L3 issuing CA gw-mid");
-    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
-    write(dir, "mid-cacerts.pem", &chain_pem);
-    write(dir, "mid-leaf.pem", &to_pem(&leaf));
-    assert!(openssl_verify(
-        dir,
-        "root.pem",
-        "mid-cacerts.pem",
-        "mid-leaf.pem"
-    ));
+    assert!(chain_verifies(dir, "mid", &leaf, &chain));
 
     let metrics = mid.app.render_metrics();
     assert!(
@@ -852,12 +869,7 @@ async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
         .iter()
         .any(|e| e.profile == "sub-ca" && e.identity.contains("enrolled issuer mid")));
     // The key file is the owner's alone.
-    let state = std::fs::read_dir(dir.join("mid"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
-        .unwrap()
-        .path();
+    let state = mid_state(dir);
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
@@ -877,26 +889,18 @@ async fn a_layer_without_a_ca_forwards_then_enrolls_one_and_signs() {
 /// one; the old CA is in /cacerts after the rollover and leaves it once it has expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_rolls_over_under_load_and_the_old_one_leaves_when_expired() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let (_, top) = top_and_ra(
-        dir,
-        &pki,
-        r#"common_names = ["L3 issuing CA gw-mid"]
-max_validity_secs = 9"#,
-    )
-    .await;
-    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (_, top) = top_and_ra(dir, pki, &granted_for_secs(9)).await;
+    let mid = TestServer::start(dir, &mid_config(pki, top.addr)).await;
     let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
-    let (answer, old_key) = enroll_basic(mid.addr, &root, "l3-old").await;
+    let (answer, old_key) = enroll_basic(mid.addr, root, "l3-old").await;
     let old_leaf = leaf_of(&answer);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for worker in 0..2 {
-        let (stop, root, addr) = (stop.clone(), root.clone(), mid.addr);
+        let (stop, root, addr) = (stop.clone(), root.to_owned(), mid.addr);
         load.push(tokio::spawn(async move {
             let mut statuses = Vec::new();
             let mut n = 0;
@@ -909,33 +913,18 @@ max_validity_secs = 9"#,
         }));
     }
     // The rollover.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let second = loop {
-        let now = mid.app.runtime().enrolled()[0].fingerprint;
-        if let Some(f) = now.filter(|f| *f != first) {
-            break f;
-        }
-        assert!(std::time::Instant::now() < until, "no rollover");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let after = fingerprints(&cacerts(mid.addr, &root).await);
+    let second = next_ca(&mid, first, 15).await;
+    let after = fingerprints(&cacerts(mid.addr, root).await);
     assert_eq!(after[0], second, "the new CA first");
     assert!(after.contains(&first), "the old CA still in /cacerts");
 
     // A certificate of the old CA renews through the new one.
-    renews_through_the_current_ca(mid.addr, &root, "l3-old", &old_leaf, &old_key).await;
+    renews_through_the_current_ca(mid.addr, root, "l3-old", &old_leaf, &old_key).await;
 
     // The old CA leaves /cacerts once it has expired.
-    wait_until_cacerts_drop(mid.addr, &root, &first, 15).await;
+    wait_until_cacerts_drop(mid.addr, root, &first, 15).await;
     // Let the load run over one more renewal, then stop it.
-    let third_until = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while mid.app.runtime().enrolled()[0].fingerprint == Some(second) {
-        assert!(
-            std::time::Instant::now() < third_until,
-            "no second rollover"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    next_ca(&mid, second, 15).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;
     for task in load {
@@ -956,18 +945,10 @@ max_validity_secs = 9"#,
 /// before the CA's own notAfter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_ca_stays_until_the_last_certificate_it_signed_expires() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let (_, top) = top_and_ra(
-        dir,
-        &pki,
-        r#"common_names = ["L3 issuing CA gw-mid"]
-max_validity_secs = 45"#,
-    )
-    .await;
-    let mut config = mid_config(&pki, top.addr);
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (_, top) = top_and_ra(dir, pki, &granted_for_secs(45)).await;
+    let mut config = mid_config(pki, top.addr);
     config.profiles.insert(
         "short".into(),
         toml::from_str(
@@ -978,7 +959,7 @@ max_validity_secs = 45"#,
     config.labels[0].profile = "short".into();
     let mid = TestServer::start(dir, &config).await;
     let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
-    let first_der = cacerts(mid.addr, &root).await.remove(0);
+    let first_der = cacerts(mid.addr, root).await.remove(0);
     let (_, first_ca) = X509Certificate::from_der(&first_der).unwrap();
     let first_until = first_ca.validity().not_after.to_datetime();
     let (renew_at, _) = (
@@ -996,30 +977,24 @@ max_validity_secs = 45"#,
     };
     // The last certificate of the first CA, 8 s before the rollover: it outlives it.
     sleep_until(renew_at - Duration::seconds(8)).await;
-    let (answer, last_key) = enroll_basic(mid.addr, &root, "l3-last").await;
+    let (answer, last_key) = enroll_basic(mid.addr, root, "l3-last").await;
     let last = leaf_of(&answer);
     let (_, last_cert) = X509Certificate::from_der(&last).unwrap();
     let last_until = last_cert.validity().not_after.to_datetime();
-    last_cert
-        .verify_signature(Some(first_ca.public_key()))
-        .expect("signed by the first CA");
+    assert!(signed_by(&last, &first_der), "signed by the first CA");
     assert!(
         last_until < first_until - Duration::seconds(2),
         "{last_until} {first_until}"
     );
 
     // The rollover.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while mid.app.runtime().enrolled()[0].fingerprint == Some(first) {
-        assert!(std::time::Instant::now() < until, "no rollover");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    next_ca(&mid, first, 20).await;
     // Past the settling time, and after a restart: the journal keeps the first CA.
     sleep_until(OffsetDateTime::now_utc() + Duration::seconds(6)).await;
     mid.stop().await;
     let mid = TestServer::start(dir, &config).await;
     assert!(OffsetDateTime::now_utc() < last_until, "the test ran late");
-    let now = fingerprints(&cacerts(mid.addr, &root).await);
+    let now = fingerprints(&cacerts(mid.addr, root).await);
     assert_ne!(now[0], first, "the new CA first");
     assert!(
         now.contains(&first),
@@ -1027,10 +1002,10 @@ max_validity_secs = 45"#,
     );
 
     // The certificate of the replaced CA renews through the new one.
-    renews_through_the_current_ca(mid.addr, &root, "l3-last", &last, &last_key).await;
+    renews_through_the_current_ca(mid.addr, root, "l3-last", &last, &last_key).await;
 
     // Once that certificate has expired, the replaced CA leaves, before its own notAfter.
-    wait_until_cacerts_drop(mid.addr, &root, &first, 20).await;
+    wait_until_cacerts_drop(mid.addr, root, &first, 20).await;
     let gone = OffsetDateTime::now_utc();
     assert!(
         gone >= last_until,
@@ -1054,12 +1029,10 @@ max_validity_secs = 45"#,
 /// file destroyed outright makes the layer enroll anew, never use a key it does not name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let (_, top) = top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
-    let config = mid_config(&pki, top.addr);
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (_, top) = top_and_ra(dir, pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+    let config = mid_config(pki, top.addr);
     let mid = TestServer::start(dir, &config).await;
     let first = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
     let state = mid.app.runtime().enrolled()[0].dir.clone();
@@ -1073,11 +1046,7 @@ async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
         "{\"chain\": \"-----BEGIN",
     )
     .unwrap();
-    let granted_before = top
-        .journal()
-        .iter()
-        .filter(|e| e.profile == "sub-ca")
-        .count();
+    let granted_before = sub_cas_granted(&top);
 
     let mid = TestServer::start(dir, &config).await;
     assert_eq!(
@@ -1085,21 +1054,11 @@ async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
         Some(first),
         "the committed CA serves at once"
     );
-    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-restart").await;
+    let (answer, _) = enroll_basic(mid.addr, root, "l3-after-restart").await;
     let leaf = leaf_of(&answer);
-    let ca = cacerts(mid.addr, &root).await.remove(0);
-    let (_, ca) = X509Certificate::from_der(&ca).unwrap();
-    let (_, leaf) = X509Certificate::from_der(&leaf).unwrap();
-    leaf.verify_signature(Some(ca.public_key()))
-        .expect("signed by the committed CA");
-    assert_eq!(
-        top.journal()
-            .iter()
-            .filter(|e| e.profile == "sub-ca")
-            .count(),
-        granted_before,
-        "no new CA asked for"
-    );
+    let ca = cacerts(mid.addr, root).await.remove(0);
+    assert!(signed_by(&leaf, &ca), "signed by the committed CA");
+    assert_eq!(sub_cas_granted(&top), granted_before, "no new CA asked for");
     mid.stop().await;
 
     // The state file destroyed: nothing names a key, so a new CA is enrolled, and the
@@ -1109,7 +1068,7 @@ async fn a_restart_mid_renewal_uses_no_orphan_key_and_no_half_written_ca() {
     let again = enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
     assert_ne!(again, first);
     assert!(!orphan.exists(), "the orphan key is removed");
-    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-loss").await;
+    let (answer, _) = enroll_basic(mid.addr, root, "l3-after-loss").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
     mid.stop().await;
     top.stop().await;
@@ -1188,24 +1147,15 @@ fn serve_mid(dir: &Path, pki: &Pki, upstream_port: u16, metrics: u16, log: &str)
 /// unrenewed, it says it forwards again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_says_when_it_forwards_and_warns_at_ninety_percent() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let (granting, top) = top_and_ra(
-        dir,
-        &pki,
-        r#"common_names = ["L3 issuing CA gw-mid"]
-max_validity_secs = 12"#,
-    )
-    .await;
-    let mut refusing = granting.clone();
-    refusing.labels[0].rules[2].sub_ca = None;
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (granting, top) = top_and_ra(dir, pki, &granted_for_secs(12)).await;
+    let refusing = refusing(&granting);
     let build = |c: &Config| edge_est::runtime::Runtime::build(c, dir).unwrap();
     top.app.swap(build(&refusing));
 
     let metrics = free_port();
-    let mid = serve_mid(dir, &pki, top.addr.port(), metrics, "mid.log");
+    let mid = serve_mid(dir, pki, top.addr.port(), metrics, "mid.log");
     let line = log_line(&mid, "enrolled issuer has no valid CA yet", 10).await;
     assert!(line.contains("WARN") && line.contains("mid"), "{line}");
     assert!(line.contains("labels forward to the layer above"), "{line}");
@@ -1213,7 +1163,7 @@ max_validity_secs = 12"#,
         v == 1.0
     })
     .await;
-    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-dev-01").await;
+    let (answer, _) = enroll_basic(mid.addr(), root, "l3-dev-01").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
 
     top.app.swap(build(&granting));
@@ -1228,7 +1178,7 @@ max_validity_secs = 12"#,
     })
     .await;
     assert!(left <= 12.0, "{left}");
-    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-dev-02").await;
+    let (answer, _) = enroll_basic(mid.addr(), root, "l3-dev-02").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
 
     // Renewal refused from two thirds on; at 90 % a warning with the seconds left.
@@ -1253,7 +1203,7 @@ max_validity_secs = 12"#,
         v == 1.0
     })
     .await;
-    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-dev-03").await;
+    let (answer, _) = enroll_basic(mid.addr(), root, "l3-dev-03").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
     drop(mid);
     top.stop().await;
@@ -1325,27 +1275,14 @@ fn key_files(state: &Path) -> Vec<String> {
 /// a CA for a fresh one, removes the orphan, and signs what chains to the root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_killed_mid_renewal_loses_nothing() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let (_, top) = top_and_ra(
-        dir,
-        &pki,
-        r#"common_names = ["L3 issuing CA gw-mid"]
-max_validity_secs = 15"#,
-    )
-    .await;
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (_, top) = top_and_ra(dir, pki, &granted_for_secs(15)).await;
     let relay = relay(top.addr).await;
     let metrics = free_port();
-    let mut mid = serve_mid(dir, &pki, relay.port, metrics, "mid.log");
+    let mut mid = serve_mid(dir, pki, relay.port, metrics, "mid.log");
     log_line(&mid, "enrolled a new issuing CA from the layer above", 15).await;
-    let state = std::fs::read_dir(dir.join("mid"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
-        .unwrap()
-        .path();
+    let state = mid_state(dir);
     let current = || -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(state.join("current.json")).unwrap()).unwrap()
     };
@@ -1378,19 +1315,17 @@ max_validity_secs = 15"#,
     let orphan_key =
         KeyPair::from_pem(&std::fs::read_to_string(state.join(&orphan)).unwrap()).unwrap();
     let orphan_spki = rcgen::PublicKeyData::subject_public_key_info(&orphan_key);
-    let granted = || {
-        top.journal()
-            .iter()
-            .filter(|e| e.profile == "sub-ca")
-            .count()
-    };
-    assert_eq!(granted(), 1, "the held request never reached the top");
+    assert_eq!(
+        sub_cas_granted(&top),
+        1,
+        "the held request never reached the top"
+    );
 
     // Restarted with the top reachable: a CA for a fresh key, the orphan gone.
     relay
         .hold
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    let mid = serve_mid(dir, &pki, relay.port, metrics, "mid-restarted.log");
+    let mid = serve_mid(dir, pki, relay.port, metrics, "mid-restarted.log");
     log_line(&mid, "enrolled a new issuing CA from the layer above", 15).await;
     let renewed = current();
     let key = renewed["key"].as_str().unwrap().to_owned();
@@ -1401,26 +1336,18 @@ max_validity_secs = 15"#,
         vec![key.clone()],
         "the orphan key is removed"
     );
-    let chain = cacerts(mid.addr(), &root).await;
+    let chain = cacerts(mid.addr(), root).await;
     let (_, ca) = X509Certificate::from_der(&chain[0]).unwrap();
     assert_ne!(
         ca.public_key().raw,
         orphan_spki.as_slice(),
         "the orphan key is not used"
     );
-    assert_eq!(granted(), 2);
-    let (answer, _) = enroll_basic(mid.addr(), &root, "l3-after-kill").await;
+    assert_eq!(sub_cas_granted(&top), 2);
+    let (answer, _) = enroll_basic(mid.addr(), root, "l3-after-kill").await;
     let leaf = leaf_of(&answer);
     assert_eq!(issuer_cn(&leaf), "L3 issuing CA gw-mid");
-    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
-    write(dir, "mid-cacerts.pem", &chain_pem);
-    write(dir, "mid-leaf.pem", &to_pem(&leaf));
-    assert!(openssl_verify(
-        dir,
-        "root.pem",
-        "mid-cacerts.pem",
-        "mid-leaf.pem"
-    ));
+    assert!(chain_verifies(dir, "mid", &leaf, &chain));
     drop(mid);
     top.stop().await;
 }
@@ -1443,7 +1370,7 @@ fn the_readme_examples_validate() {
         .collect();
     let temp = tempfile::tempdir().unwrap();
     let pki = Pki::generate_p256(temp.path());
-    let upper = config_text(
+    let upper = plant_config(
         &pki,
         &format!(
             "[[labels]]\nissuer = \"plant\"\nclient_trust = [\"issuer\"]\n{}",
@@ -1466,24 +1393,15 @@ fn the_readme_examples_validate() {
 /// expires its label forwards instead of failing; devices keep enrolling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_that_expires_unrenewed_leaves_the_layer_forwarding() {
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
-    let (granting, top) = top_and_ra(
-        dir,
-        &pki,
-        r#"common_names = ["L3 issuing CA gw-mid"]
-max_validity_secs = 6"#,
-    )
-    .await;
-    let mid = TestServer::start(dir, &mid_config(&pki, top.addr)).await;
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
+    let (granting, top) = top_and_ra(dir, pki, &granted_for_secs(6)).await;
+    let mid = TestServer::start(dir, &mid_config(pki, top.addr)).await;
     enrolled_ca(&mid, std::time::Duration::from_secs(10)).await;
-    let mut refusing = granting.clone();
-    refusing.labels[0].rules[2].sub_ca = None;
+    let refusing = refusing(&granting);
     top.app
         .swap(edge_est::runtime::Runtime::build(&refusing, dir).unwrap());
-    let (answer, _) = enroll_basic(mid.addr, &root, "l3-while-valid").await;
+    let (answer, _) = enroll_basic(mid.addr, root, "l3-while-valid").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "L3 issuing CA gw-mid");
 
     let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -1497,7 +1415,7 @@ max_validity_secs = 6"#,
         metric_line(&metrics, "edgeest_enrolled_issuer_forwarding")[0].ends_with(" 1"),
         "{metrics}"
     );
-    let (answer, _) = enroll_basic(mid.addr, &root, "l3-after-expiry").await;
+    let (answer, _) = enroll_basic(mid.addr, root, "l3-after-expiry").await;
     assert_eq!(issuer_cn(&leaf_of(&answer)), "edge-est test issuing CA");
     mid.stop().await;
     top.stop().await;
@@ -1564,12 +1482,10 @@ fn token_private_keys(slot: cryptoki::slot::Slot) -> Vec<(String, bool, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_generates_its_ca_key_inside_the_token() {
     let _one_at_a_time = TOKEN_TESTS.lock().await;
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let root = pki.root.cert_pem.clone();
+    let plant = Plant::new();
+    let (dir, pki, root) = (plant.dir(), &plant.pki, plant.root.as_str());
     let (_top_config, top) =
-        top_and_ra(dir, &pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
+        top_and_ra(dir, pki, r#"common_names = ["L3 issuing CA gw-mid"]"#).await;
     let slot = softhsm_token("deleg");
     std::fs::write(dir.join("token.pin"), format!("{TOKEN_PIN}\n")).unwrap();
     let location = format!(
@@ -1588,34 +1504,21 @@ async fn a_layer_generates_its_ca_key_inside_the_token() {
     let other_uri = orphan_uri.replace("mid-ca-1;id=1", "other-key;id=2");
     edge_est::keys::TokenKey::generate(&other_uri, None).unwrap();
 
-    let mut config = mid_config(&pki, top.addr);
+    let mut config = mid_config(pki, top.addr);
     config.enrolled_issuers.get_mut("mid").unwrap().key = Some(location);
     config.validate().unwrap();
     let mid = TestServer::start(dir, &config).await;
     enrolled_ca(&mid, std::time::Duration::from_secs(20)).await;
 
     // It signs, and the chain verifies with openssl against the root.
-    let (answer, _) = enroll_basic(mid.addr, &root, "l3-dev-tok").await;
+    let (answer, _) = enroll_basic(mid.addr, root, "l3-dev-tok").await;
     let leaf = leaf_of(&answer);
     assert_eq!(issuer_cn(&leaf), "L3 issuing CA gw-mid");
-    let chain = cacerts(mid.addr, &root).await;
-    let chain_pem: String = chain.iter().map(|c| to_pem(c)).collect();
-    write(dir, "tok-cacerts.pem", &chain_pem);
-    write(dir, "tok-leaf.pem", &to_pem(&leaf));
-    assert!(openssl_verify(
-        dir,
-        "root.pem",
-        "tok-cacerts.pem",
-        "tok-leaf.pem"
-    ));
+    let chain = cacerts(mid.addr, root).await;
+    assert!(chain_verifies(dir, "tok", &leaf, &chain));
 
     // current.json names the token key by URI, with its pin-source and no PIN.
-    let state_dir = std::fs::read_dir(dir.join("mid"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("issuer-"))
-        .unwrap()
-        .path();
+    let state_dir = mid_state(dir);
     let state = std::fs::read_to_string(state_dir.join("current.json")).unwrap();
     let kept: serde_json::Value = serde_json::from_str(&state).unwrap();
     let key = kept["key"].as_str().unwrap().to_owned();
@@ -1664,19 +1567,12 @@ async fn a_layer_generates_its_ca_key_inside_the_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_keys_of_replaced_cas_are_destroyed_one_renewal_later() {
     let _one_at_a_time = TOKEN_TESTS.lock().await;
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path();
-    let pki = Pki::generate_p256(dir);
-    let (_, top) = top_and_ra(
-        dir,
-        &pki,
-        r#"common_names = ["L3 issuing CA gw-mid"]
-max_validity_secs = 9"#,
-    )
-    .await;
+    let plant = Plant::new();
+    let (dir, pki) = (plant.dir(), &plant.pki);
+    let (_, top) = top_and_ra(dir, pki, &granted_for_secs(9)).await;
     let slot = softhsm_token("roll");
     std::fs::write(dir.join("roll.pin"), format!("{TOKEN_PIN}\n")).unwrap();
-    let mut config = mid_config(&pki, top.addr);
+    let mut config = mid_config(pki, top.addr);
     config.enrolled_issuers.get_mut("mid").unwrap().key = Some(format!(
         "pkcs11:token=roll?pin-source=file:{}&module-path={SOFTHSM}",
         dir.join("roll.pin").display()

@@ -407,22 +407,7 @@ fn ra_rules_that_any_device_could_satisfy_are_refused() {
 // ---- 2. trust sets and device CAs ---------------------------------------------------------
 
 fn config_text(pki: &Pki, body: &str) -> Config {
-    let text = format!(
-        r#"
-journal = "journal.jsonl"
-[tls]
-certificate = "server.pem"
-key = "server.key"
-[users]
-estuser = "{hash}"
-[issuers.plant]
-certificate = "issuing-ca.pem"
-key = "issuing-ca.key"
-{body}
-"#,
-        hash = pki.password_hash
-    );
-    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    common::plant_config(pki, body)
 }
 
 /// A trust set that lists the issuing CA (both depths): `CN=dev-victim` minted below another

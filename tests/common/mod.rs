@@ -55,6 +55,28 @@ use tokio::task::JoinHandle;
 
 pub use pki::Pki;
 
+/// A server configuration over [`Pki`]'s files in the test's directory: journal, TLS, the
+/// Basic user `estuser` and the issuer `plant` (issuing-ca), then `body` (labels, trust
+/// sets, ...).
+pub fn plant_config(pki: &Pki, body: &str) -> Config {
+    let text = format!(
+        r#"
+journal = "journal.jsonl"
+[tls]
+certificate = "server.pem"
+key = "server.key"
+[users]
+estuser = "{hash}"
+[issuers.plant]
+certificate = "issuing-ca.pem"
+key = "issuing-ca.key"
+{body}
+"#,
+        hash = pki.password_hash
+    );
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 /// A PKCS#10 CSR (DER) for the common name `cn`, with a fresh P-256 key and nothing else.
 pub fn csr(cn: &str) -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
