@@ -1,8 +1,8 @@
-//! `edge-est demo`: a three-layer hierarchy on loopback, in one process ([`enrolling`]). Only
-//! the root and the top layer's CA are provisioned; the middle and bottom layers enroll their
-//! issuing CAs from the layer above at start; then a child IoT Edge device at the bottom
-//! enrolls its identity and Edge CA certificates, renews, and every chain is verified against
-//! the root.
+//! `edge-est demo`: a three-layer hierarchy on loopback, in one process
+//! (`demo/enrolling.rs`). Only the root and the top layer's CA are provisioned; the middle and
+//! bottom layers enroll their issuing CAs from the layer above at start; then a child IoT Edge
+//! device at the bottom enrolls its identity and Edge CA certificates, renews, and every chain
+//! is verified against the root.
 //!
 //! The file-provisioned hierarchy the integration tests of layered deployments start from is
 //! built here too ([`write_pki`], [`top_config`], [`forward_config`], [`start_hierarchy`]):
