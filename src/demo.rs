@@ -1,8 +1,8 @@
-//! `edge-est demo`: a three-layer hierarchy on loopback, in one process ([`enrolling`]). Only
-//! the root and the top layer's CA are provisioned; the middle and bottom layers enroll their
-//! issuing CAs from the layer above at start; then a child IoT Edge device at the bottom
-//! enrolls its identity and Edge CA certificates, renews, and every chain is verified against
-//! the root.
+//! `edge-est demo`: a three-layer hierarchy on loopback, in one process
+//! (`demo/enrolling.rs`). Only the root and the top layer's CA are provisioned; the middle and
+//! bottom layers enroll their issuing CAs from the layer above at start; then a child IoT Edge
+//! device at the bottom enrolls its identity and Edge CA certificates, renews, and every chain
+//! is verified against the root.
 //!
 //! The file-provisioned hierarchy the integration tests of layered deployments start from is
 //! built here too ([`write_pki`], [`top_config`], [`forward_config`], [`start_hierarchy`]):
@@ -447,19 +447,9 @@ fn subject_of(der: &[u8]) -> String {
 }
 
 fn write_pem(dir: &Path, name: &str, ders: &[&[u8]]) -> Result<PathBuf, String> {
-    use base64::Engine;
-    let mut text = String::new();
-    for der in ders {
-        text.push_str("-----BEGIN CERTIFICATE-----\n");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        for line in b64.as_bytes().chunks(64) {
-            text.push_str(&String::from_utf8_lossy(line));
-            text.push('\n');
-        }
-        text.push_str("-----END CERTIFICATE-----\n");
-    }
+    let chain: Vec<CertificateDer<'_>> = ders.iter().map(|d| CertificateDer::from(*d)).collect();
     let path = dir.join(name);
-    std::fs::write(&path, text).map_err(err)?;
+    std::fs::write(&path, crate::issue::delegation::pem_of(&chain)).map_err(err)?;
     Ok(path)
 }
 

@@ -307,6 +307,22 @@ fn the_middle_and_bottom_enroll_their_cas_and_a_child_enrolls_through_them() {
     );
 }
 
+/// A loopback port free now with the two after it (the demo's configurations use all three),
+/// below Linux's ephemeral range (32768 and up): no connection of a test running meanwhile
+/// takes one of them as its local port before the layers bind them.
+fn three_free_ports() -> u16 {
+    let start = 20000 + (std::process::id() % 4000) as u16 * 3;
+    (0..4000u16)
+        .map(|i| 20000 + (start - 20000 + i * 3) % 12000)
+        .find(|&port| {
+            let held: Vec<_> = (0..3)
+                .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).ok())
+                .collect();
+            held.len() == 3
+        })
+        .expect("three free loopback ports")
+}
+
 struct Serving(Vec<Child>);
 
 impl Drop for Serving {
@@ -321,12 +337,7 @@ impl Drop for Serving {
 #[test]
 fn a_relative_dir_keeps_private_keys_and_configurations_that_serve() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .min(u16::MAX - 2);
+    let port = three_free_ports();
     let out = demo(
         dir.path(),
         &["--dir", "./demo1", "--config-port", &port.to_string()],
@@ -380,7 +391,7 @@ fn a_relative_dir_keeps_private_keys_and_configurations_that_serve() {
                 .args(["serve", "--config", &format!("./demo1/{layer}.toml")])
                 .current_dir(dir.path())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join(format!("{layer}.log"))).unwrap())
                 .spawn()
                 .unwrap(),
         );
@@ -389,7 +400,13 @@ fn a_relative_dir_keeps_private_keys_and_configurations_that_serve() {
     let deadline = Instant::now() + Duration::from_secs(30);
     for p in [port, port + 1, bottom] {
         while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
-            assert!(Instant::now() < deadline, "port {p} never opened");
+            if Instant::now() > deadline {
+                let logs: Vec<String> = ["top", "middle", "bottom"]
+                    .iter()
+                    .map(|l| std::fs::read_to_string(dir.path().join(format!("{l}.log"))).unwrap())
+                    .collect();
+                panic!("port {p} never opened: {logs:#?}");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

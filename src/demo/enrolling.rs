@@ -282,9 +282,9 @@ pub async fn run(dir: &Path, config_port: u16) -> Result<(), String> {
     let middle = start_lower(dir, &MIDDLE, &top, Some(&BOTTOM), &root).await?;
     let bottom = start_lower(dir, &BOTTOM, &middle, None, &root).await?;
     println!(
-        "  ready in {:.0} ms. Each gateway enrolled its identity and Edge CA at the layer above,\n  \
-         then its module edgeest enrolled the layer's CA (RA credentials middle-ra.pem,\n  \
-         bottom-ra.pem; the CAs' chains in middle-ca.pem, bottom-ca.pem)\n",
+        "  ready in {:.0} ms. Each gateway enrolled its identity and Edge CA at the layer above;\n  \
+         the certificate of its module edgeest is the RA credential its layer enrolled the CA\n  \
+         with (middle-ra.pem, bottom-ra.pem; the CAs' chains in middle-ca.pem, bottom-ca.pem)\n",
         started.elapsed().as_secs_f64() * 1000.0
     );
     enroll_child(dir, bottom.addr.port(), &root).await?;
