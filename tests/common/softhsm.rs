@@ -43,13 +43,23 @@ pub fn new_token(label: &str, user_pin: &str) -> Slot {
     static CREATING: Mutex<()> = Mutex::new(());
     let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
     let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
-    let free = ctx
-        .get_all_slots()
-        .unwrap()
-        .into_iter()
-        // A slot another test is initialising can fail GetTokenInfo for a moment: not free.
-        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| !i.token_initialized()))
-        .expect("SoftHSM offers a free slot");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let free = loop {
+        // A slot another test is initialising can fail GetTokenInfo (or the slot list) for a
+        // moment: not free, ask again.
+        let free = ctx
+            .get_all_slots()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).is_ok_and(|i| !i.token_initialized()));
+        match free {
+            Some(slot) => break slot,
+            None if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            None => panic!("SoftHSM offers no free slot"),
+        }
+    };
     ctx.init_token(free, &AuthPin::from(SO_PIN), label).unwrap();
     let slot = slot_of(label);
     let session = ctx.open_rw_session(slot).unwrap();
@@ -62,15 +72,16 @@ pub fn new_token(label: &str, user_pin: &str) -> Slot {
 }
 
 /// The slot of the token labelled `label`.
-/// SoftHSM answers GetTokenInfo with GeneralError for a slot another test is initialising at
-/// that moment: such a slot is asked again, for at most 5 s.
+/// SoftHSM answers GetTokenInfo (and at times the slot list) with GeneralError while another
+/// test is initialising a token: it is asked again, for at most 5 s.
 pub fn slot_of(label: &str) -> Slot {
     let ctx = edge_est::keys::pkcs11::module(&module()).unwrap();
     let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
+        // The slot list itself can fail the same way while another process initialises.
         let found = ctx
             .get_slots_with_initialized_token()
-            .unwrap()
+            .unwrap_or_default()
             .into_iter()
             .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label() == label));
         match found {
