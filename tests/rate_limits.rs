@@ -482,6 +482,55 @@ async fn a_challenge_without_credentials_is_not_a_failed_authentication() {
     server.stop().await;
 }
 
+/// A malformed `Authorization` header costs no argon2, but it is a failed authentication all
+/// the same: it takes a token of the address's bucket, so a client cannot probe the parser
+/// (or the server's patience) for free between guesses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_basic_header_counts_as_a_failed_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate_p256(dir.path());
+    let mut config = standard_config(&pki);
+    config.limits.failed_auth_per_address = 0.25;
+    config.limits.failed_auth_burst_per_address = 1.0;
+    let server = TestServer::start(dir.path(), &config).await;
+    let client = EstClient::new(server.addr, &pki.root.cert_pem, None);
+    // Positive control: the right password enrolls, again and again.
+    for i in 0..3 {
+        let answer = enroll(&client, &[basic(USER, PASSWORD)], &format!("m-{i}")).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let malformed = enroll(
+        &client,
+        &[("authorization", "Basic !!not-base64!!".to_owned())],
+        "m-x",
+    )
+    .await;
+    assert_eq!(malformed.status, 401, "{}", malformed.text());
+    assert!(
+        malformed
+            .text()
+            .contains("malformed HTTP Basic credentials"),
+        "{}",
+        malformed.text()
+    );
+    // The bucket (burst 1) is empty: a guess is not checked, as after a wrong password.
+    let guess = enroll(&client, &[basic(USER, "guess")], "m-y").await;
+    let wait = limited(&guess, "failed authentications from this address");
+    // The password verified before is still served (a known credential costs no argon2).
+    let answer = enroll(&client, &[basic(USER, PASSWORD)], "m-y").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    // Once the bucket has refilled, a guess is checked again: a plain 401.
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let guess = enroll(&client, &[basic(USER, "guess")], "m-z").await;
+    assert_eq!(guess.status, 401, "{}", guess.text());
+    assert!(
+        guess.text().contains("wrong user name or password"),
+        "{}",
+        guess.text()
+    );
+    server.stop().await;
+}
+
 /// The server with its API-proxy socket, where `x-forwarded-for` gives each request the
 /// address of a different child.
 struct ViaProxy {

@@ -1336,4 +1336,50 @@ mod tests {
             _ => panic!("expected fsync of the temporary, the rename, fsync of the directory, in that order:\n{text}"),
         }
     }
+    /// A key generated in a token gets the location's `object=` (or `edge-est-<issuer>`)
+    /// with the renewal's stamp as its label and the stamp as its id; every other attribute
+    /// and the query (PIN source, module) are kept as written; an `id=` written is replaced.
+    #[test]
+    fn a_token_key_is_named_from_the_location_and_the_stamp() {
+        assert_eq!(
+            token_key_uri(
+                "pkcs11:token=edge;object=plant-ca;id=%01?pin-source=file:/run/pin&module-path=/lib/p11.so",
+                "mid",
+                42,
+            ),
+            (
+                "pkcs11:token=edge;object=plant-ca-42;id=42?pin-source=file:/run/pin&module-path=/lib/p11.so"
+                    .to_owned(),
+                "plant-ca-".to_owned()
+            )
+        );
+        assert_eq!(
+            token_key_uri("pkcs11:;token=edge;;slot-id=3", "mid", 7),
+            (
+                "pkcs11:token=edge;slot-id=3;object=edge-est-mid-7;id=7".to_owned(),
+                "edge-est-mid-".to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn state_and_dates_of_a_ca() {
+        // Under the data directory, one directory an issuer, named after it.
+        let base = Path::new("/var/lib/edge-est");
+        let dir = state_dir(base, "mid");
+        assert_eq!(dir.parent(), Some(base));
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("issuer-mid"), "{name}");
+        assert_ne!(dir, state_dir(base, "top"));
+        let day = ::time::Duration::days(1);
+        let (der, params) = dated_ca("ca", &KeyPair::generate().unwrap(), None, -day, day);
+        let second = |t: OffsetDateTime| t.replace_nanosecond(0).unwrap();
+        assert_eq!(
+            validity(&der),
+            Some((second(params.not_before), second(params.not_after)))
+        );
+        assert_eq!(not_after(&der), Some(second(params.not_after)));
+        assert_eq!(validity(b"not a certificate"), None);
+        assert_eq!(not_after(b"not a certificate"), None);
+    }
 }
