@@ -21,7 +21,7 @@ start() {
   SERVER_PIDS+=("$PID")
   PORT=
   for i in $(seq 100); do
-    PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
+    PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" 2>/dev/null | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
     [ -n "$PORT" ] && return
     if ! kill -0 "$PID" 2>/dev/null; then break; fi
     sleep 0.1
