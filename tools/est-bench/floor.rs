@@ -638,15 +638,7 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
         edge_est,
         primitives,
     };
-    let json = serde_json::to_string_pretty(&report)?;
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.json {
-        println!("{json}");
-    } else {
-        print(&report);
-    }
+    crate::emit(&report, args.json_out.as_deref(), args.json, print)?;
     Ok(())
 }
 
