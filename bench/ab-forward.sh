@@ -22,44 +22,21 @@ BENCH=${EST_BENCH_BIN:-$ROOT/target/release/est-bench}
 PKI=$OUT/pki
 "$BENCH" pki --dir "$PKI" >/dev/null
 
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
+. "$ROOT/bench/lib.sh"
 
-# start BIN NAME CONFIG: starts a server (cwd: the PKI); sets PID and PORT.
-start() {
-  local bin=$1 name=$2 config=$3 log=$OUT/$2.log i
-  (cd "$PKI" && exec "$bin" serve --config "$config" --listen 127.0.0.1:0) >"$log" 2>&1 &
-  PID=$!
-  PIDS+=("$PID")
-  PORT=
-  for i in $(seq 100); do
-    PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
-    [ -n "$PORT" ] && return
-    sleep 0.1
-  done
-  echo "$name did not start:" >&2
-  cat "$log" >&2
-  exit 1
-}
-
-echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+machine_line
 for round in $(seq "$ROUNDS"); do
   i=0
   for bin in "$@"; do
     tag=$i.r$round
     rm -f "$PKI"/journal-*.jsonl
-    start "$bin" "top.$tag" top.toml
+    start "top.$tag" "$bin" serve --config top.toml --listen 127.0.0.1:0
     TOP_PID=$PID TOP_PORT=$PORT
     sed "s/@UPSTREAM_PORT@/$TOP_PORT/" "$PKI/forward-1.toml.in" >"$PKI/forward-1.toml"
-    start "$bin" "f1.$tag" forward-1.toml
+    start "f1.$tag" "$bin" serve --config forward-1.toml --listen 127.0.0.1:0
     F1_PID=$PID F1_PORT=$PORT
     sed "s/@UPSTREAM_PORT@/$F1_PORT/" "$PKI/forward-2.toml.in" >"$PKI/forward-2.toml"
-    start "$bin" "f2.$tag" forward-2.toml
+    start "f2.$tag" "$bin" serve --config forward-2.toml --listen 127.0.0.1:0
     F2_PID=$PID F2_PORT=$PORT
     ports=("$TOP_PORT" "$F1_PORT" "$F2_PORT")
     pids=("$TOP_PID" "$TOP_PID,$F1_PID" "$TOP_PID,$F1_PID,$F2_PID")
@@ -77,8 +54,7 @@ for round in $(seq "$ROUNDS"); do
         END { printf "  %d: p50 %5.2f ms %5.0f µs %4.1f cs err %s", n, p50, cpu, cs, failed }
       ' "$OUT/fwd-$n.$tag.json")
     done
-    for pid in "$F2_PID" "$F1_PID" "$TOP_PID"; do kill "$pid"; wait "$pid" 2>/dev/null || true; done
-    PIDS=()
+    for pid in "$F2_PID" "$F1_PID" "$TOP_PID"; do stop "$pid"; done
     printf "round %s %-18s%s\n" "$round" "$(basename "$bin")" "$line"
     i=$((i + 1))
   done

@@ -4,9 +4,10 @@
 # enrollment, for two or more edge-est binaries in turn (A B A B ...), each round on a fresh
 # server, so that a drift of the machine's speed lands on every binary alike.
 #
-# Usage: bench/ab.sh BIN_A BIN_B [BIN ...]
+# Usage: bench/ab.sh BIN_A BIN_B [BIN ...]   (`socket-floor` as a BIN: est-bench's socket floor)
 # Environment: EST_BENCH_SECONDS=N per measurement (default 6), EST_BENCH_ROUNDS=N (default 4),
-#              EST_BENCH_OUT=DIR keeps the files. Loopback only.
+#              EST_BENCH_OUT=DIR keeps the files, EST_BENCH_RT=1 runs servers and est-bench
+#              under `chrt -r 10` (a busy machine). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,31 +19,28 @@ BENCH=${EST_BENCH_BIN:-$ROOT/target/release/est-bench}
 [ $# -ge 2 ] || { echo "usage: bench/ab.sh BIN_A BIN_B [BIN ...]" >&2; exit 2; }
 [ -x "$BENCH" ] || cargo build --release --bin est-bench
 
-"$BENCH" pki --dir "$OUT/pki" >/dev/null
-PID=
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null || true; }
-trap cleanup EXIT
+PKI=$OUT/pki
+"$BENCH" pki --dir "$PKI" >/dev/null
+. "$ROOT/bench/lib.sh"
+# EST_BENCH_RT=1: servers and est-bench at real-time priority (chrt -r 10), to measure on a
+# machine others keep busy (they then preempt niced compilers).
+RT=()
+[ "${EST_BENCH_RT:-0}" = 1 ] && RT=(chrt -r 10)
 
-echo "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+machine_line
 for round in $(seq "$ROUNDS"); do
   i=0
   for bin in "$@"; do
-    log=$OUT/server-$i.r$round.log
-    (cd "$OUT/pki" && exec "$bin" serve --config sign-p256.toml --listen 127.0.0.1:0) >"$log" 2>&1 &
-    PID=$!
-    PORT=
-    for _ in $(seq 100); do
-      PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
-      [ -n "$PORT" ] && break
-      sleep 0.1
-    done
-    [ -n "$PORT" ] || { echo "$bin did not start" >&2; cat "$log" >&2; exit 1; }
-    "$BENCH" "https://localhost:$PORT/.well-known/est" --cacert "$OUT/pki/root.pem" \
+    if [ "$bin" = socket-floor ]; then
+      start "server-$i.r$round" "${RT[@]}" "$BENCH" socket-floor --pki "$PKI"
+    else
+      start "server-$i.r$round" "${RT[@]}" "$bin" serve --config sign-p256.toml --listen 127.0.0.1:0
+    fi
+    "${RT[@]}" "$BENCH" "https://localhost:$PORT/.well-known/est" --cacert "$OUT/pki/root.pem" \
       --cert "$OUT/pki/device-p256.pem" --cert-key "$OUT/pki/device-p256.key" \
       --concurrency 16 --warmup 300 --duration "$SECS" --server-pid "$PID" \
       --json-out "$OUT/ab-$i.r$round.json" --json >/dev/null
-    kill "$PID"; wait "$PID" 2>/dev/null || true
-    PID=
+    stop "$PID"
     awk -v bin="$(basename "$bin")" -v r="$round" '
       /"server_cpu_us_per_unit"/ { gsub(/[,]/, "", $2); cpu = $2 }
       /"voluntary_switches_per_unit"/ { gsub(/[,]/, "", $2); cs = $2 }

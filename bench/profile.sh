@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Where edge-est's CPU goes during local-sign enrollment with a fresh mTLS connection each:
-# builds an unstripped release edge-est (separate target directory, about 7 minutes the first
+# builds unstripped release edge-est and est-bench (separate target directory, about 7 minutes the first
 # time), loads it with est-bench for 14 s, records it with `perf record -g` for 8 s, and
 # prints the profile grouped by kind (crypto, kernel, allocator, ...) and the top symbols.
 #
-# Usage: bench/profile.sh     (needs `perf`: apt-get install linux-perf; run as root or with
-#                              kernel.perf_event_paranoid <= 1)
+# Usage: bench/profile.sh [socket-floor]   (the argument profiles est-bench's socket floor
+#        instead; needs `perf`: apt-get install linux-perf; run as root or with
+#        kernel.perf_event_paranoid <= 1)
 # Environment: EST_BENCH_PERF_TARGET=DIR for the unstripped build (default
 #              /tmp/edge-est-perf-target), EST_BENCH_OUT=DIR to keep the files.
 set -euo pipefail
@@ -15,24 +16,19 @@ OUT=${EST_BENCH_OUT:-$(mktemp -d /tmp/edge-est-profile.XXXXXX)}
 PERF_TARGET=${EST_BENCH_PERF_TARGET:-/tmp/edge-est-perf-target}
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 
-cargo build --release --bin est-bench
 CARGO_TARGET_DIR=$PERF_TARGET CARGO_PROFILE_RELEASE_STRIP=false \
-  CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --bin edge-est
-"$ROOT/target/release/est-bench" pki --dir "$OUT/pki" >/dev/null
+  CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --bin edge-est --bin est-bench
+PKI=$OUT/pki
+"$PERF_TARGET/release/est-bench" pki --dir "$PKI" >/dev/null
+. "$ROOT/bench/lib.sh"
 
-(cd "$OUT/pki" && exec "$PERF_TARGET/release/edge-est" serve --config sign-p256.toml \
-  --listen 127.0.0.1:0) >"$OUT/server.log" 2>&1 &
-PID=$!
-trap 'kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true' EXIT
-PORT=
-for _ in $(seq 100); do
-  PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$OUT/server.log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
-  [ -n "$PORT" ] && break
-  sleep 0.1
-done
-[ -n "$PORT" ] || { cat "$OUT/server.log" >&2; exit 1; }
+if [ "${1:-}" = socket-floor ]; then
+  start server "$PERF_TARGET/release/est-bench" socket-floor --pki "$PKI"
+else
+  start server "$PERF_TARGET/release/edge-est" serve --config sign-p256.toml --listen 127.0.0.1:0
+fi
 
-"$ROOT/target/release/est-bench" "https://localhost:$PORT/.well-known/est" \
+"$PERF_TARGET/release/est-bench" "https://localhost:$PORT/.well-known/est" \
   --cacert "$OUT/pki/root.pem" --cert "$OUT/pki/device-p256.pem" \
   --cert-key "$OUT/pki/device-p256.key" --concurrency 16 --warmup 300 --duration 14 \
   --server-pid "$PID" >"$OUT/bench.txt" 2>&1 &

@@ -44,42 +44,11 @@ fi
 
 "$BIN/est-bench" pki --dir "$PKI"
 
-SERVER_PIDS=()
-cleanup() {
-  local pid
-  for pid in "${SERVER_PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${SERVER_PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-}
-trap cleanup EXIT
+. "$ROOT/bench/lib.sh"
 
 # start_server NAME CONFIG: starts edge-est on a free loopback port; sets PID and PORT.
-start_server() {
-  local name=$1 config=$2 log=$OUT/$1.log i
-  (cd "$PKI" && exec "$BIN/edge-est" serve --config "$config" --listen 127.0.0.1:0) >"$log" 2>&1 &
-  PID=$!
-  SERVER_PIDS+=("$PID")
-  PORT=
-  for i in $(seq 100); do
-    PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
-    [ -n "$PORT" ] && break
-    if ! kill -0 "$PID" 2>/dev/null; then
-      echo "edge-est ($name) did not start:" >&2
-      cat "$log" >&2
-      exit 1
-    fi
-    sleep 0.1
-  done
-  [ -n "$PORT" ] || { echo "edge-est ($name) did not report its port" >&2; exit 1; }
-}
-
-stop_server() {
-  kill "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-}
+start_server() { start "$1" "$BIN/edge-est" serve --config "$2" --listen 127.0.0.1:0; }
+stop_server() { stop "$1"; }
 
 url() { echo "https://localhost:$1/.well-known/est"; }
 
@@ -90,16 +59,8 @@ echo "== (a) crypto floor, one core, no sockets"
 taskset -c 0 "$BIN/est-bench" floor --json-out "$RES/floor.json"
 
 # The socket floor: a minimal responder on the same stack, same certificates.
-"$BIN/est-bench" socket-floor --pki "$PKI" >"$OUT/socket-floor.log" 2>&1 &
-FLOOR_PID=$!
-SERVER_PIDS+=("$FLOOR_PID")
-FLOOR_PORT=
-for i in $(seq 100); do
-  FLOOR_PORT=$(grep -o 'listen=127\.0\.0\.1:[0-9]*' "$OUT/socket-floor.log" | head -1 | cut -d: -f2 || true)
-  [ -n "$FLOOR_PORT" ] && break
-  sleep 0.1
-done
-[ -n "$FLOOR_PORT" ] || { echo "est-bench socket-floor did not start:" >&2; cat "$OUT/socket-floor.log" >&2; exit 1; }
+start socket-floor "$BIN/est-bench" socket-floor --pki "$PKI"
+FLOOR_PID=$PID FLOOR_PORT=$PORT
 
 echo
 echo "== (b) local-sign enrollment, P-256 issuer, fresh mTLS connection per enrollment: three"

@@ -22,32 +22,9 @@ BINS=("$@")
 command -v strace >/dev/null || { echo "strace is needed" >&2; exit 1; }
 [ -x "$BENCH" ] || cargo build --release --bin est-bench
 
-"$BENCH" pki --dir "$OUT/pki" >/dev/null
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-
-# start NAME COMMAND...: starts a server (cwd: the PKI) that prints listen=127.0.0.1:PORT.
-start() {
-  local name=$1 log=$OUT/$1.log i
-  shift
-  (cd "$OUT/pki" && exec "$@") >"$log" 2>&1 &
-  PID=$!
-  PIDS+=("$PID")
-  PORT=
-  for i in $(seq 100); do
-    PORT=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listen=127\.0\.0\.1:[0-9]*' | head -1 | cut -d: -f2 || true)
-    [ -n "$PORT" ] && return
-    sleep 0.1
-  done
-  echo "$name did not start:" >&2
-  cat "$log" >&2
-  exit 1
-}
+PKI=$OUT/pki
+"$BENCH" pki --dir "$PKI" >/dev/null
+. "$ROOT/bench/lib.sh"
 
 # count NAME: strace -c -f on $PID during N enrollments; prints the calls per enrollment.
 count() {
@@ -78,13 +55,13 @@ count() {
 }
 
 for round in $(seq "$ROUNDS"); do
-  start floor "$BENCH" socket-floor --pki "$OUT/pki"
+  start "floor.r$round" "$BENCH" socket-floor --pki "$PKI"
   count "socket-floor.r$round"
-  kill "$PID"; wait "$PID" 2>/dev/null || true
+  stop "$PID"
   for i in "${!BINS[@]}"; do
-    start "edge-est-$i" "${BINS[$i]}" serve --config sign-p256.toml --listen 127.0.0.1:0
+    start "edge-est-$i.r$round" "${BINS[$i]}" serve --config sign-p256.toml --listen 127.0.0.1:0
     count "edge-est-$i.r$round ($(basename "${BINS[$i]}"))"
-    kill "$PID"; wait "$PID" 2>/dev/null || true
+    stop "$PID"
   done
 done
 echo "files in $OUT"

@@ -7,14 +7,18 @@
 //! to their first request ([`Journal::opening`]: a device's fresh connection spends most of an
 //! enrollment in its TLS handshake), the writer waits up to [`GATHER_WINDOW`] for more entries
 //! before flushing (PostgreSQL's `commit_delay`): under load, fewer flushes carry more entries;
-//! a lone enrollment never waits. On shutdown, [`Journal::close`] lets the writer finish every
-//! entry queued, `fsync` and stop.
+//! a lone enrollment never waits. While it waits, entries are queued without waking it: it is
+//! woken when the window ends or when nothing more is on its way (the last announced entry is
+//! queued, or the last opening connection starts its request), once per flush rather than once
+//! per entry. On shutdown, [`Journal::close`] lets the writer finish every entry queued,
+//! `fsync` and stop.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -71,8 +75,6 @@ enum Message {
     Write(Vec<u8>, Done),
     /// Finish what was queued before, `fsync`, and stop.
     Close(Done),
-    /// An announced issuance failed: a flush waiting for it need not wait any more.
-    Withdrawn,
 }
 
 /// Handle to the journal; cheap to clone.
@@ -80,51 +82,67 @@ enum Message {
 pub struct Journal {
     path: PathBuf,
     queue: mpsc::Sender<Message>,
+    on_way: OnWay,
+    /// Disk flushes so far.
+    flushes: Arc<AtomicU64>,
+}
+
+/// What is on its way to the journal, shared with the writer, and how to end its wait.
+#[derive(Clone)]
+struct OnWay {
     /// Issuances under way whose entries are not queued yet.
     expected: Arc<AtomicUsize>,
     /// Connections admitted that have not started their first request yet.
     opening: Arc<AtomicUsize>,
-    /// Set while the writer waits for more entries (see [`Opening`]).
+    /// Set while the writer waits for more entries.
     gathering: Arc<AtomicBool>,
-    /// Disk flushes so far.
-    flushes: Arc<AtomicU64>,
+    /// The writer thread, parked while it gathers.
+    writer: Thread,
+}
+
+impl OnWay {
+    /// Whether anything is still on its way.
+    fn coming(&self) -> bool {
+        self.expected.load(Ordering::SeqCst) > 0 || self.opening.load(Ordering::SeqCst) > 0
+    }
+
+    /// Ends a waiting flush's wait once nothing more is on its way; called after a count went
+    /// down or an entry was queued. The writer announces its wait before it reads the counts
+    /// (both `SeqCst`), so either it sees them at zero or this sees it waiting. A writer that
+    /// is not waiting is left alone: a wake-up for nothing costs a context switch.
+    fn arrived(&self) {
+        if self.gathering.load(Ordering::SeqCst) && !self.coming() {
+            self.writer.unpark();
+        }
+    }
 }
 
 /// An issuance under way: its entry is on its way to the journal. Hand it to
 /// [`Journal::record`]; dropping it (the request failed) says no entry will come.
 pub struct Expected {
-    count: Arc<AtomicUsize>,
-    queue: mpsc::Sender<Message>,
+    on_way: OnWay,
     recorded: bool,
 }
 
 /// A connection on its way to its first request (see [`Journal::opening`]); dropped when the
 /// request starts, or when the connection ends without one.
 pub struct Opening {
-    count: Arc<AtomicUsize>,
-    expected: Arc<AtomicUsize>,
-    gathering: Arc<AtomicBool>,
-    queue: mpsc::Sender<Message>,
+    on_way: OnWay,
 }
 
 impl Drop for Opening {
     fn drop(&mut self) {
-        // A waiting flush need not wait any more once nothing is on its way: tell the writer
-        // then, and only then (a message to an idle writer would wake it for nothing).
-        if self.count.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.expected.load(Ordering::SeqCst) == 0
-            && self.gathering.load(Ordering::SeqCst)
-        {
-            let _ = self.queue.send(Message::Withdrawn);
-        }
+        self.on_way.opening.fetch_sub(1, Ordering::SeqCst);
+        self.on_way.arrived();
     }
 }
 
 impl Drop for Expected {
     fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.on_way.expected.fetch_sub(1, Ordering::SeqCst);
+        // A recorded entry ends the wait once it is queued (`Journal::record`).
         if !self.recorded {
-            let _ = self.queue.send(Message::Withdrawn);
+            self.on_way.arrived();
         }
     }
 }
@@ -132,10 +150,13 @@ impl Drop for Expected {
 /// Entries committed per flush at most, to bound the latency of the first in a burst.
 const MAX_GROUP: usize = 256;
 
-/// How long a flush may wait, from its first entry, for the entries of issuances under way.
-/// A local signing takes a few hundred microseconds of CPU from the request's start; a flush
-/// costs about as much CPU and a disk round trip.
-pub const GATHER_WINDOW: Duration = Duration::from_micros(700);
+/// How long a flush may wait, from its first entry, for the entries of issuances under way
+/// and of connections still in their handshake. A flush costs several disk round trips (on
+/// ext4: the data, the inode, the cache flush, each a sleep and a wake-up of the writer) and,
+/// measured on a 2-vCPU VM, 150–250 µs of CPU; under load a fresh connection's handshake takes
+/// milliseconds of wall time. 2 ms (0.7 ms before) cut flushes at 16 devices on fresh
+/// connections by a quarter (BENCHMARKS.md); a lone enrollment still never waits.
+pub const GATHER_WINDOW: Duration = Duration::from_millis(2);
 
 impl Journal {
     /// Opens (creating if needed) the journal and starts its writer thread.
@@ -177,26 +198,28 @@ impl Journal {
             window,
             flushes: flushes.clone(),
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("edge-est-journal".into())
             .spawn(move || writer(file, receiver, &gathering))
             .map_err(fail)?;
         Ok(Journal {
             path: path.to_owned(),
             queue,
-            expected,
-            opening,
-            gathering: waiting,
+            on_way: OnWay {
+                expected,
+                opening,
+                gathering: waiting,
+                writer: thread.thread().clone(),
+            },
             flushes,
         })
     }
 
     /// Announces an issuance whose entry will follow soon (see the module docs).
     pub fn expect(&self) -> Expected {
-        self.expected.fetch_add(1, Ordering::AcqRel);
+        self.on_way.expected.fetch_add(1, Ordering::SeqCst);
         Expected {
-            count: self.expected.clone(),
-            queue: self.queue.clone(),
+            on_way: self.on_way.clone(),
             recorded: false,
         }
     }
@@ -206,12 +229,9 @@ impl Journal {
     /// when the request starts (its own announcement, [`Journal::expect`], takes over if it
     /// signs) or when the connection ends.
     pub fn opening(&self) -> Opening {
-        self.opening.fetch_add(1, Ordering::SeqCst);
+        self.on_way.opening.fetch_add(1, Ordering::SeqCst);
         Opening {
-            count: self.opening.clone(),
-            expected: self.expected.clone(),
-            gathering: self.gathering.clone(),
-            queue: self.queue.clone(),
+            on_way: self.on_way.clone(),
         }
     }
 
@@ -240,6 +260,7 @@ impl Journal {
         self.queue
             .send(Message::Write(line, done))
             .map_err(|_| JournalError::Write("the journal writer has stopped".into()))?;
+        self.on_way.arrived();
         wait.await
             .map_err(|_| JournalError::Write("the journal writer has stopped".into()))?
             .map_err(JournalError::Write)
@@ -253,6 +274,8 @@ impl Journal {
         if self.queue.send(Message::Close(done)).is_err() {
             return Ok(()); // already stopped
         }
+        // A writer gathering entries is parked, not reading its queue.
+        self.on_way.writer.unpark();
         match wait.await {
             Ok(result) => result.map_err(JournalError::Write),
             Err(_) => Ok(()), // stopped by an earlier close
@@ -314,32 +337,39 @@ fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gatheri
         let mut group = Vec::new();
         let mut close = None;
         let mut next = Some(first);
-        while let Some(message) = next.take() {
-            match message {
-                Message::Write(line, done) => group.push((line, done)),
-                Message::Close(done) => {
-                    close = Some(done);
-                    break;
+        let mut last_look = false;
+        'gather: loop {
+            // Take everything queued.
+            while let Some(message) = next.take().or_else(|| receiver.try_recv().ok()) {
+                match message {
+                    Message::Write(line, done) => group.push((line, done)),
+                    Message::Close(done) => {
+                        close = Some(done);
+                        break 'gather;
+                    }
                 }
-                Message::Withdrawn => {}
+                if group.len() >= MAX_GROUP {
+                    break 'gather;
+                }
             }
-            if group.len() >= MAX_GROUP {
+            if last_look {
                 break;
             }
-            next = receiver.try_recv().ok();
-            if next.is_none() && !group.is_empty() {
-                // Announced before the counts are read, so that the last `Opening` dropped
-                // meanwhile either sees it (and sends a message) or is seen here.
-                gathering.waiting.store(true, Ordering::SeqCst);
-                let left = gathering.window.saturating_sub(first_at.elapsed());
-                if !left.is_zero()
-                    && (gathering.expected.load(Ordering::SeqCst) > 0
-                        || gathering.opening.load(Ordering::SeqCst) > 0)
-                {
-                    next = receiver.recv_timeout(left).ok();
-                }
-                gathering.waiting.store(false, Ordering::SeqCst);
+            // Announced before the counts are read, so that the last entry or connection
+            // arriving meanwhile either sees it (and unparks this thread) or is seen here.
+            gathering.waiting.store(true, Ordering::SeqCst);
+            let left = gathering.window.saturating_sub(first_at.elapsed());
+            let coming = gathering.expected.load(Ordering::SeqCst) > 0
+                || gathering.opening.load(Ordering::SeqCst) > 0;
+            if left.is_zero() || !coming {
+                // One more look at the queue (an entry queued just now), then flush.
+                last_look = true;
+            } else {
+                // Entries queued meanwhile do not wake this thread (they are not received
+                // here): the window's end does, or the last of what was on its way.
+                std::thread::park_timeout(left);
             }
+            gathering.waiting.store(false, Ordering::SeqCst);
         }
         if !group.is_empty() {
             let mut buffer = Vec::with_capacity(group.iter().map(|(l, _)| l.len()).sum());
@@ -489,6 +519,28 @@ mod tests {
         journal.record(&entry("0d"), None).await.unwrap();
         assert_eq!(journal.flushes(), 3);
         assert!(started.elapsed() < LONG);
+    }
+
+    #[tokio::test]
+    async fn an_entry_queued_while_another_is_on_its_way_joins_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open_with_gather_window(&dir.path().join("j.jsonl"), LONG).unwrap();
+        let started = Instant::now();
+        let third = journal.expect();
+        let (first, b) = first_of_two_announced(&journal).await;
+        // The second entry is queued while the third is still on its way: both wait.
+        let second = {
+            let j = journal.clone();
+            tokio::spawn(async move { j.record(&entry("0b"), Some(b)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished() && !second.is_finished());
+        // The last one on its way arrives: one flush for all three, at once.
+        journal.record(&entry("0c"), Some(third)).await.unwrap();
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        assert_eq!(journal.flushes(), 1);
+        assert!(started.elapsed() < LONG / 2, "released at once");
     }
 
     #[tokio::test]

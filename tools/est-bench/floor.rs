@@ -394,8 +394,9 @@ fn verify_csr(der: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Builds and signs an end-entity certificate the way an EST server must: subject, validity,
-/// a random 159-bit serial, key identifiers, key usage, EKU clientAuth.
-fn sign(ca: &Ca, spki: &[u8], i: usize) -> anyhow::Result<Vec<u8>> {
+/// a random 159-bit serial, key identifiers, key usage, EKU clientAuth (the socket floor signs
+/// with it too).
+pub fn sign(issuer: &Issuer<'static, KeyPair>, spki: &[u8], cn: &str) -> anyhow::Result<Vec<u8>> {
     use aws_lc_rs::rand::SecureRandom;
     let mut serial = [0u8; 20];
     aws_lc_rs::rand::SystemRandom::new()
@@ -405,9 +406,7 @@ fn sign(ca: &Ca, spki: &[u8], i: usize) -> anyhow::Result<Vec<u8>> {
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("device-{i}"));
+    params.distinguished_name.push(DnType::CommonName, cn);
     params.not_before = now - time::Duration::minutes(5);
     params.not_after = now + time::Duration::days(365);
     params.serial_number = Some(SerialNumber::from_slice(&serial));
@@ -417,7 +416,7 @@ fn sign(ca: &Ca, spki: &[u8], i: usize) -> anyhow::Result<Vec<u8>> {
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki)?;
-    Ok(params.signed_by(&public_key, &ca.issuer)?.der().to_vec())
+    Ok(params.signed_by(&public_key, issuer)?.der().to_vec())
 }
 
 /// The same steps through edge-est's own functions.
@@ -593,14 +592,19 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
     let mut i = 0usize;
     let sign_p256_us = per_call(s, || {
         i += 1;
-        sign(&p256, &csrs[i % csrs.len()].1, i).map(|c| {
+        sign(
+            &p256.issuer,
+            &csrs[i % csrs.len()].1,
+            &format!("device-{i}"),
+        )
+        .map(|c| {
             std::hint::black_box(c);
         })
     })?;
     let mut i = 0usize;
     let sign_rsa2048_us = per_call(s, || {
         i += 1;
-        sign(&rsa, &csrs[i % csrs.len()].1, i).map(|c| {
+        sign(&rsa.issuer, &csrs[i % csrs.len()].1, &format!("device-{i}")).map(|c| {
             std::hint::black_box(c);
         })
     })?;
@@ -634,15 +638,7 @@ pub fn run(args: &FloorArgs) -> anyhow::Result<()> {
         edge_est,
         primitives,
     };
-    let json = serde_json::to_string_pretty(&report)?;
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.json {
-        println!("{json}");
-    } else {
-        print(&report);
-    }
+    crate::emit(&report, args.json_out.as_deref(), args.json, print)?;
     Ok(())
 }
 

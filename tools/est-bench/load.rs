@@ -617,15 +617,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
             ((busy - ours) / (elapsed * cpus as f64)).max(0.0)
         }),
     };
-    let json = serde_json::to_string_pretty(&report)?;
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.json {
-        println!("{json}");
-    } else {
-        print_report(&report);
-    }
+    crate::emit(&report, args.json_out.as_deref(), args.json, print_report)?;
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(())
 }

@@ -69,6 +69,27 @@ enum Command {
     Token(token::TokenArgs),
 }
 
+/// Hands a report out: as JSON into `json_out` if given, and on stdout as JSON (`json`) or as
+/// text (`print`).
+fn emit<T: serde::Serialize>(
+    report: &T,
+    json_out: Option<&std::path::Path>,
+    json: bool,
+    print: impl FnOnce(&T),
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = serde_json::to_string_pretty(report)?;
+    if let Some(path) = json_out {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        println!("{text}");
+    } else {
+        print(report);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

@@ -121,9 +121,9 @@ pub fn run(args: &PkiArgs) -> anyhow::Result<()> {
     write("sign-p256.toml", &sign_config("sign-p256", "p256", None))?;
     write("sign-rsa.toml", &sign_config("sign-rsa", "rsa", None))?;
     write("rss.toml", &sign_config("rss", "p256", Some(1)))?;
-    write("top.toml", TOP)?;
-    write("forward-1.toml.in", FORWARD_1)?;
-    write("forward-2.toml.in", FORWARD_2)?;
+    write("top.toml", &top_config())?;
+    write("forward-1.toml.in", &forward_config(1))?;
+    write("forward-2.toml.in", &forward_config(2))?;
     println!(
         "benchmark PKI and configurations written to {}",
         dir.display()
@@ -132,7 +132,8 @@ pub fn run(args: &PkiArgs) -> anyhow::Result<()> {
 }
 
 /// `key`: `p256` or `rsa`, the issuing CA (`issuing-KEY`) that signs here and issued the
-/// devices (`device-ca-KEY`).
+/// devices (`device-ca-KEY`). Local signing: devices renew with their certificate (IoT Edge's
+/// renewal is a simpleenroll).
 fn sign_config(name: &str, key: &str, validity_days: Option<u32>) -> String {
     let profile = match validity_days {
         Some(days) => format!(
@@ -146,55 +147,56 @@ fn sign_config(name: &str, key: &str, validity_days: Option<u32>) -> String {
     } else {
         ""
     };
-    SIGN.replace("@NAME@", name)
-        .replace("@KEY@", key)
-        .replace("@PROFILE@", &profile)
-        .replace("@LABEL_PROFILE@", label_profile)
+    format!(
+        "{head}\n# The devices' certificates were minted by `est-bench pki`, not enrolled here.\n\
+         {devices}\n{issuer}{profile}\n[[labels]]\nissuer = \"plant\"\nclient_trust = [\"devices\"]\n\
+         {label_profile}{rules}",
+        head = head(&format!("local signing ({name})"), name),
+        devices = devices_trust(key),
+        issuer = plant_issuer(key),
+        rules = label_rules(None),
+    )
 }
 
-/// Local signing: devices renew with their certificate (IoT Edge's renewal is a simpleenroll).
-const SIGN: &str = r#"# est-bench: local signing (@NAME@)
-listen = "127.0.0.1:0"
-journal = "journal-@NAME@.jsonl"
-
-[tls]
-certificate = "server.pem"
-key = "server.key"
-
-# The benchmark comes from one address with one identity: the per-address and per-identity
-# limits (policy, not capacity) are off.
-[limits]
-max_connections_per_address = 0
-rate_per_address = 0.0
-rate_per_identity = 0.0
-enroll_per_name = 0.0
-keygen_per_identity = 0.0
-
-# The devices' certificates were minted by `est-bench pki`, not enrolled here.
-[trust.devices]
-certificates = ["device-ca-@KEY@.pem"]
-
-[issuers.plant]
-certificate = "issuing-@KEY@.pem"
-key = "issuing-@KEY@.key"
-@PROFILE@
-[[labels]]
-issuer = "plant"
-client_trust = ["devices"]
-@LABEL_PROFILE@
-[labels.authentication]
-basic = false
-
-[[labels.rules]]
-match = ["certificate:devices"]
-common_names = ["{cn}"]
-ca_common_names = ["aziot-edge CA {cn}"]
-"#;
-
 /// The signing top of a hierarchy: serves the RA of layer 1 and devices.
-const TOP: &str = r#"# est-bench: the signing top of a hierarchy
+fn top_config() -> String {
+    format!(
+        "{head}\n{RAS_TRUST}\n{devices}\n{issuer}\n[[labels]]\nissuer = \"plant\"\n\
+         client_trust = [\"ras\", \"devices\"]\n{rules}",
+        head = head("the signing top of a hierarchy", "top"),
+        devices = devices_trust("p256"),
+        issuer = plant_issuer("p256"),
+        rules = label_rules(Some("ra-1")),
+    )
+}
+
+/// Forwarding layer `n` (1 or 2): forwards with RA credential `ra-N`; layer 1 also serves
+/// RA `ra-2` (layer 2), and both serve devices.
+fn forward_config(n: u8) -> String {
+    let serves_ra = (n == 1).then_some("ra-2");
+    let (ras, trust) = match serves_ra {
+        Some(_) => (format!("{RAS_TRUST}\n"), "[\"ras\", \"devices\"]"),
+        None => (String::new(), "[\"devices\"]"),
+    };
+    format!(
+        "{head}\n{ras}{devices}\n[upstreams.parent]\n\
+         url = \"https://localhost:@UPSTREAM_PORT@/.well-known/est\"\ntrust = [\"root.pem\"]\n\
+         certificate = \"ra-{n}.pem\"\nkey = \"ra-{n}.key\"\n\n\
+         [[labels]]\nmode = \"forward\"\nupstream = \"parent\"\nclient_trust = {trust}\n{rules}",
+        head = head(&format!("forwarding layer {n}"), &format!("forward-{n}")),
+        devices = devices_trust("p256"),
+        rules = label_rules(serves_ra),
+    )
+}
+
+/// What every configuration starts with: listen address, journal, TLS identity, and limits.
+/// The benchmark comes from one address with one identity: the per-address and per-identity
+/// limits (policy, not capacity) are off.
+fn head(title: &str, journal: &str) -> String {
+    format!(
+        r#"# est-bench: {title}
 listen = "127.0.0.1:0"
-journal = "journal-top.jsonl"
+journal = "journal-{journal}.jsonl"
 
 [tls]
 certificate = "server.pem"
@@ -208,123 +210,34 @@ rate_per_address = 0.0
 rate_per_identity = 0.0
 enroll_per_name = 0.0
 keygen_per_identity = 0.0
+"#
+    )
+}
 
-[trust.ras]
-certificates = ["ra-ca.pem"]
+const RAS_TRUST: &str = "[trust.ras]\ncertificates = [\"ra-ca.pem\"]\n";
 
-[trust.devices]
-certificates = ["device-ca-p256.pem"]
+fn devices_trust(key: &str) -> String {
+    format!("[trust.devices]\ncertificates = [\"device-ca-{key}.pem\"]\n")
+}
 
-[issuers.plant]
-certificate = "issuing-p256.pem"
-key = "issuing-p256.key"
+fn plant_issuer(key: &str) -> String {
+    format!("[issuers.plant]\ncertificate = \"issuing-{key}.pem\"\nkey = \"issuing-{key}.key\"\n")
+}
 
-[[labels]]
-issuer = "plant"
-client_trust = ["ras", "devices"]
-
-[labels.authentication]
-basic = false
-
-[[labels.rules]]
-match = ["certificate:ras"]
-client_cn = ["ra-1"]
-common_names = ["*"]
-ca_common_names = ["aziot-edge CA *"]
-
-[[labels.rules]]
-match = ["certificate:devices"]
-common_names = ["{cn}"]
-ca_common_names = ["aziot-edge CA {cn}"]
-"#;
-
-/// Layer 1: forwards to the top with RA credential ra-1; serves RA ra-2 and devices.
-const FORWARD_1: &str = r#"# est-bench: forwarding layer 1
-listen = "127.0.0.1:0"
-journal = "journal-forward-1.jsonl"
-
-[tls]
-certificate = "server.pem"
-key = "server.key"
-
-# The benchmark comes from one address with one identity: the per-address and per-identity
-# limits (policy, not capacity) are off.
-[limits]
-max_connections_per_address = 0
-rate_per_address = 0.0
-rate_per_identity = 0.0
-enroll_per_name = 0.0
-keygen_per_identity = 0.0
-
-[trust.ras]
-certificates = ["ra-ca.pem"]
-
-[trust.devices]
-certificates = ["device-ca-p256.pem"]
-
-[upstreams.parent]
-url = "https://localhost:@UPSTREAM_PORT@/.well-known/est"
-trust = ["root.pem"]
-certificate = "ra-1.pem"
-key = "ra-1.key"
-
-[[labels]]
-mode = "forward"
-upstream = "parent"
-client_trust = ["ras", "devices"]
-
-[labels.authentication]
-basic = false
-
-[[labels.rules]]
-match = ["certificate:ras"]
-client_cn = ["ra-2"]
-common_names = ["*"]
-ca_common_names = ["aziot-edge CA *"]
-
-[[labels.rules]]
-match = ["certificate:devices"]
-common_names = ["{cn}"]
-ca_common_names = ["aziot-edge CA {cn}"]
-"#;
-
-/// Layer 2: forwards to layer 1 with RA credential ra-2; serves devices.
-const FORWARD_2: &str = r#"# est-bench: forwarding layer 2
-listen = "127.0.0.1:0"
-journal = "journal-forward-2.jsonl"
-
-[tls]
-certificate = "server.pem"
-key = "server.key"
-
-# The benchmark comes from one address with one identity: the per-address and per-identity
-# limits (policy, not capacity) are off.
-[limits]
-max_connections_per_address = 0
-rate_per_address = 0.0
-rate_per_identity = 0.0
-enroll_per_name = 0.0
-keygen_per_identity = 0.0
-
-[trust.devices]
-certificates = ["device-ca-p256.pem"]
-
-[upstreams.parent]
-url = "https://localhost:@UPSTREAM_PORT@/.well-known/est"
-trust = ["root.pem"]
-certificate = "ra-2.pem"
-key = "ra-2.key"
-
-[[labels]]
-mode = "forward"
-upstream = "parent"
-client_trust = ["devices"]
-
-[labels.authentication]
-basic = false
-
-[[labels.rules]]
-match = ["certificate:devices"]
-common_names = ["{cn}"]
-ca_common_names = ["aziot-edge CA {cn}"]
-"#;
+/// A label's authentication (certificates only) and rules: the RA `ra` (any name, and Edge
+/// CAs), if given, then devices (their own name, and their own Edge CA).
+fn label_rules(ra: Option<&str>) -> String {
+    let ra = ra
+        .map(|cn| {
+            format!(
+                "\n[[labels.rules]]\nmatch = [\"certificate:ras\"]\nclient_cn = [\"{cn}\"]\n\
+                 common_names = [\"*\"]\nca_common_names = [\"aziot-edge CA *\"]\n"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "\n[labels.authentication]\nbasic = false\n{ra}\n[[labels.rules]]\n\
+         match = [\"certificate:devices\"]\ncommon_names = [\"{{cn}}\"]\n\
+         ca_common_names = [\"aziot-edge CA {{cn}}\"]\n"
+    )
+}

@@ -19,16 +19,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use rcgen::{
-    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
-    KeyUsagePurpose, SerialNumber,
-};
+use rcgen::{Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use socket2::{Domain, Protocol, Socket, Type};
-use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Args, Debug)]
@@ -234,7 +230,7 @@ fn enroll(body: &[u8], cn: &str, responder: &Responder) -> anyhow::Result<String
     let der = edge_est::est::body::decode_base64_body(body)
         .map_err(|_| anyhow::anyhow!("the body is not base64"))?;
     let spki = verify_csr(&der)?;
-    let leaf = sign(&responder.issuer, &spki, cn)?;
+    let leaf = crate::floor::sign(&responder.issuer, &spki, cn)?;
     let pkcs7 = edge_est::est::pkcs7::encode_certs_only(&[&leaf, &responder.issuer_der])
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(edge_est::est::body::encode_base64_lines(&pkcs7))
@@ -257,29 +253,4 @@ fn verify_csr(der: &[u8]) -> anyhow::Result<Vec<u8>> {
     )
     .map_err(|_| anyhow::anyhow!("CSR signature does not verify"))?;
     Ok(key.raw.to_vec())
-}
-
-/// As `est-bench floor` signs: subject, validity, a random serial, key identifiers, key usage,
-/// EKU clientAuth.
-fn sign(issuer: &Issuer<'static, KeyPair>, spki: &[u8], cn: &str) -> anyhow::Result<Vec<u8>> {
-    use aws_lc_rs::rand::SecureRandom;
-    let mut serial = [0u8; 20];
-    aws_lc_rs::rand::SystemRandom::new()
-        .fill(&mut serial)
-        .map_err(|_| anyhow::anyhow!("no randomness"))?;
-    serial[0] = (serial[0] & 0x7f).max(1);
-    let now = OffsetDateTime::now_utc();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + time::Duration::days(365);
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
-    params.use_authority_key_identifier_extension = true;
-    params.key_identifier_method = KeyIdMethod::Sha256;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki)?;
-    Ok(params.signed_by(&public_key, issuer)?.der().to_vec())
 }
