@@ -315,6 +315,26 @@ mod tests {
         );
     }
 
+    /// `since` is the wall clock's time of the change (Unix seconds), as reported in the
+    /// twin and kept across restarts: the time a state began, from start and at each change.
+    #[test]
+    fn since_is_the_time_of_the_change() {
+        let wall = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        };
+        let before = wall();
+        let health = Health::new("p".into());
+        let since = health.snapshot().since;
+        assert!((before..=wall()).contains(&since), "{since}");
+        let before = wall();
+        health.record("p", "gw:1", &Outcome::Away("refused".into()), None);
+        let since = health.snapshot().since;
+        assert!((before..=wall()).contains(&since), "{since}");
+    }
+
     /// `record` says when the state changed, and only then: a second failure of the same
     /// kind is no news (whatever its cause), a misconfiguration with a new cause is.
     #[test]
