@@ -987,3 +987,102 @@ async fn a_body_of_exactly_the_limit_is_served_and_one_byte_more_is_413() {
         &["the request body is larger than 1024 bytes"],
     );
 }
+
+/// Writes a chunked POST to simpleenroll by hand (one chunk a piece, the terminating chunk
+/// only if `finish`) on a fresh TLS connection, and returns what the server answered until it
+/// closed (`connection: close`), reading while writing: the server may answer before it has
+/// read the whole body.
+async fn chunked_post(
+    server: &TestServer,
+    root_pem: &str,
+    pieces: Vec<Vec<u8>>,
+    finish: bool,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (stream, _socket) = raw_tls(server, root_pem).await;
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (_, authorization) = basic(USER, PASSWORD);
+    let head = format!(
+        "POST /.well-known/est/simpleenroll HTTP/1.1\r\nhost: localhost:{}\r\ncontent-type: application/pkcs10\r\nauthorization: {authorization}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        server.addr.port(),
+    );
+    let writing = tokio::spawn(async move {
+        let mut wire = vec![head.into_bytes()];
+        for piece in pieces {
+            let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+            chunk.extend_from_slice(&piece);
+            chunk.extend_from_slice(b"\r\n");
+            wire.push(chunk);
+        }
+        if finish {
+            wire.push(b"0\r\n\r\n".to_vec());
+        }
+        for bytes in wire {
+            if writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err() {
+                break;
+            }
+        }
+        // Kept open (not shut down) until the answer is read: the server decides when to stop.
+        writer
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        reader.read_to_end(&mut got),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "no answer within 60 s: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    writing.abort();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A chunked body (no declared length, so only the reading enforces the limit): at exactly
+/// `limits.max_body_bytes`, in two chunks, it is served; one byte more, in a single chunk, is
+/// a 413 naming the limit; a body that goes on and on past the limit is a 413 once the server
+/// has dropped its 1 MiB drain allowance, well before the body timeout (a server that read on
+/// would answer 408 at the timeout, having read all the attacker cared to send). Nothing is
+/// journaled for the refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_is_held_to_the_limit_and_an_endless_one_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::Pki::generate_p256(dir.path());
+    let mut config = common::standard_config(&pki);
+    config.limits.max_body_bytes = 1024;
+    config.limits.body_timeout_secs = 10;
+    let server = TestServer::start(dir.path(), &config).await;
+    let root = &pki.root.cert_pem;
+
+    // Positive control: exactly the limit, in two chunks.
+    let mut body = iot_edge_body(&simple_csr("dev-chunked"));
+    assert!(body.len() < 1024, "{}", body.len());
+    body.resize(1024, b'\n');
+    let (first, second) = body.split_at(512);
+    let answer = chunked_post(&server, root, vec![first.to_vec(), second.to_vec()], true).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(server.journal().len(), 1);
+
+    // One byte more, in one chunk.
+    body.push(b'\n');
+    let answer = chunked_post(&server, root, vec![body], true).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("the request body is larger than 1024 bytes"),
+        "{answer}"
+    );
+
+    // An endless body: 1.5 MiB in chunks of 10000 bytes (an odd size, so that what the
+    // server drops never lands on its 1 MiB allowance exactly), never terminated.
+    let pieces = vec![vec![b'A'; 10_000]; 150];
+    let answer = chunked_post(&server, root, pieces, false).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("the request body is larger than 1024 bytes"),
+        "{answer}"
+    );
+    assert_eq!(server.journal().len(), 1);
+    server.stop().await;
+}
