@@ -85,6 +85,8 @@ pub struct Journal {
     on_way: OnWay,
     /// Disk flushes so far.
     flushes: Arc<AtomicU64>,
+    /// The writer's wake-ups from a gathering wait so far.
+    wakes: Arc<AtomicU64>,
 }
 
 /// What is on its way to the journal, shared with the writer, and how to end its wait.
@@ -191,12 +193,14 @@ impl Journal {
         let opening = Arc::new(AtomicUsize::new(0));
         let waiting = Arc::new(AtomicBool::new(false));
         let flushes = Arc::new(AtomicU64::new(0));
+        let wakes = Arc::new(AtomicU64::new(0));
         let gathering = Gathering {
             expected: expected.clone(),
             opening: opening.clone(),
             waiting: waiting.clone(),
             window,
             flushes: flushes.clone(),
+            wakes: wakes.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("edge-est-journal".into())
@@ -212,6 +216,7 @@ impl Journal {
                 writer: thread.thread().clone(),
             },
             flushes,
+            wakes,
         })
     }
 
@@ -237,6 +242,12 @@ impl Journal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How often the writer has woken from waiting for more entries: once a flush (the
+    /// window's end, or the last entry on its way), never for each entry queued meanwhile.
+    pub fn writer_wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
     }
 
     /// How many disk flushes the writer has made.
@@ -327,6 +338,7 @@ struct Gathering {
     waiting: Arc<AtomicBool>,
     window: Duration,
     flushes: Arc<AtomicU64>,
+    wakes: Arc<AtomicU64>,
 }
 
 fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gathering) {
@@ -368,6 +380,7 @@ fn writer(mut file: File, receiver: mpsc::Receiver<Message>, gathering: &Gatheri
                 // Entries queued meanwhile do not wake this thread (they are not received
                 // here): the window's end does, or the last of what was on its way.
                 std::thread::park_timeout(left);
+                gathering.wakes.fetch_add(1, Ordering::Relaxed);
             }
             gathering.waiting.store(false, Ordering::SeqCst);
         }
@@ -535,11 +548,17 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!first.is_finished() && !second.is_finished());
+        assert_eq!(
+            journal.writer_wakes(),
+            0,
+            "an entry queued meanwhile does not wake it"
+        );
         // The last one on its way arrives: one flush for all three, at once.
         journal.record(&entry("0c"), Some(third)).await.unwrap();
         first.await.unwrap().unwrap();
         second.await.unwrap().unwrap();
         assert_eq!(journal.flushes(), 1);
+        assert_eq!(journal.writer_wakes(), 1, "woken once, by the last");
         assert!(started.elapsed() < LONG / 2, "released at once");
     }
 
