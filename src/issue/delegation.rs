@@ -1250,13 +1250,29 @@ mod tests {
         let loaded = load(empty.path(), &pem_of(&[root]), no_token);
         assert!(loaded.issuer.is_none() && loaded.previous.is_empty() && loaded.obtained.is_none());
     }
+    /// Run by [`strace_shows_the_state_synced_before_and_the_directory_after_the_rename`]
+    /// in a child process under strace: one commit into `EDGE_EST_COMMIT_DIR`.
+    #[test]
+    #[ignore = "a helper: run under strace by strace_shows_the_state_synced_…"]
+    fn commit_into_the_directory_of_the_environment() {
+        let dir = std::env::var_os("EDGE_EST_COMMIT_DIR").expect("EDGE_EST_COMMIT_DIR");
+        let kept = Kept {
+            chain: "chain".into(),
+            key: "key-1.pem".into(),
+            previous: Vec::new(),
+            obtained: None,
+        };
+        commit(Path::new(&dir), &kept).unwrap();
+    }
+
     /// `current.json` is the commit point, so the order on disk is the contract: the new
     /// state is written to a temporary file and `fsync`ed, renamed over `current.json`, and the
     /// directory is `fsync`ed after the rename (else a power cut can bring back the old
-    /// name). Observed with strace attached to this test's own thread.
+    /// name). Observed with strace on a child (this test binary, running the helper above), so
+    /// that it also works where only descendants may be traced.
     #[test]
     fn strace_shows_the_state_synced_before_and_the_directory_after_the_rename() {
-        use std::process::{Command, Stdio};
+        use std::process::Command;
         if Command::new("strace").arg("-V").output().is_err() {
             assert!(
                 std::env::var("EDGE_EST_SKIP_MISSING_TOOLS").is_ok_and(|v| v == "1"),
@@ -1269,10 +1285,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().canonicalize().unwrap();
         let trace = tmp.path().join("trace.txt");
-        let tid = std::fs::read_link("/proc/thread-self").unwrap();
-        let tid = tid.file_name().unwrap().to_string_lossy().into_owned();
-        let mut strace = Command::new("strace")
+        let out = Command::new("strace")
             .args([
+                "-f",
                 "-qq",
                 "-y",
                 "-e",
@@ -1280,56 +1295,35 @@ mod tests {
             ])
             .arg("-o")
             .arg(&trace)
-            .args(["-p", &tid])
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "issue::delegation::tests::commit_into_the_directory_of_the_environment",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("EDGE_EST_COMMIT_DIR", &dir)
+            .output()
             .unwrap();
-        let status = format!("/proc/self/task/{tid}/status");
-        let traced = || {
-            std::fs::read_to_string(&status)
-                .unwrap()
-                .lines()
-                .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
-        };
-        let start = std::time::Instant::now();
-        while !traced() {
-            if let Ok(Some(exit)) = strace.try_wait() {
-                let mut err = String::new();
-                std::io::Read::read_to_string(strace.stderr.as_mut().unwrap(), &mut err).unwrap();
-                panic!("strace could not attach ({exit}): {err}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "strace never attached"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let kept = Kept {
-            chain: "chain".into(),
-            key: "key-1.pem".into(),
-            previous: Vec::new(),
-            obtained: None,
-        };
-        commit(&dir, &kept).unwrap();
-        Command::new("kill")
-            .arg(strace.id().to_string())
-            .status()
-            .unwrap();
-        strace.wait().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "the traced commit failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = std::fs::read_to_string(&trace).unwrap();
         let state = dir.join(STATE_FILE).display().to_string();
         let dir_text = dir.display().to_string();
         let lines: Vec<&str> = text.lines().collect();
         let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
         let synced_temporary = at(&|l: &str| {
-            l.starts_with("fsync(") && l.contains(&format!("<{state}.tmp")) && l.ends_with("= 0")
+            l.contains(" fsync(") && l.contains(&format!("<{state}.tmp")) && l.ends_with("= 0")
         });
         let renamed = at(&|l: &str| {
-            l.starts_with("rename") && l.contains(&format!("\"{state}\"")) && l.ends_with("= 0")
+            l.contains(" rename") && l.contains(&format!("\"{state}\"")) && l.ends_with("= 0")
         });
         let synced_dir = at(&|l: &str| {
-            l.starts_with("fsync(") && l.contains(&format!("<{dir_text}>)")) && l.ends_with("= 0")
+            l.contains(" fsync(") && l.contains(&format!("<{dir_text}>)")) && l.ends_with("= 0")
         });
         match (synced_temporary, renamed, synced_dir) {
             (Some(a), Some(b), Some(c)) if a < b && b < c => {}

@@ -1060,4 +1060,42 @@ mod tests {
             "the layer above (gw:8085) is unavailable (500 Internal Server Error)"
         );
     }
+    /// The cache counts its hits and misses in the metrics it was given, and keeps chains
+    /// across restarts in the directory it was given (and nowhere without one).
+    #[test]
+    fn the_cache_reports_to_its_metrics_and_keeps_chains_in_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let cache = CacertsCache::with_metrics(metrics.clone()).kept_in(dir.path().to_owned());
+        let path = cache
+            .path("https://gw:8085/.well-known/est/cacerts")
+            .unwrap();
+        assert_eq!(path.parent(), Some(dir.path()));
+        assert!(CacertsCache::default()
+            .path("https://gw:8085/.well-known/est/cacerts")
+            .is_none());
+        cache.count(true);
+        cache.count(true);
+        cache.count(false);
+        let text = metrics.render(&crate::metrics::Snapshot {
+            issuer_expiry: Vec::new(),
+            server_certificate_expiry: None,
+            upstream_states: Vec::new(),
+            enrolled_issuers: Vec::new(),
+        });
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}{{")))
+                .and_then(|l| l.rsplit_once(' '))
+                .map(|(_, v)| v.to_owned())
+        };
+        assert_eq!(
+            value("edgeest_cacerts_cache_hits_total").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            value("edgeest_cacerts_cache_misses_total").as_deref(),
+            Some("1")
+        );
+    }
 }
