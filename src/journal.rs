@@ -594,11 +594,25 @@ mod tests {
             !first.is_finished(),
             "the entry waits for the opening connection"
         );
+        // Another entry queued meanwhile joins the wait without waking the writer.
+        let second = {
+            let j = journal.clone();
+            tokio::spawn(async move { j.record(&entry("0c"), None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished() && !second.is_finished());
+        assert_eq!(
+            journal.writer_wakes(),
+            0,
+            "an entry queued meanwhile does not wake it"
+        );
         // Its request starts (and brings no entry): the flush goes at once, not at the window.
         drop(opening);
         first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
         assert!(started.elapsed() < LONG / 2, "released at once");
         assert_eq!(journal.flushes(), 1);
+        assert_eq!(journal.writer_wakes(), 1, "woken once, by the connection");
         // Control: an opening connection dropped while nothing is being gathered leaves no
         // message behind that would make a later flush wait or go early.
         drop(journal.opening());
