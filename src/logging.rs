@@ -322,13 +322,13 @@ impl<'a, W: Write + Send + 'static> MakeWriter<'a> for BatchedWriter<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Instant;
 
     /// An `out` the test can read while the writer holds it.
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Sink(Arc<Mutex<Vec<u8>>>);
 
     impl Write for Sink {
         fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
@@ -344,6 +344,21 @@ mod tests {
         fn text(&self) -> String {
             String::from_utf8(lock(&self.0).clone()).unwrap()
         }
+    }
+
+    /// The log lines written while `f` runs on this thread, at `level` and above (no ANSI, no
+    /// time): for other modules' tests of what they log.
+    pub(crate) fn captured(level: Level, f: impl FnOnce()) -> String {
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(level)
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        sink.text()
     }
 
     fn write(writer: &BatchedWriter<Sink>, urgent: bool, line: &str) {

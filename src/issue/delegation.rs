@@ -1053,28 +1053,7 @@ mod tests {
     }
     /// The log lines written while `f` runs (WARN and above, no ANSI, no time).
     fn warnings(f: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl Write for Sink {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .without_time()
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
-        let text = sink.0.lock().unwrap().clone();
-        String::from_utf8(text).unwrap()
+        crate::logging::tests::captured(tracing::Level::WARN, f)
     }
 
     fn kept_files(dir: &Path) -> Vec<String> {

@@ -278,33 +278,11 @@ pub(crate) fn spawn_probe(upstream: Weak<Upstream>, max: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
     use std::sync::{Arc, Mutex as StdMutex};
 
-    /// The log lines written while `f` runs (level INFO and above, no ANSI, no time).
+    /// The log lines written while `f` runs (INFO and above, no ANSI, no time).
     fn logged(f: impl FnOnce()) -> String {
-        #[derive(Clone, Default)]
-        struct Sink(Arc<StdMutex<Vec<u8>>>);
-        impl Write for Sink {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .without_time()
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
-        let text = sink.0.lock().unwrap().clone();
-        String::from_utf8(text).unwrap()
+        crate::logging::tests::captured(tracing::Level::INFO, f)
     }
 
     #[test]
